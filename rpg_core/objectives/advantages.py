@@ -66,8 +66,10 @@ def compute_advantages(
         raise ValueError(f"rewards has shape {tuple(rewards.shape)}, expected [B]={tuple(mask.shape[:1])} or [B, T]")
     m = mask.to(torch.promote_types(rewards.dtype, torch.float32))
     rewards = rewards.to(m.dtype)
-    if not bool(torch.isfinite(rewards if rewards.dim() == 1 else rewards * m).all()):
-        raise ValueError("rewards contain NaN/inf")
+    if rewards.dim() == 2:
+        rewards = torch.where(m.bool(), rewards, 0.0)  # padded token rewards never count
+    if not bool(torch.isfinite(rewards).all()):
+        raise ValueError("rewards contain NaN/inf at valid positions")
     gid = _group_index(group_ids, mask.shape[0], mask.device)
     return ADVANTAGE_REGISTRY[est](rewards, gid, m) * m
 

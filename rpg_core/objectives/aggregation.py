@@ -20,6 +20,9 @@ def aggregate(per_token: Tensor, mask: Tensor, agg: Aggregation, norm_len: int |
     verl averages the seq-mean modes over all B rows (NaN for an empty row in seq-mean-token-mean); rows with no
     valid token are skipped here, which is identical whenever every row has a response token.
     """
+    if agg not in Aggregation.__members__.values():  # a plain string value is accepted too
+        raise ValueError(f"agg: unknown aggregation {agg!r}; allowed: {[a.value for a in Aggregation]}")
+    agg = Aggregation(agg)
     m = mask.to(per_token.dtype)
     if agg is Aggregation.TOKEN_MEAN:
         return per_token.sum() / m.sum()
@@ -32,4 +35,4 @@ def aggregate(per_token: Tensor, mask: Tensor, agg: Aggregation, norm_len: int |
         return seq_sum[rows].mean()
     if agg is Aggregation.SEQ_MEAN_TOKEN_MEAN:
         return (seq_sum[rows] / seq_len[rows]).mean()
-    raise ValueError(f"agg: unknown aggregation {agg!r}; allowed: {[a.value for a in Aggregation]}")
+    raise AssertionError(agg)  # unreachable: every Aggregation member is handled above

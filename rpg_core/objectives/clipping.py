@@ -38,12 +38,12 @@ def clip_ratio(cfg: ObjectiveConfig, w: Tensor, positive: Tensor) -> ClipResult:
     negative = ~positive
     high = positive & (wd >= 1 + cfg.eps_high)
     low = negative & (wd <= 1 - cfg.eps_low)
-    bound = torch.where(high, 1 + cfg.eps_high, 1 - cfg.eps_low)
+    bound = torch.full_like(wd, 1 - cfg.eps_low).masked_fill_(high, 1 + cfg.eps_high)  # in w's dtype, not float32
     if cfg.clip is Clip.DUAL:
         dual = negative & (wd >= cfg.clip_c)
-        bound = torch.where(dual, cfg.clip_c, bound)
+        bound.masked_fill_(dual, cfg.clip_c)
         clipped = high | low | dual
     else:
         dual = None
         clipped = high | low
-    return ClipResult(torch.where(clipped, bound.to(w.dtype), w), clipped, high, low, dual)
+    return ClipResult(torch.where(clipped, bound, w), clipped, high, low, dual)

@@ -182,6 +182,16 @@ class ObjectiveConfig(BaseModel):
                 reset("kl_is_weight")  # computed at rollout time, where pi_theta = pi_old, so w = 1
             if d["estimator"] == Estimator.K2 and not d["kl_is_weight"]:
                 reset("direction")  # k2 = (log r)^2 / 2 is symmetric in r <-> 1/r
+        if (
+            form is Form.PENALTY
+            and self.clip is Clip.NONE
+            and d["kl_is_weight"]
+            and d["estimator"] in (Estimator.K1, Estimator.K3)
+        ):
+            # Unclipped, the corrected penalties ARE Tables 4 and 1: beta*w*k1(rev) = beta*w*log r (RKL) and
+            # beta*w*k3(rev) = beta*(w log r - w + s) (URKL), for any reference. Name them after the paper.
+            d.update(form=Form.DIFFERENTIABLE, normalized=d["estimator"] == Estimator.K1)
+            reset("estimator", "kl_is_weight")
         if self.clip is Clip.NONE:
             reset("eps_low", "eps_high", "clip_c")
         elif self.clip is Clip.PPO:

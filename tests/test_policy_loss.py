@@ -221,3 +221,22 @@ def test_bad_input_is_rejected_with_a_clear_message(change, needle):
 def test_a_config_that_is_not_an_objective_config_is_rejected():
     with pytest.raises(TypeError, match="ObjectiveConfig"):
         policy_loss({"form": "reinforce"}, *_ok())
+
+
+def test_ratio_extremes_ignore_padding_even_when_every_valid_ratio_is_below_one():
+    # Padding has w = 1 internally; with valid w = [0.5, 0.8] the max must be 0.8, not 1. Then [1.5, 2]: min 1.5.
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    for ws, lo, hi in (([0.5, 0.8], 0.5, 0.8), ([1.5, 2.0], 1.5, 2.0)):
+        logp = torch.tensor([[math.log(ws[0]), math.log(ws[1]), 7.0]], dtype=torch.float64)
+        m = policy_loss(ObjectiveConfig(), logp, old, None, torch.ones(1), torch.tensor([[1, 1, 0]])).metrics
+        assert (m["ratio_min"], m["ratio_max"]) == (pytest.approx(lo), pytest.approx(hi))
+        assert m["ratio_mean"] == pytest.approx(sum(ws) / 2)
+
+
+def test_kl_value_is_the_mean_kl_term_without_beta():
+    # penalty k3-reverse, ref = old, log w = ln 2 on both tokens: k3(ref/theta) = 1/2 - 1 + ln 2 = 0.193147
+    old = torch.full((1, 2), -1.0, dtype=torch.float64)
+    out = policy_loss(ObjectiveConfig(form="penalty", estimator="k3", beta=0.3), old + LN2, old, None,
+                      torch.zeros(1, dtype=torch.float64), torch.ones(1, 2))  # fmt: skip
+    assert out.metrics["kl_value"] == pytest.approx(0.5 - 1 + LN2, rel=1e-12)
+    assert out.metrics["kl_loss"] == pytest.approx(0.3 * (0.5 - 1 + LN2), rel=1e-12)

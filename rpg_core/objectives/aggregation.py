@@ -9,7 +9,9 @@ from .config import Aggregation
 __all__ = ["aggregate"]
 
 
-def aggregate(per_token: Tensor, mask: Tensor, agg: Aggregation, norm_len: int | None = None) -> Tensor:
+def aggregate(
+    per_token: Tensor, mask: Tensor, agg: Aggregation, norm_len: int | None = None, n_tokens: Tensor | None = None
+) -> Tensor:
     """Reduce ``per_token`` [B, T] (already zero where ``mask`` is 0) to a scalar.
 
     token-mean               sum_{i,t} l / #valid tokens                      (DAPO token-level loss)
@@ -18,17 +20,17 @@ def aggregate(per_token: Tensor, mask: Tensor, agg: Aggregation, norm_len: int |
     seq-mean-token-sum-norm  sum_{i,t} l / norm_len   (norm_len defaults to T) (Dr. GRPO: a constant horizon)
 
     verl averages the seq-mean modes over all B rows (NaN for an empty row in seq-mean-token-mean); rows with no
-    valid token are skipped here, which is identical whenever every row has a response token.
+    valid token are skipped here, which is identical whenever every row has a response token. ``n_tokens`` (the
+    number of valid tokens) may be passed when the caller already has it.
     """
     if agg not in Aggregation.__members__.values():  # a plain string value is accepted too
         raise ValueError(f"agg: unknown aggregation {agg!r}; allowed: {[a.value for a in Aggregation]}")
     agg = Aggregation(agg)
-    m = mask.to(per_token.dtype)
     if agg is Aggregation.TOKEN_MEAN:
-        return per_token.sum() / m.sum()
+        return per_token.sum() / (mask.sum() if n_tokens is None else n_tokens)
     if agg is Aggregation.SEQ_MEAN_TOKEN_SUM_NORM:
         return per_token.sum() / (norm_len if norm_len is not None else per_token.shape[-1])
-    seq_len = m.sum(-1)
+    seq_len = mask.to(per_token.dtype).sum(-1)
     rows = seq_len > 0
     seq_sum = per_token.sum(-1)
     if agg is Aggregation.SEQ_MEAN_TOKEN_SUM:

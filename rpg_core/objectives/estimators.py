@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .config import Direction, Estimator
 
-__all__ = ["Divergence", "k1", "k2", "k3", "kl_estimator", "rpg_divergence"]
+__all__ = ["Divergence", "k1", "k2", "k3", "kl_estimator", "kl_estimator_from_log_ratio", "rpg_divergence"]
 
 
 # -- Schulman's estimators (spec §3.1) ------------------------------------------------------------------------
@@ -45,7 +45,12 @@ def kl_estimator(estimator: Estimator, direction: Direction, logp: Tensor, ref_l
     forward: KL(pi_ref || pi_theta), samples notionally from pi_ref, r = pi_theta/pi_ref
              (k1 = `rpg_fkl`, k3 = `rpg_ufkl` when pi_ref = pi_old).
     """
-    log_r = ref_logp - logp if direction is Direction.REVERSE else logp - ref_logp
+    return kl_estimator_from_log_ratio(estimator, direction, logp - ref_logp)
+
+
+def kl_estimator_from_log_ratio(estimator: Estimator, direction: Direction, log_theta_over_ref: Tensor) -> Tensor:
+    """``kl_estimator`` given log(pi_theta/pi_ref) directly."""
+    log_r = -log_theta_over_ref if direction is Direction.REVERSE else log_theta_over_ref
     return _ESTIMATORS[estimator](log_r)
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from .aggregation import aggregate
 from .clipping import ClipResult, clip_ratio
 from .config import Clip, Form, ObjectiveConfig, ObjectiveConfigError
-from .estimators import k1, k2, k3, kl_estimator, rpg_divergence
+from .estimators import kl_estimator_from_log_ratio, rpg_divergence
 
 __all__ = [
     "LOSS_REGISTRY",
@@ -43,22 +43,25 @@ class LossInputError(ValueError):
 
 @dataclass(frozen=True)
 class LossInputs:
-    """Validated per-token inputs in the compute dtype, zeroed where ``mask`` is 0 (so w = 1 there)."""
+    """Validated per-token inputs in the compute dtype (float32 or wider), each computed once.
 
-    logp: Tensor  # [B, T] log pi_theta, carries the gradient
-    old_logp: Tensor  # [B, T] log pi_old (detached)
-    ref_logp: Tensor  # [B, T] log pi_ref (detached); the same values as old_logp in iterative mode
-    advantages: Tensor  # [B, T] (detached)
+    Log-ratios are exactly 0 where ``mask`` is 0, so there w = r = s = 1 and every KL term and f(r) is 0: padding
+    contributes nothing to any sum, and NaN/inf in padded positions never reach a value or a gradient.
+    """
+
+    logp: Tensor  # [B, T] log pi_theta (carries the gradient; raw where mask is 0)
+    log_w: Tensor  # [B, T] log(pi_theta/pi_old), with gradient, 0 where mask is 0
+    w: Tensor  # [B, T] exp(log_w), with gradient
+    log_r: Tensor  # [B, T] log(pi_theta/pi_ref), with gradient; log_w itself in iterative mode
+    log_s: Tensor | None  # [B, T] log(pi_ref/pi_old), no gradient; None in iterative mode (s = 1)
+    advantages: Tensor  # [B, 1] (broadcast) or [B, T], no gradient, 0 where mask is 0
     mask: Tensor  # [B, T] bool
-    iterative: bool  # pi_ref is pi_old: s = 1, r = w
+    lengths: Tensor  # [B] valid tokens per sequence
+    n_tokens: Tensor  # 0-d, valid tokens in all
 
     @property
-    def log_w(self) -> Tensor:
-        return self.logp - self.old_logp
-
-    @property
-    def log_r(self) -> Tensor:
-        return self.log_w if self.iterative else self.logp - self.ref_logp
+    def iterative(self) -> bool:
+        return self.log_s is None
 
 
 @dataclass(frozen=True)
@@ -67,10 +70,7 @@ class FormResult:
 
     per_token: Tensor  # [B, T], with the gradient
     clip: ClipResult
-    pg: Tensor | None = None  # policy-gradient part of per_token, when the form separates it
-    kl: Tensor | None = None  # KL part of per_token (beta included), when the form separates it
-    kl_value: Tensor | None = None  # the divergence estimate per token, beta excluded
-    reg_adv: Tensor | None = None  # A' for the RPG forms
+    kl: Tensor | None = None  # KL part of per_token (beta included, 0 where masked), when the form separates it
 
 
 @dataclass(frozen=True)
@@ -97,54 +97,53 @@ def register_loss(form: Form) -> Callable[[LossFn], LossFn]:
 # -- the four forms ------------------------------------------------------------------------------------------
 
 
-def _rpg_terms(cfg: ObjectiveConfig, x: LossInputs) -> tuple[Tensor, Tensor, Tensor]:
-    """(A', beta*f'(r), s*f(r)) for the RPG forms; A' and the value are detached."""
-    div = rpg_divergence(cfg.direction, cfg.normalized)
+def _rpg_terms(cfg: ObjectiveConfig, x: LossInputs) -> tuple[Tensor, Tensor]:
+    """(A' = A - beta f'(r), f'(r)) for the RPG forms, both detached."""
     if cfg.beta == 0:
-        zero = torch.zeros_like(x.advantages)
-        return x.advantages, zero, zero
-    log_r = x.log_r.detach()
-    beta_fp = cfg.beta * div.f_prime(log_r)
-    value = div.f(log_r) if x.iterative else torch.exp(x.ref_logp - x.old_logp) * div.f(log_r)
-    return x.advantages - beta_fp, beta_fp, value
+        return x.advantages, torch.zeros((), dtype=x.w.dtype)
+    fp = rpg_divergence(cfg.direction, cfg.normalized).f_prime(x.log_r.detach())
+    return torch.add(x.advantages, fp, alpha=-cfg.beta), fp
+
+
+def _s_times(x: LossInputs, t: Tensor) -> Tensor:
+    return t if x.log_s is None else torch.exp(x.log_s) * t
 
 
 @register_loss(Form.DIFFERENTIABLE)
 def differentiable_loss(cfg: ObjectiveConfig, x: LossInputs) -> FormResult:
     """Tables 1 and 4 (unclipped); Algorithm 1 with SG(A') when clipped (spec §2.3, §4.3)."""
-    w = torch.exp(x.log_w)
-    reg_adv, _, value = _rpg_terms(cfg, x)
+    reg_adv, _ = _rpg_terms(cfg, x)
     if cfg.clip is Clip.NONE:
         # l = -w A + beta * s * f(r): e.g. URKL  -w A + beta (w log w - w + 1),  UFKL  -w A + beta (w - log w - 1)
-        pg = -w * x.advantages
+        pg = -x.w * x.advantages
         if cfg.beta == 0:
-            return FormResult(pg, clip_ratio(cfg, w, x.advantages >= 0), pg=pg, reg_adv=reg_adv)
-        div = rpg_divergence(cfg.direction, cfg.normalized)
-        s_f = div.f(x.log_r) if x.iterative else torch.exp(x.ref_logp - x.old_logp) * div.f(x.log_r)
-        kl = cfg.beta * s_f
-        return FormResult(pg + kl, clip_ratio(cfg, w, reg_adv >= 0), pg=pg, kl=kl, kl_value=value, reg_adv=reg_adv)
+            return FormResult(pg, clip_ratio(cfg, x.w, reg_adv))
+        kl = cfg.beta * _s_times(x, rpg_divergence(cfg.direction, cfg.normalized).f(x.log_r))
+        return FormResult(pg + kl, clip_ratio(cfg, x.w, reg_adv), kl=kl)
     # Algorithm 1: L = max(-w A', -clip(w) A'), and min(., -c A') for A' < 0, with A' stop-gradiented (spec §4.3:
     # differentiating through A' gives the wrong gradient). d/dtheta = -w A' dlog pi = -Weight dlog pi.
-    clip = clip_ratio(cfg, w, reg_adv >= 0)
-    return FormResult(-clip.ratio * reg_adv, clip, kl_value=value, reg_adv=reg_adv)
+    clip = clip_ratio(cfg, x.w, reg_adv)
+    return FormResult(-clip.ratio * reg_adv, clip)
 
 
 @register_loss(Form.REINFORCE)
 def reinforce_loss(cfg: ObjectiveConfig, x: LossInputs) -> FormResult:
     """Table 2 / App. F (unclipped); Algorithm 2, RPG-REINFORCE with RPG-Style Clip, when clipped (spec §2.4, §4.4)."""
-    w = torch.exp(x.log_w.detach())
-    reg_adv, beta_fp, value = _rpg_terms(cfg, x)
+    w = x.w.detach()
+    reg_adv, fp = _rpg_terms(cfg, x)
     # Branch on the sign of A' = psi / l (Algorithm 2); the released code branches on A (spec §4.6).
-    clip = clip_ratio(cfg, w, reg_adv >= 0)
+    clip = clip_ratio(cfg, w, reg_adv)
     # C = -beta w f'(r) is Algorithm 2's KL component; Weight = A w + C. Where clipped, w -> bound (A b + C, constant).
-    weight = x.advantages * clip.ratio - w * beta_fp
+    minus_weight = torch.mul(x.advantages, clip.ratio).neg_()  # -(A m + C), all detached
+    if cfg.beta:
+        minus_weight.addcmul_(w, fp, value=cfg.beta)  # -C = +beta w f'(r)
     logp = x.logp if clip.clipped is None else torch.where(clip.clipped, x.logp.detach(), x.logp)
-    return FormResult(-weight * logp, clip, kl_value=value, reg_adv=reg_adv)
+    return FormResult(minus_weight * logp, clip)
 
 
 def _clipped_pg(cfg: ObjectiveConfig, x: LossInputs) -> tuple[Tensor, ClipResult]:
     """The PPO / dual-clip policy term -clip(w) A on the reward advantage (verl ``compute_policy_loss``, spec §7.3)."""
-    clip = clip_ratio(cfg, torch.exp(x.log_w), x.advantages >= 0)
+    clip = clip_ratio(cfg, x.w, x.advantages)
     return -clip.ratio * x.advantages, clip
 
 
@@ -153,21 +152,19 @@ def penalty_loss(cfg: ObjectiveConfig, x: LossInputs) -> FormResult:
     """GRPO/verl family: clipped policy term + beta * [w *] k(direction) per token, outside the clip (spec §3.2)."""
     pg, clip = _clipped_pg(cfg, x)
     if cfg.beta == 0:
-        return FormResult(pg, clip, pg=pg)
-    kappa = kl_estimator(cfg.estimator, cfg.direction, x.logp, x.ref_logp)
-    value = kappa.detach()
+        return FormResult(pg, clip)
+    kappa = kl_estimator_from_log_ratio(cfg.estimator, cfg.direction, x.log_r)
     if cfg.kl_is_weight:  # the corrected off-policy estimator E_old[w k3(ref/theta)] = UKL(theta||ref) (spec §3.2)
-        kappa = torch.exp(x.log_w) * kappa
+        kappa = x.w * kappa
     kl = cfg.beta * kappa
-    return FormResult(pg + kl, clip, pg=pg, kl=kl, kl_value=value)
+    return FormResult(pg + kl, clip, kl=kl)
 
 
 @register_loss(Form.REWARD)
 def reward_form_loss(cfg: ObjectiveConfig, x: LossInputs) -> FormResult:
     """KL in the reward: the KL was already subtracted upstream (``reward_kl_penalty``); only the policy term here."""
     pg, clip = _clipped_pg(cfg, x)
-    value = kl_estimator(cfg.estimator, cfg.direction, x.logp.detach(), x.ref_logp) if cfg.beta > 0 else None
-    return FormResult(pg, clip, pg=pg, kl_value=value)
+    return FormResult(pg, clip)
 
 
 # -- the public entry points ---------------------------------------------------------------------------------
@@ -191,7 +188,7 @@ def policy_loss(
     x = _prepare(cfg, logp, old_logp, ref_logp, advantages, mask)
     res = LOSS_REGISTRY[cfg.form](cfg, x)
     per_token = torch.where(x.mask, res.per_token, 0.0)
-    loss = aggregate(per_token, x.mask, cfg.agg, cfg.agg_norm_len)
+    loss = aggregate(per_token, x.mask, cfg.agg, cfg.agg_norm_len, n_tokens=x.n_tokens)
     return LossOutput(loss=loss, per_token=per_token, metrics=_metrics(cfg, x, res, loss))
 
 
@@ -204,22 +201,28 @@ def reward_kl_penalty(cfg: ObjectiveConfig, old_logp: Tensor, ref_logp: Tensor, 
         raise ObjectiveConfigError(
             f"reward_kl_penalty needs form='reward', got form={cfg.form.value!r}; the other forms put the KL in the loss"
         )
-    x = _prepare(cfg, old_logp, old_logp, ref_logp, torch.zeros_like(old_logp[:, 0]), mask)
+    old_logp = old_logp.detach()
+    x = _prepare(cfg, old_logp, old_logp, ref_logp, torch.zeros_like(old_logp[:, 0]), mask, force_ref=True)
     if cfg.beta == 0:
-        return torch.zeros_like(x.logp)
-    kappa = kl_estimator(cfg.estimator, cfg.direction, x.old_logp, x.ref_logp)
-    return torch.where(x.mask, cfg.beta * kappa, 0.0)
+        return torch.zeros_like(x.log_w)
+    return cfg.beta * kl_estimator_from_log_ratio(cfg.estimator, cfg.direction, x.log_r)  # 0 where masked
 
 
 # -- validation and metrics ----------------------------------------------------------------------------------
 
 
 def _prepare(
-    cfg: ObjectiveConfig, logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor, mask: Tensor
+    cfg: ObjectiveConfig,
+    logp: Tensor,
+    old_logp: Tensor,
+    ref_logp: Tensor | None,
+    advantages: Tensor,
+    mask: Tensor,
+    force_ref: bool = False,
 ) -> LossInputs:
     if not isinstance(cfg, ObjectiveConfig):
         raise TypeError(f"cfg must be an ObjectiveConfig, got {type(cfg).__name__}")
-    iterative = ref_logp is None or ref_logp is old_logp
+    iterative = (ref_logp is None or ref_logp is old_logp) and not force_ref
     ref_logp = old_logp if ref_logp is None else ref_logp
     named = {"logp": logp, "old_logp": old_logp, "ref_logp": ref_logp, "advantages": advantages, "mask": mask}
     for name, t in named.items():
@@ -240,82 +243,105 @@ def _prepare(
             raise LossInputError(f"{name} must be a floating-point tensor, got dtype {named[name].dtype}")
         if named[name].device != logp.device:
             raise LossInputError(f"{name} is on {named[name].device}, logp on {logp.device}")
+    mask = mask.to(logp.device)
     if mask.dtype == torch.bool:
-        mask_b, not_binary = mask, torch.zeros((), dtype=torch.bool, device=mask.device)
-    else:
+        mask_b, not_binary = mask, None
+    elif mask.is_floating_point():
         mask_b = mask != 0
         not_binary = (mask_b & (mask != 1)).any()
-    mask_b = mask_b.to(logp.device)
-    adv = advantages.unsqueeze(-1).expand_as(logp) if advantages.dim() == 1 else advantages
-
-    # One host sync for every check: empty mask, non-binary mask, non-finite values at valid positions.
-    tensors = {"logp": logp, "old_logp": old_logp, "ref_logp": ref_logp, "advantages": adv}
-    flags = torch.stack(
-        [~mask_b.any(), not_binary.to(mask_b.device)] + [(~torch.isfinite(t) & mask_b).any() for t in tensors.values()]
-    ).tolist()
-    if flags[0]:
-        raise LossInputError("mask has no valid token (all zeros): nothing to compute a loss over")
-    if flags[1]:
-        raise LossInputError(f"mask must be 0/1 (bool, int or float), got values {mask.unique().tolist()[:8]}")
-    for (name, t), bad in zip(tensors.items(), flags[2:], strict=True):
-        if bad:
-            n = int((~torch.isfinite(t) & mask_b).sum())
-            first = (~torch.isfinite(t) & mask_b).nonzero()[0].tolist()
-            raise LossInputError(f"{name} has {n} NaN/inf value(s) at valid (mask=1) positions, first at {first}")
+    else:  # integer: 0/1 iff min >= 0 and max <= 1, one pass
+        lo, hi = torch.aminmax(mask)
+        mask_b, not_binary = mask != 0, (lo < 0) | (hi > 1)
 
     dtype = torch.promote_types(logp.dtype, torch.float32)
+    lp = logp.to(dtype)
+    old = old_logp.detach().to(dtype)
+    # Log-ratios at valid positions; 0 (w = 1) elsewhere. A NaN/inf at a valid position makes the sum non-finite,
+    # so one reduction checks both inputs; the exact culprit is looked up only when it fires.
+    log_w = torch.where(mask_b, lp - old, 0.0)
+    log_r, log_s = log_w, None
+    if not iterative:
+        ref = ref_logp.detach().to(dtype)
+        log_r = torch.where(mask_b, lp - ref, 0.0)
+        log_s = torch.where(mask_b, ref - old, 0.0)
+    adv = advantages.detach().to(dtype)
+    adv = adv[:, None] if adv.dim() == 1 else torch.where(mask_b, adv, 0.0)
+    lengths = mask_b.sum(-1)
 
-    def clean(t: Tensor, detach: bool) -> Tensor:
-        t = t.detach() if detach else t
-        return torch.where(mask_b, t.to(dtype), 0.0)
+    # One host sync for every check.
+    checks = [lengths.sum() == 0, torch.isfinite(log_w.sum()), torch.isfinite(adv.sum())]
+    if log_s is not None:
+        checks.append(torch.isfinite(log_s.sum()))
+    if not_binary is not None:
+        checks.append(not_binary)
+    flags = torch.stack(checks).tolist()
+    if flags[0]:
+        raise LossInputError("mask has no valid token (all zeros): nothing to compute a loss over")
+    if not_binary is not None and flags[-1]:
+        raise LossInputError(f"mask must be 0/1 (bool, int or float), got values {mask.unique().tolist()[:8]}")
+    if not all(flags[1 : 4 if log_s is not None else 3]):
+        tensors = {"logp": logp, "old_logp": old_logp, "ref_logp": ref_logp, "advantages": advantages}
+        for name, t in tensors.items():
+            t = t.detach()
+            bad = ~torch.isfinite(t if t.dim() == 2 else t[:, None].expand_as(mask_b)) & mask_b
+            if bad.any():
+                raise LossInputError(
+                    f"{name} has {int(bad.sum())} NaN/inf value(s) at valid (mask=1) positions, "
+                    f"first at {bad.nonzero()[0].tolist()}"
+                )
+        raise LossInputError("log-probabilities overflow: differences of valid log-probs are not finite")
 
-    old = clean(old_logp, True)
     return LossInputs(
-        logp=clean(logp, False),
-        old_logp=old,
-        ref_logp=old if iterative else clean(ref_logp, True),
-        advantages=clean(adv, True),
+        logp=lp,
+        log_w=log_w,
+        w=torch.exp(log_w),
+        log_r=log_r,
+        log_s=log_s,
+        advantages=adv,
         mask=mask_b,
-        iterative=iterative,
+        lengths=lengths,
+        n_tokens=lengths.sum(),
     )
 
 
 @torch.no_grad()
 def _metrics(cfg: ObjectiveConfig, x: LossInputs, res: FormResult, loss: Tensor) -> dict[str, float]:
-    m = x.mask.to(x.logp.dtype)
-    n = m.sum()
-
-    def mean(t: Tensor) -> Tensor:
-        return (t * m).sum() / n
-
-    log_w = x.log_w.detach()
-    w = torch.exp(log_w)
-    log_ref = x.ref_logp - x.logp.detach()  # log(pi_ref/pi_theta): k_i(log_ref) estimate KL(pi_theta || pi_ref)
+    """Token means over valid positions. Padding has log-ratio 0 there, so w = 1 and every KL estimate and f(r) is 0:
+    plain sums need no mask, except for w (corrected by the number of padded positions)."""
+    n = x.n_tokens.to(x.w.dtype)
+    n_pad = x.mask.numel() - n
+    log_w, w = x.log_w.detach(), x.w.detach()
+    log_r = x.log_r.detach()
+    inv_r = torch.exp(-log_r) if x.log_s is not None else torch.reciprocal(w)  # pi_ref/pi_theta
+    sum_log_r = log_r.sum()
+    adv_sum = (x.advantages[:, 0] * x.lengths).sum() if x.advantages.shape[1] == 1 else x.advantages.sum()
     vals: dict[str, Tensor] = {
         "loss": loss.detach(),
-        "ratio_mean": mean(w),
-        "ratio_max": w.masked_fill(~x.mask, float("-inf")).max(),
-        "ratio_min": w.masked_fill(~x.mask, float("inf")).min(),
-        "kl_k1": mean(k1(log_ref)),
-        "kl_k2": mean(k2(log_ref)),
-        "kl_k3": mean(k3(log_ref)),
-        "adv_mean": mean(x.advantages),
+        "ratio_mean": (w.sum() - n_pad) / n,
+        # KL(pi_theta || pi_ref) estimated from log(pi_ref/pi_theta) = -log_r (spec §3.1)
+        "kl_k1": sum_log_r / n,
+        "kl_k2": 0.5 * torch.dot(log_r.flatten(), log_r.flatten()) / n,
+        "kl_k3": (inv_r.sum() - n_pad - n + sum_log_r) / n,
+        "adv_mean": adv_sum / n,
         "n_tokens": n,
     }
     clip = res.clip
-    if clip.clipped is not None:
-        vals["clipfrac"] = mean(clip.clipped)
-        vals["clipfrac_high"] = mean(clip.high)
-        vals["clipfrac_low"] = mean(clip.low)
-        vals["clipfrac_dual"] = mean(clip.dual) if clip.dual is not None else torch.zeros_like(n)
-    if res.reg_adv is not None:
-        vals["reg_adv_mean"] = mean(res.reg_adv)
-    if res.pg is not None:
-        vals["pg_loss"] = aggregate(torch.where(x.mask, res.pg.detach(), 0.0), x.mask, cfg.agg, cfg.agg_norm_len)
-    if res.kl is not None:
-        vals["kl_loss"] = aggregate(torch.where(x.mask, res.kl.detach(), 0.0), x.mask, cfg.agg, cfg.agg_norm_len)
-    if res.kl_value is not None:
-        vals["kl_value"] = mean(res.kl_value)
+    if clip.clipped is not None:  # padding is never clipped (w = 1 lies inside every clip range)
+        high, low, dual = clip.counts()
+        vals |= {"clipfrac": (high + low + dual) / n, "clipfrac_high": high / n, "clipfrac_low": low / n,
+                 "clipfrac_dual": dual / n}  # fmt: skip
+    if res.kl is not None:  # the forms that compute the KL term separately (never recomputed here)
+        kl_loss = aggregate(res.kl.detach(), x.mask, cfg.agg, cfg.agg_norm_len, n_tokens=x.n_tokens)
+        vals |= {"kl_loss": kl_loss, "pg_loss": loss.detach() - kl_loss}  # aggregation is linear
+        vals["kl_value"] = res.kl.detach().sum() / (cfg.beta * n)  # the KL term's mean value, beta excluded
+    # Extremes of w in one pass: padding has log w = 0 exactly, so a max > 0 (a min < 0) is a valid token's; only
+    # when every valid w lies on one side of 1 is the exact masked pass needed.
+    lw_min, lw_max = torch.aminmax(log_w)
+    vals |= {"ratio_max": torch.exp(lw_max), "ratio_min": torch.exp(lw_min)}
     names = list(vals)
-    numbers = torch.stack([v.to(x.logp.dtype) for v in vals.values()]).tolist()
-    return dict(zip(names, numbers, strict=True))
+    numbers = torch.stack([v.to(w.dtype) for v in vals.values()]).tolist()
+    out = dict(zip(names, numbers, strict=True))
+    if n_pad > 0 and 1.0 in (out["ratio_max"], out["ratio_min"]):
+        valid = log_w[x.mask]
+        out["ratio_max"], out["ratio_min"] = float(valid.max().exp()), float(valid.min().exp())
+    return out

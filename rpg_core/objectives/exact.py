@@ -15,7 +15,7 @@ from torch import Tensor
 from .config import Direction, Form, ObjectiveConfig
 from .losses import policy_loss
 
-__all__ = ["GradientCheck", "exact_divergence", "gradient_check", "onpolicy_kl_gradient"]
+__all__ = ["GradientCheck", "Identification", "exact_divergence", "gradient_check", "identify_objective", "onpolicy_kl_gradient"]
 
 Param = Literal["softmax", "exp"]
 
@@ -54,15 +54,33 @@ def _logp(param: Param, theta: Tensor) -> Tensor:
     return torch.log_softmax(theta, 0) if param == "softmax" else theta
 
 
-def gradient_check(
-    cfg: ObjectiveConfig, param: Param = "softmax", fixed_ref: bool = False, k: int = 6, seed: int = 0
-) -> GradientCheck:
-    """dL vs -dJ for an RPG-form config, J = sum_x pi_theta(x) A(x) - beta * D (exact, §2.1 / §2.7).
+DIVERGENCES: dict[str, tuple[Direction, bool]] = {
+    "FKL": (Direction.FORWARD, True),
+    "RKL": (Direction.REVERSE, True),
+    "UFKL": (Direction.FORWARD, False),
+    "URKL": (Direction.REVERSE, False),
+}
 
-    With a clip, pi_theta is kept close to pi_old so every ratio lies inside the unclipped region.
+
+def gradient_check(
+    cfg: ObjectiveConfig,
+    param: Param = "softmax",
+    fixed_ref: bool = False,
+    k: int = 6,
+    seed: int = 0,
+    divergence: str | None = None,
+) -> GradientCheck:
+    """dL vs -dJ with J = sum_x pi_theta(x) A(x) - beta * D exact by enumeration (spec §2.1, §2.5, §2.7).
+
+    ``divergence`` (FKL/RKL/UFKL/URKL) defaults to the config's own (RPG forms). With a clip, pi_theta is kept close
+    to pi_old so every ratio lies inside the unclipped region.
     """
-    if not cfg.form.is_rpg:
-        raise ValueError(f"gradient_check needs an RPG form (differentiable | reinforce), got {cfg.form.value!r}")
+    if divergence is None:
+        if not cfg.form.is_rpg:
+            raise ValueError(f"name the divergence to check a {cfg.form.value!r} config against")
+        direction, normalized = cfg.direction, cfg.normalized
+    else:
+        direction, normalized = DIVERGENCES[divergence]
     theta, old, ref, adv = _setup(param, fixed_ref, k, seed, near=cfg.clip.value != "none")
     logp = _logp(param, theta)
     ref_p = old if ref is None else ref
@@ -76,11 +94,39 @@ def gradient_check(
     )
     surrogate = (old * out.per_token[:, 0]).sum()
     p = logp.exp()
-    objective = (p * adv).sum() - cfg.beta * exact_divergence(cfg.direction, cfg.normalized, p, ref_p)
+    objective = (p * adv).sum() - cfg.beta * exact_divergence(direction, normalized, p, ref_p)
     (g_l,) = torch.autograd.grad(surrogate, theta, retain_graph=True)
     (g_j,) = torch.autograd.grad(objective, theta)
     scale = float(g_j.abs().max())
     return GradientCheck(float((g_l + g_j).abs().max()) / max(1.0, scale), scale, out.metrics.get("clipfrac", 0.0))
+
+
+@dataclass(frozen=True)
+class Identification:
+    objective: str  # e.g. "URKL", "FKL", or "" when the gradient is no exact KL-regularised objective's
+    iterative_only: bool  # exact only when pi_ref = pi_old (the iterative reference of spec §5)
+    error: float  # worst relative gradient error over the settings where it is claimed exact
+
+
+SETTINGS: tuple[tuple[Param, bool], ...] = (("softmax", False), ("exp", False), ("softmax", True), ("exp", True))
+
+
+def identify_objective(cfg: ObjectiveConfig, tol: float = 1e-9) -> Identification:
+    """Which exact objective E_theta[A] - beta * D(ref, theta) a config's loss is a correct surrogate for.
+
+    Tried for D in FKL/RKL/UFKL/URKL under softmax and unnormalized exp(theta) policies, with the iterative and a
+    fixed reference. Needs beta > 0; the reward form's KL acts on the advantage, outside ``policy_loss``.
+    """
+    cfg = cfg.model_copy(update={"beta": 0.7}) if cfg.beta == 0 else cfg
+    if cfg.form is Form.REWARD:
+        return Identification("", False, float("nan"))
+    candidates = [cfg.divergence_name] if cfg.form.is_rpg else list(DIVERGENCES)
+    for name in candidates:
+        errs = [gradient_check(cfg, param, fixed, divergence=name).error for param, fixed in SETTINGS]
+        if max(errs[:2]) < tol:
+            iterative_only = max(errs[2:]) >= tol
+            return Identification(name, iterative_only, max(errs[:2] if iterative_only else errs))
+    return Identification("", False, float("nan"))
 
 
 def onpolicy_kl_gradient(cfg: ObjectiveConfig, k: int = 6, seed: int = 0, tol: float = 1e-9) -> str:

@@ -30,6 +30,9 @@ def test_string_enums_are_accepted_and_the_config_is_frozen():
     with pytest.raises(Exception):
         cfg.beta = 0.5  # frozen
     assert ObjectiveConfig.parse({"form": "reinforce", "beta": "0.001"}).beta == 1e-3
+    assert cfg.model_copy(update={"clip": "dual"}).clip is Clip.DUAL
+    with pytest.raises(ObjectiveConfigError, match="beta"):
+        cfg.model_copy(update={"beta": -1.0})  # copies are validated too
 
 
 @pytest.mark.parametrize(
@@ -200,7 +203,7 @@ def test_the_twelve_paper_methods_are_presets_with_distinct_keys():
     # REINFORCE++ and REINFORCE++-Baseline share the loss and differ only in the advantage estimator.
     assert len(keys) == 11
     assert PRESETS["reinforce_pp"].objective == PRESETS["reinforce_pp_baseline"].objective
-    assert {(p.objective.key(), p.advantage) for p in PRESETS.values()}.__len__() == 12
+    assert len({(p.objective.key(), p.advantage) for p in PRESETS.values()}) == 12
     with pytest.raises(ValueError, match="allowed"):
         get_preset("ppo")
 

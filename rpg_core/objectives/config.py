@@ -153,6 +153,10 @@ class ObjectiveConfig(BaseModel):
         except ValidationError as e:
             raise ObjectiveConfigError(_format_validation_error(e)) from None
 
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> ObjectiveConfig:
+        """A copy with ``update`` applied, validated like any other config (pydantic's own copy skips that)."""
+        return type(self).parse({**self.model_dump(), **(update or {})})
+
     # -- identity ---------------------------------------------------------------------------------------------
 
     def canonical(self) -> ObjectiveConfig:

@@ -240,3 +240,10 @@ def test_kl_value_is_the_mean_kl_term_without_beta():
                       torch.zeros(1, dtype=torch.float64), torch.ones(1, 2))  # fmt: skip
     assert out.metrics["kl_value"] == pytest.approx(0.5 - 1 + LN2, rel=1e-12)
     assert out.metrics["kl_loss"] == pytest.approx(0.3 * (0.5 - 1 + LN2), rel=1e-12)
+
+
+def test_a_nan_advantage_on_an_all_padding_row_is_ignored():
+    old = torch.zeros(2, 2)
+    out = policy_loss(ObjectiveConfig(), old + 0.1, old, None, torch.tensor([1.0, float("nan")]),
+                      torch.tensor([[1, 1], [0, 0]]))  # fmt: skip
+    assert torch.isfinite(out.loss) and out.per_token[1].abs().sum() == 0

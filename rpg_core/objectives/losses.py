@@ -59,9 +59,6 @@ class LossInputs:
     lengths: Tensor  # [B] valid tokens per sequence
     n_tokens: Tensor  # 0-d, valid tokens in all
 
-    @property
-    def iterative(self) -> bool:
-        return self.log_s is None
 
 
 @dataclass(frozen=True)
@@ -269,7 +266,8 @@ def _prepare(
     lengths = mask_b.sum(-1)
 
     # One host sync for every check.
-    checks = [lengths.sum() == 0, torch.isfinite(log_w.sum()), torch.isfinite(adv.sum())]
+    adv_valid = torch.where(lengths[:, None] > 0, adv, 0.0) if adv.shape[1] == 1 else adv  # skip all-padding rows
+    checks = [lengths.sum() == 0, torch.isfinite(log_w.sum()), torch.isfinite(adv_valid.sum())]
     if log_s is not None:
         checks.append(torch.isfinite(log_s.sum()))
     if not_binary is not None:

@@ -1,0 +1,398 @@
+"""RunConfig: everything one training run needs, typed, frozen and validated before any compute starts.
+
+A run is ``RunConfig`` = model + data + rollout + reward + objective + algorithm + optim + train + tracking.
+Configs come from YAML (``rpg train --config FILE``), a preset (``--preset NAME``, the paper's methods from
+``rpg_core.objectives.presets``) and ``--set section.field=value`` overrides, resolved in that order:
+preset < file < overrides. Every error names the field and the allowed values.
+
+``key()`` names the run everywhere (MLflow param, checkpoint folder, sweep de-duplication): a hash of every field
+that changes what is computed (bookkeeping such as output paths, logging and tracking is left out).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rpg_core.objectives import AdvantageEstimator, ObjectiveConfig, ReferenceMode, get_preset
+
+__all__ = [
+    "AlgorithmConfig",
+    "DataConfig",
+    "Device",
+    "GeneratorKind",
+    "ModelConfig",
+    "OptimConfig",
+    "Precision",
+    "RewardConfig",
+    "RolloutConfig",
+    "RunConfig",
+    "RunConfigError",
+    "Schedule",
+    "Task",
+    "TrackingConfig",
+    "TrainConfig",
+    "deep_merge",
+    "load_run_config",
+    "parse_overrides",
+]
+
+
+class RunConfigError(ValueError):
+    """A bad run configuration; the message names the field (dotted path) and what is allowed."""
+
+
+class Precision(StrEnum):
+    FP32 = "fp32"
+    BF16 = "bf16"  # bf16 autocast for every forward pass; fp32 master weights, optimizer state and loss
+
+
+class Device(StrEnum):
+    AUTO = "auto"  # the accelerator accelerate picks (CUDA when present), else CPU
+    CPU = "cpu"
+
+
+class Task(StrEnum):
+    ARITHMETIC = "arithmetic"  # built-in synthetic arithmetic with integer answers (rpg_core.data)
+    DATASET = "dataset"  # a JSONL/parquet file or a Hugging Face dataset name (data.source)
+
+
+class GeneratorKind(StrEnum):
+    HF = "hf"  # transformers generate (rpg_core.rollout.HFGenerator); a faster engine plugs in here
+
+
+class Schedule(StrEnum):
+    CONSTANT = "constant"  # linear warm-up, then constant (verl's `warmup_style: constant`, spec §7.1)
+    COSINE = "cosine"  # linear warm-up, then cosine decay to min_lr_ratio * lr
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, use_enum_values=False)
+
+
+class ModelConfig(_Section):
+    name: str = Field("smollm2-135m", description="'smollm2-135m' (embedded default) | 'tiny' | local dir | Hub id")
+    precision: Precision = Field(Precision.FP32, description="fp32 | bf16 (autocast)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass")
+
+
+class DataConfig(_Section):
+    task: Task = Field(Task.ARITHMETIC, description="arithmetic | dataset")
+    level: str = Field("add2", description="arithmetic difficulty level (rpg_core.data.ArithmeticLevel)")
+    source: str | None = Field(None, description="dataset: a .jsonl/.parquet path or a Hugging Face dataset name")
+    split: str | None = Field(None, description="dataset split (Hub datasets)")
+    eval_source: str | None = Field(None, description="held-out set for the periodic evaluation (default: split off)")
+    problem_key: str | None = None
+    answer_key: str | None = None
+    limit: int | None = Field(None, ge=1, description="use at most this many training problems")
+    template: str = Field("paper_oneshot", description="prompt template (rpg_core.data.PromptTemplate)")
+    chat_template: bool = Field(True, description="render prompts with the model's chat template")
+    n_train: int = Field(4096, ge=1, description="arithmetic: number of training problems")
+    n_eval: int = Field(128, ge=0, description="held-out problems for the periodic evaluation")
+    max_prompt_tokens: int = Field(1024, ge=8, description="prompts are left-truncated to this length (spec §8)")
+
+
+class RolloutConfig(_Section):
+    generator: GeneratorKind = GeneratorKind.HF
+    prompts_per_step: int = Field(8, ge=1, description="prompts per training step (train_prompt_bsz)")
+    n: int = Field(8, ge=1, description="samples per prompt, the group size (rollout.n)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (paper 1.0)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling (paper 1.0)")
+    top_k: int = Field(0, ge=0, description="top-k sampling, 0 = off (the paper's -1)")
+    max_new_tokens: int = Field(64, ge=1, description="max response tokens (max_response_length)")
+    batch_size: int = Field(64, ge=1, description="sequences per generate call")
+
+
+class RewardConfig(_Section):
+    rule: str = Field("paper", description="answer rule (rpg_core.rewards.AnswerRule): paper | lenient | math_verify")
+    overlong_shaping: bool = Field(False, description="DAPO overlong reward shaping (spec §6.2)")
+    overlong_buffer: int | None = Field(None, ge=1, description="overlong buffer length; default max_new_tokens/4")
+    overlong_factor: float = Field(1.0, ge=0, description="overlong penalty factor")
+    dynamic_sampling: bool = Field(False, description="DAPO group filter: train only on groups with mixed accuracy")
+    max_gen_rounds: int = Field(3, ge=1, description="dynamic sampling: generation rounds per step at most")
+
+
+class AlgorithmConfig(_Section):
+    advantage: AdvantageEstimator = Field(AdvantageEstimator.RPG, description="advantage estimator")
+    reference: ReferenceMode = Field(ReferenceMode.ITERATIVE, description="iterative (pi_ref refreshed) | fixed")
+    ref_refresh_every: int = Field(
+        1, ge=1, description="iterative reference: refresh pi_ref <- pi_theta every N steps (1: pi_ref = pi_old)"
+    )
+    epochs: int = Field(1, ge=1, description="passes K over each rollout batch (Algorithms 1/2; ppo_epochs)")
+    mini_batches: int = Field(1, ge=1, description="optimizer steps per pass (rollout sequences / ppo mini-batch)")
+    micro_batch_size: int = Field(8, ge=1, description="sequences per forward/backward (gradient accumulation)")
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-6, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(10, ge=0, description="linear warm-up over this many training steps")
+    schedule: Schedule = Schedule.CONSTANT
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; null = no clipping")
+
+
+class TrainConfig(_Section):
+    steps: int = Field(100, ge=1, description="training steps (one rollout batch each)")
+    seed: int = Field(0, description="seeds data order, sampling and initialisation")
+    device: Device = Device.AUTO
+    output_dir: str = Field(".rpg/runs", description="checkpoints go to <output_dir>/<run key>/")
+    checkpoint_every: int = Field(10, ge=0, description="save every N steps (0: only at the end)")
+    keep_checkpoints: int = Field(2, ge=1)
+    eval_every: int = Field(0, ge=0, description="evaluate on the held-out problems every N steps (0: off)")
+    eval_temperature: float = Field(1.0, ge=0, description="0 = greedy")
+    max_minutes: float | None = Field(None, gt=0, description="stop (and checkpoint) after this wall time")
+    log_samples: int = Field(4, ge=0, description="sample completions logged per step")
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    experiment: str = "rpg"
+    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else .rpg/mlflow.db")
+    run_name: str | None = None
+
+
+# Fields that do not change what a run computes; left out of the key.
+_BOOKKEEPING = {
+    "train": {"output_dir", "checkpoint_every", "keep_checkpoints", "log_samples", "max_minutes", "device"},
+    "tracking": None,  # the whole section
+    "rollout": {"batch_size"},
+    "preset": None,
+}
+
+
+class RunConfig(_Section):
+    preset: str | None = Field(None, description="the paper method this run starts from (a tag; see rpg presets)")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    algorithm: AlgorithmConfig = AlgorithmConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _cross_check(self) -> RunConfig:
+        # Names of the string-valued choices that live in other modules are checked here, so a bad value fails
+        # before any model is loaded.
+        from rpg_core.data import ArithmeticLevel, PromptTemplate
+        from rpg_core.rewards import AnswerRule
+
+        for path, value, enum in (
+            ("data.level", self.data.level, ArithmeticLevel),
+            ("data.template", self.data.template, PromptTemplate),
+            ("reward.rule", self.reward.rule, AnswerRule),
+        ):
+            if value not in {e.value for e in enum}:
+                raise ValueError(f"{path}: {value!r} is not allowed; allowed: {[e.value for e in enum]}")
+        if self.data.task is Task.DATASET and not self.data.source:
+            raise ValueError("data.source: task='dataset' needs a .jsonl/.parquet path or a Hub dataset name")
+        batch = self.rollout.prompts_per_step * self.rollout.n
+        if batch % self.algorithm.mini_batches:
+            raise ValueError(
+                f"algorithm.mini_batches={self.algorithm.mini_batches} must divide the rollout batch "
+                f"prompts_per_step x n = {batch}"
+            )
+        if self.reward.dynamic_sampling and self.rollout.n < 2:
+            raise ValueError("reward.dynamic_sampling needs rollout.n >= 2 (it keeps groups with mixed accuracy)")
+        buf = self.reward.overlong_buffer
+        if self.reward.overlong_shaping and buf is not None and buf > self.rollout.max_new_tokens:
+            raise ValueError(
+                f"reward.overlong_buffer={buf} must be <= rollout.max_new_tokens={self.rollout.max_new_tokens}"
+            )
+        return self
+
+    # -- derived ---------------------------------------------------------------------------------------------
+
+    @property
+    def overlong_buffer(self) -> int:
+        """DAPO's buffer: 512 of 2048 in the paper's scripts, i.e. a quarter of the response budget by default."""
+        return self.reward.overlong_buffer or max(1, self.rollout.max_new_tokens // 4)
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the KL term needs log pi_ref different from log pi_old (a fixed or lagged reference)."""
+        if self.objective.beta == 0:
+            return False
+        return self.algorithm.reference is ReferenceMode.FIXED or self.algorithm.ref_refresh_every > 1
+
+    def key(self) -> str:
+        """12-hex content hash of everything that changes the computation (objective in canonical form)."""
+        d = self.model_dump(mode="json")
+        d["objective"] = self.objective.canonical().model_dump(mode="json")
+        for section, fields in _BOOKKEEPING.items():
+            if fields is None:
+                d.pop(section, None)
+            else:
+                for f in fields:
+                    d[section].pop(f, None)
+        blob = json.dumps({"schema": "rpg.run/v1", **d}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def method_name(self) -> str:
+        """The preset name when the objective and algorithm still match it, else 'custom'."""
+        if self.preset is None:
+            return "custom"
+        p = get_preset(self.preset)
+        same = (
+            p.objective.key() == self.objective.key()
+            and p.advantage is self.algorithm.advantage
+            and (p.reference is self.algorithm.reference or self.objective.beta == 0)
+        )
+        return p.name if same else "custom"
+
+    def axis_tags(self) -> dict[str, str]:
+        """One tag per design axis (MLflow groups and filters on these)."""
+        o = self.objective.canonical()
+        return {
+            "method": self.method_name(),
+            "preset": self.preset or "none",
+            "form": o.form.value,
+            "direction": o.direction.value,
+            "normalized": str(o.normalized).lower(),
+            "estimator": o.estimator.value,
+            "kl_is_weight": str(o.kl_is_weight).lower(),
+            "divergence": o.divergence_name,
+            "clip": o.clip.value,
+            "agg": o.agg.value,
+            "beta": f"{o.beta:g}",
+            "advantage": self.algorithm.advantage.value,
+            "reference": self.algorithm.reference.value,
+            "objective_key": self.objective.key(),
+            "config_key": self.key(),
+            "model": self.model.name,
+            "task": self.data.task.value if self.data.task is Task.DATASET else f"arithmetic:{self.data.level}",
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Validate a plain mapping (YAML, sweep, Prefect form) into a RunConfig, raising RunConfigError."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise RunConfigError(_format(e)) from None
+        except ValueError as e:  # raised by a nested section's own validator
+            raise RunConfigError(f"invalid run config: {e}") from None
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# -- loading ---------------------------------------------------------------------------------------------------
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    """The config fields a paper preset fixes (spec §6, §7.2)."""
+    try:
+        p = get_preset(name)
+    except ValueError as e:
+        raise RunConfigError(f"preset: {e}") from None
+    return {
+        "preset": p.name,
+        "objective": p.objective.model_dump(mode="json"),
+        "algorithm": {"advantage": p.advantage.value, "reference": p.reference.value},
+        "optim": {"lr": p.lr},
+        "reward": {"dynamic_sampling": p.dynamic_sampling, "overlong_shaping": p.overlong_shaping},
+    }
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["optim.lr=1e-5", "train.steps=3"]`` -> nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise RunConfigError(f"--set {item!r}: expected section.field=value, e.g. optim.lr=1e-5")
+        path, raw = item.split("=", 1)
+        parts = [p for p in path.strip().split(".") if p]
+        if not parts:
+            raise RunConfigError(f"--set {item!r}: empty field name")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+            if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):  # YAML 1.1 reads 1e-5 as a string
+                value = float(value)
+        except yaml.YAMLError as e:
+            raise RunConfigError(f"--set {item!r}: value is not valid YAML ({e})") from None
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RunConfigError(f"--set {item!r}: {p!r} is set both as a value and as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_run_config(
+    path: str | Path | None = None,
+    *,
+    preset: str | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> RunConfig:
+    """Resolve preset < YAML file < overrides into a validated RunConfig (raises RunConfigError)."""
+    file_dict: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RunConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            file_dict = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RunConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(file_dict, dict):
+            raise RunConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(file_dict)}")
+    over = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+    name = over.get("preset") or preset or file_dict.get("preset")
+    base = preset_dict(name) if name else {}
+    return RunConfig.from_dict(deep_merge(deep_merge(base, file_dict), over))
+
+
+def _allowed_fields(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def _format(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = tuple(err["loc"])
+        where = ".".join(str(p) for p in loc) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = f"unknown field; allowed: {', '.join(_allowed_fields(loc))}"
+        if loc == ("objective",) and msg.startswith("invalid objective config: "):  # ObjectiveConfig's own message
+            lines += [f"objective.{part}" for part in msg.removeprefix("invalid objective config: ").split("; ")]
+            continue
+        if where == "config" or msg.startswith(where):
+            lines.append(msg)
+        else:
+            lines.append(f"{where}: {msg} (got {err.get('input')!r})")
+    return "invalid run config: " + "; ".join(lines)

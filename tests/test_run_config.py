@@ -1,0 +1,98 @@
+"""RunConfig: YAML + preset + --set resolution, errors that name the field, the run key."""
+
+from __future__ import annotations
+
+import pytest
+
+from rpg_core.config import RunConfig, RunConfigError, load_run_config, parse_overrides
+from rpg_core.objectives import PRESETS, AdvantageEstimator, Form, ReferenceMode
+
+
+def test_defaults_are_valid_and_key_is_stable():
+    a, b = RunConfig(), RunConfig.from_dict({})
+    assert a == b and a.key() == b.key() and len(a.key()) == 12
+
+
+def test_preset_then_file_then_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 2.0e-5\nrollout:\n  n: 4\n")
+    cfg = load_run_config(f, preset="grpo", overrides=["rollout.n=6", "objective.beta=0.01"])
+    p = PRESETS["grpo"]
+    assert cfg.algorithm.advantage is AdvantageEstimator.GRPO and cfg.algorithm.reference is ReferenceMode.FIXED
+    assert cfg.objective.form is p.objective.form
+    assert cfg.optim.lr == 2e-5  # the file beats the preset
+    assert cfg.rollout.n == 6  # --set beats the file
+    assert cfg.objective.beta == 0.01
+    assert cfg.method_name() == "custom"  # beta changed: no longer the paper's GRPO
+    assert load_run_config(preset="grpo").method_name() == "grpo"
+
+
+def test_preset_in_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("preset: rpg_reinforce_urkl\n")
+    cfg = load_run_config(f)
+    assert cfg.objective.form is Form.REINFORCE and cfg.optim.lr == PRESETS["rpg_reinforce_urkl"].lr
+    assert cfg.reward.dynamic_sampling and cfg.axis_tags()["divergence"] == "URKL"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needles"),
+    [
+        (["optim.lrr=1"], ["optim.lrr", "unknown field", "lr", "weight_decay"]),
+        (["bogus.x=1"], ["bogus", "unknown field", "rollout"]),
+        (["objective.form=reinfroce"], ["objective.form", "'differentiable'", "'reinforce'"]),
+        (["data.level=add9"], ["data.level", "add2"]),
+        (["reward.rule=fuzzy"], ["reward.rule", "paper", "lenient"]),
+        (["rollout.temperature=0"], ["rollout.temperature", "greater than 0"]),
+        (["rollout.prompts_per_step=3", "rollout.n=3", "algorithm.mini_batches=2"], ["mini_batches", "9"]),
+        (["data.task=dataset"], ["data.source"]),
+        (["objective.clip_c=0.5"], ["clip_c", "> 1"]),
+        (["optim.lr"], ["section.field=value"]),
+    ],
+)
+def test_bad_input_names_the_field(overrides, needles):
+    with pytest.raises(RunConfigError) as e:
+        load_run_config(overrides=overrides)
+    for n in needles:
+        assert n in str(e.value), (n, str(e.value))
+
+
+def test_unknown_preset_and_missing_file(tmp_path):
+    with pytest.raises(RunConfigError, match="rpg_reinforce_urkl"):
+        load_run_config(preset="rpg_urkl_typo")
+    with pytest.raises(RunConfigError, match="does not exist"):
+        load_run_config(tmp_path / "nope.yaml")
+
+
+def test_override_values_are_yaml_typed():
+    assert parse_overrides(["a.b=1e-5", "a.c=true", "d=[1, 2]", "e=null"]) == {
+        "a": {"b": 1e-5, "c": True},
+        "d": [1, 2],
+        "e": None,
+    }
+
+
+def test_key_ignores_bookkeeping_but_not_semantics():
+    base = RunConfig()
+    same = load_run_config(
+        overrides=["train.output_dir=/elsewhere", "tracking.experiment=x", "train.checkpoint_every=3", "rollout.batch_size=7"]
+    )
+    assert same.key() == base.key()
+    for o in ("train.seed=1", "optim.lr=1e-5", "rollout.n=4", "objective.direction=forward", "model.name=tiny"):
+        assert load_run_config(overrides=[o]).key() != base.key(), o
+    # Objective fields without effect do not change the key (canonical objective): estimator is implied for RPG.
+    assert load_run_config(overrides=["objective.estimator=k1"]).key() == base.key()
+
+
+def test_axis_tags_one_per_design_axis():
+    tags = load_run_config(preset="rpg_fkl").axis_tags()
+    assert tags["form"] == "differentiable" and tags["direction"] == "forward" and tags["normalized"] == "true"
+    assert tags["divergence"] == "FKL" and tags["clip"] == "dual" and tags["method"] == "rpg_fkl"
+    assert {"estimator", "advantage", "reference", "config_key", "objective_key"} <= set(tags)
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_run_config(preset="dapo", overrides=["model.name=tiny"])
+    f = tmp_path / "r.yaml"
+    f.write_text(cfg.to_yaml())
+    assert load_run_config(f) == cfg

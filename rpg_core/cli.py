@@ -1,6 +1,8 @@
-"""The ``rpg`` command. ``rpg design``: the KL design space, every loss checked against its exact objective.
+"""The ``rpg`` command.
 
-Later subcommands (train, eval, sweep, stack) land with the trainer, evaluation and flows issues.
+``rpg design``   the KL design space, every loss checked against its exact objective.
+``rpg presets``  the paper's 12 methods.
+``rpg train``    one training run: ``--config FILE.yaml`` and/or ``--preset NAME``, ``--set section.field=value``.
 """
 
 from __future__ import annotations
@@ -129,6 +131,62 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_train_config(args: argparse.Namespace):
+    """preset < --config file < --model/--task shortcuts < --set overrides, validated (raises RunConfigError)."""
+    from rpg_core.config import deep_merge, load_run_config, parse_overrides
+
+    over = parse_overrides(args.set)
+    short: dict = {}
+    if args.model:
+        short.setdefault("model", {})["name"] = args.model
+    if args.task:
+        if args.task in ("arithmetic", "dataset"):
+            short.setdefault("data", {})["task"] = args.task
+        else:  # a file or Hub dataset name
+            short.setdefault("data", {}).update(task="dataset", source=args.task)
+    return load_run_config(args.config, preset=args.preset, overrides=deep_merge(short, over))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rpg_core.config import RunConfigError
+
+    try:
+        cfg = resolve_train_config(args)
+    except RunConfigError as e:
+        print(f"rpg train: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(f"# config key {cfg.key()}  method {cfg.method_name()}")
+        print(cfg.to_yaml(), end="")
+        return 0
+    from rpg_core.trainer import NonFiniteError, Trainer
+
+    print(f"rpg train: {cfg.method_name()} ({cfg.objective.summary()}) on {cfg.model.name}, key {cfg.key()}", flush=True)
+    try:
+        trainer = Trainer(cfg, resume=not args.fresh)
+    except ValueError as e:  # bad data source, unknown model, ...: before any training compute
+        print(f"rpg train: {e}", file=sys.stderr)
+        return 2
+    try:
+        res = trainer.fit()
+    except NonFiniteError as e:
+        print(f"rpg train: stopped: {e}. The last good checkpoint is kept in {trainer.ckpt_dir}", file=sys.stderr)
+        return 1
+    if trainer.is_main:
+        print(f"done: step {res.step}, run dir {res.run_dir}, MLflow run {res.run_id}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from rpg_core.plots import plot_run
+
+    curves = plot_run(args.run, args.out, tracking_uri=args.tracking_uri)
+    for key, points in curves.items():
+        print(f"{key:<20} " + "  ".join(f"{s}:{v:.3f}" for s, v in points))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rpg", description="rpg-lab: KL-regularized policy gradient design space")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="the paper's 12 methods, their configs and the code's differences")
     p.add_argument("name", nargs="?", help="one preset name")
     p.set_defaults(func=cmd_presets)
+    p = sub.add_parser("train", help="one training run (resumes from its last checkpoint by default)")
+    p.add_argument("--config", help="YAML run config (sections: model, data, rollout, reward, objective, ...)")
+    p.add_argument("--preset", help="start from a paper method, e.g. rpg_reinforce_urkl (see `rpg presets`)")
+    p.add_argument("--model", help="smollm2-135m (embedded default) | tiny | local dir | Hub id")
+    p.add_argument("--task", help="arithmetic | a .jsonl/.parquet file | a Hub dataset name")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set optim.lr=1e-5")
+    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints of this config")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("plot", help="accuracy curves of a run (from MLflow) as a PNG")
+    p.add_argument("run", help="a run directory (.rpg/runs/<key>) or an MLflow run id")
+    p.add_argument("--out", default="accuracy.png")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(func=cmd_plot)
     return parser
 
 

@@ -1,0 +1,59 @@
+"""Curves of a training run, read from its MLflow run (the system of record): ``rpg plot RUN_DIR_OR_ID``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["plot_run", "resolve_run_id"]
+
+CURVES = (
+    ("eval/acc_strict", "held-out accuracy, paper Answer rule (1 sample/problem)", "-o"),
+    ("eval/acc_lenient", "held-out accuracy, lenient (last integer)", "--o"),
+    ("acc/sampled", "training samples, paper rule (all groups drawn)", ":s"),
+)
+
+
+def resolve_run_id(run: str) -> str:
+    """A run directory (its newest checkpoint records the MLflow run id) or a run id."""
+    p = Path(run)
+    if p.is_dir():
+        states = sorted(p.glob("checkpoints/step_*/state.json"))
+        if not states:
+            raise ValueError(f"{run}: no checkpoint with a state.json")
+        return json.loads(states[-1].read_text())["run_id"]
+    return run
+
+
+def plot_run(run: str, out: str | Path, *, tracking_uri: str | None = None, title: str | None = None) -> dict:
+    """Plot the accuracy curves of ``run`` into ``out`` (PNG); returns {metric: [(step, value), ...]}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow.tracking import MlflowClient
+
+    from rpg_core.tracking import default_tracking_uri
+
+    client = MlflowClient(tracking_uri or default_tracking_uri())
+    run_id = resolve_run_id(run)
+    info = client.get_run(run_id)
+    curves = {}
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for key, label, style in CURVES:
+        hist = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        if hist:
+            curves[key] = hist
+            ax.plot([s for s, _ in hist], [v for _, v in hist], style, label=label)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    tags = info.data.tags
+    ax.set_title(title or f"{tags.get('method', '')} on {tags.get('model', '')}, {tags.get('task', '')}", fontsize=10)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return curves

@@ -1,18 +1,20 @@
-"""Tasks and datasets: the paper's prompt template (spec §8), the built-in arithmetic task, JSONL/parquet files
-and Hugging Face datasets, all as ``Problem(id, problem, answer)`` with the answer a string (never an int64)."""
+"""Tasks and datasets: the paper's prompt template (spec §8), the built-in arithmetic task, JSONL/JSON/parquet files
+and Hugging Face Hub datasets, all as ``Problem(id, problem, answer)`` with the answer a string (never an int64)."""
 
 from __future__ import annotations
 
 import json
+import operator
 import os
 import random
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "DEFAULT_EXAMPLE",
     "PAPER_PREFIX",
     "PAPER_SUFFIX",
     "ArithmeticLevel",
@@ -27,12 +29,10 @@ __all__ = [
     "shared_data_dir",
 ]
 
-# The paper's template, extracted programmatically from prompt[0].content of the shipped parquets (spec §8);
-# tests/test_data.py checks the sha256 of both and that every parquet row equals PREFIX + raw_problem + SUFFIX.
-PAPER_PREFIX = (
-    "Solve the following math problem step by step. The last line of your response should be of the form "
-    "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
-)
+# The paper's template (spec §8): the repr of prompt[0]["content"] minus extra_info["raw_problem"] of
+# shared/data/aime-2024.parquet, pasted as extracted. tests/test_data.py checks both sha256 sums and that every
+# row of the three parquets equals PREFIX + raw_problem + SUFFIX.
+PAPER_PREFIX = 'Solve the following math problem step by step. The last line of your response should be of the form Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n'  # noqa: E501  # fmt: skip
 PAPER_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".'
 
 
@@ -40,20 +40,69 @@ PAPER_SUFFIX = '\n\nRemember to put your answer on its own line after "Answer:".
 class Problem:
     id: str
     problem: str
-    answer: str
+    answer: str  # always a string: some answers exceed int64
 
 
 class PromptTemplate(StrEnum):
     PAPER = "paper"  # one user turn: PREFIX + problem + SUFFIX (spec §8)
-    PAPER_ONESHOT = "paper_oneshot"  # the same, after one worked example turn (small models need it, model.md)
-    RAW = "raw"  # the bare problem
+    PAPER_ONESHOT = "paper_oneshot"  # the same after one worked example (the 135M model needs it, model.md)
+    RAW = "raw"  # the bare problem text
 
 
 def shared_data_dir() -> Path | None:
-    """``$RPG_SHARED_DATA`` or ``../shared/data`` next to the repository (development and tests only)."""
+    """``$RPG_SHARED_DATA``, else ``shared/data`` beside the repository; None if absent (development/tests only)."""
     env = os.environ.get("RPG_SHARED_DATA")
-    p = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-    return p if p.is_dir() else None
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+# -- prompts ------------------------------------------------------------------------------------------------------
+
+# The one-shot example for file datasets: a small integer word problem with a two-line solution.
+DEFAULT_EXAMPLE = (
+    Problem("example", "A box holds 12 pencils. How many pencils are in 5 boxes?", "60"),
+    "Each box holds 12 pencils, so 5 boxes hold 5 * 12 = 60 pencils.\nAnswer: 60",
+)
+
+
+def _paper_turn(problem: Problem) -> dict[str, str]:
+    return {"role": "user", "content": PAPER_PREFIX + problem.problem + PAPER_SUFFIX}
+
+
+def build_messages(
+    problem: Problem,
+    template: PromptTemplate | str,
+    example: Problem | None = None,
+    example_solution: str | None = None,
+) -> list[dict[str, str]]:
+    """Chat messages for ``problem``. PAPER: the paper's single user turn (spec §8). PAPER_ONESHOT: the paper's
+    turn on ``example`` (default: DEFAULT_EXAMPLE), an assistant turn ``example_solution`` (default
+    "Answer: <answer>"), then the paper's turn on ``problem``. RAW: the problem alone. The example is ignored by
+    the other templates."""
+    try:
+        template = PromptTemplate(template)
+    except ValueError:
+        raise ValueError(f"template must be one of {[t.value for t in PromptTemplate]}, got {template!r}") from None
+    match template:
+        case PromptTemplate.RAW:
+            return [{"role": "user", "content": problem.problem}]
+        case PromptTemplate.PAPER:
+            return [_paper_turn(problem)]
+        case PromptTemplate.PAPER_ONESHOT:
+            if example is None:
+                if example_solution is not None:
+                    raise ValueError("example_solution was given without its example")
+                example, example_solution = DEFAULT_EXAMPLE
+            solution = example_solution if example_solution is not None else f"Answer: {example.answer}"
+            return [_paper_turn(example), {"role": "assistant", "content": solution}, _paper_turn(problem)]
+
+
+def render_prompt(tokenizer: Any, messages: list[dict[str, str]], *, chat_template: bool = True) -> str:
+    """The prompt text: the tokenizer's chat template with the generation prompt (spec §8), or with
+    ``chat_template=False`` the contents joined by blank lines (the tokenizer is then unused)."""
+    if chat_template:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return "\n\n".join(m["content"] for m in messages) + "\n\n"
 
 
 # -- the built-in arithmetic task ----------------------------------------------------------------------------------
@@ -68,141 +117,222 @@ class ArithmeticLevel(StrEnum):
     ADD3 = "add3"  # three-digit addition
 
 
-_OPS = {
-    ArithmeticLevel.ADD1: ("+", (0, 9), (0, 9)),
-    ArithmeticLevel.SUB1: ("-", (0, 9), (0, 9)),
-    ArithmeticLevel.MUL1: ("*", (0, 9), (0, 9)),
-    ArithmeticLevel.ADD2: ("+", (10, 99), (10, 99)),
-    ArithmeticLevel.MUL2X1: ("*", (10, 99), (2, 9)),
-    ArithmeticLevel.ADD3: ("+", (100, 999), (100, 999)),
+@dataclass(frozen=True)
+class _Op:
+    symbol: str
+    fn: Callable[[int, int], int]
+    a: range
+    b: range
+    example: tuple[int, int]  # the fixed one-shot example, never a train or eval problem
+
+
+_LEVELS: dict[ArithmeticLevel, _Op] = {
+    ArithmeticLevel.ADD1: _Op("+", operator.add, range(0, 10), range(0, 10), (4, 3)),
+    ArithmeticLevel.SUB1: _Op("-", operator.sub, range(0, 10), range(0, 10), (8, 5)),
+    ArithmeticLevel.MUL1: _Op("*", operator.mul, range(0, 10), range(0, 10), (6, 7)),
+    ArithmeticLevel.ADD2: _Op("+", operator.add, range(10, 100), range(10, 100), (27, 45)),
+    ArithmeticLevel.MUL2X1: _Op("*", operator.mul, range(10, 100), range(2, 10), (23, 4)),
+    ArithmeticLevel.ADD3: _Op("+", operator.add, range(100, 1000), range(100, 1000), (358, 267)),
 }
 
 
+def _level(level: ArithmeticLevel | str) -> ArithmeticLevel:
+    try:
+        return ArithmeticLevel(level)
+    except ValueError:
+        raise ValueError(f"level must be one of {[lv.value for lv in ArithmeticLevel]}, got {level!r}") from None
+
+
 def _make(level: ArithmeticLevel, a: int, b: int) -> Problem:
-    op = _OPS[level][0]
-    ans = a + b if op == "+" else a - b if op == "-" else a * b
-    sym = "\\times" if op == "*" else op
-    return Problem(f"{level.value}-{a}{op}{b}", f"What is ${a} {sym} {b}$?", str(ans))
+    op = _LEVELS[level]
+    return Problem(f"{level.value}-{a}{op.symbol}{b}", f"What is {a} {op.symbol} {b}?", str(op.fn(a, b)))
 
 
-def _all_pairs(level: ArithmeticLevel) -> list[tuple[int, int]]:
-    _, (a0, a1), (b0, b1) = _OPS[level]
-    return [(a, b) for a in range(a0, a1 + 1) for b in range(b0, b1 + 1)]
+def _shuffled_pairs(level: ArithmeticLevel, seed: int) -> list[tuple[int, int]]:
+    """Every operand pair of ``level`` except the one-shot example, in a seeded order."""
+    op = _LEVELS[level]
+    pairs = [(a, b) for a in op.a for b in op.b if (a, b) != op.example]
+    random.Random(f"rpg-arithmetic-{level.value}-{seed}").shuffle(pairs)
+    return pairs
 
 
-def arithmetic_split(level: ArithmeticLevel | str, n_train: int, n_eval: int, seed: int) -> tuple[list[Problem], list[Problem]]:
-    """Disjoint train and held-out problems of ``level``, deterministic in (level, sizes, seed). The held-out set
-    depends on the seed only (not on n_train), and the one-shot example is never in either."""
-    level = ArithmeticLevel(level)
-    ex = arithmetic_example(level)[0]
-    pairs = [p for p in _all_pairs(level) if _make(level, *p).id != ex.id]
-    random.Random(f"rpg-arith-{level.value}-{seed}").shuffle(pairs)
+def arithmetic_split(
+    level: ArithmeticLevel | str, n_train: int, n_eval: int, seed: int
+) -> tuple[list[Problem], list[Problem]]:
+    """(train, held-out eval) problems of ``level`` with disjoint texts, deterministic in the arguments. The eval
+    set is the tail of a seeded permutation; train cycles through the rest (small levels repeat problems).
+    The one-shot example is in neither."""
+    level = _level(level)
+    if n_train < 0 or n_eval < 0:
+        raise ValueError(f"n_train and n_eval must be >= 0, got n_train={n_train}, n_eval={n_eval}")
+    pairs = _shuffled_pairs(level, seed)
     if n_eval >= len(pairs):
-        raise ValueError(f"data.n_eval={n_eval}: level {level.value} has only {len(pairs)} distinct problems")
-    evals = [_make(level, *p) for p in pairs[:n_eval]]
-    rest = pairs[n_eval:]
-    train = [_make(level, *rest[i % len(rest)]) for i in range(n_train)]  # small levels repeat problems
-    return train, evals
+        raise ValueError(f"n_eval={n_eval}: level {level.value!r} has only {len(pairs)} distinct problems")
+    rest, held_out = pairs[: len(pairs) - n_eval], pairs[len(pairs) - n_eval :]
+    train = [_make(level, *rest[i % len(rest)]) for i in range(n_train)]
+    return train, [_make(level, *p) for p in held_out]
 
 
 def arithmetic_problems(level: ArithmeticLevel | str, n: int, seed: int) -> list[Problem]:
-    return arithmetic_split(level, n, 0, seed)[0]
-
-
-_EXAMPLES = {
-    ArithmeticLevel.ADD1: (4, 3), ArithmeticLevel.SUB1: (8, 5), ArithmeticLevel.MUL1: (6, 7),
-    ArithmeticLevel.ADD2: (27, 45), ArithmeticLevel.MUL2X1: (23, 4), ArithmeticLevel.ADD3: (358, 267),
-}  # fmt: skip
+    """``n`` problems of ``level``: the first n of the seeded order (cycling), deterministic in (level, n, seed).
+    Equal to ``arithmetic_split(level, n, n_eval, seed)[0]`` while n + n_eval fits the level."""
+    level = _level(level)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    pairs = _shuffled_pairs(level, seed)
+    return [_make(level, *pairs[i % len(pairs)]) for i in range(n)]
 
 
 def arithmetic_example(level: ArithmeticLevel | str) -> tuple[Problem, str]:
-    """A fixed worked example of ``level`` for the one-shot template: (problem, solution ending in "Answer: x")."""
-    level = ArithmeticLevel(level)
-    a, b = _EXAMPLES[level]
+    """The fixed worked example of ``level`` for the one-shot template: (problem, "a op b = c.\\nAnswer: c")."""
+    level = _level(level)
+    a, b = _LEVELS[level].example
     p = _make(level, a, b)
-    op = _OPS[level][0]
-    if level is ArithmeticLevel.ADD2:
-        steps = f"Add the tens: {a // 10 * 10} + {b // 10 * 10} = {a // 10 * 10 + b // 10 * 10}. Add the ones: " \
-                f"{a % 10} + {b % 10} = {a % 10 + b % 10}. Together: {a // 10 * 10 + b // 10 * 10} + {a % 10 + b % 10} = {p.answer}."
-    else:
-        steps = f"{a} {op.replace('*', 'times')} {b} = {p.answer}."
-    return p, f"{steps}\nAnswer: {p.answer}"
-
-
-# A fixed worked example for file datasets (integer-answer math word problems).
-DEFAULT_EXAMPLE = (
-    Problem("example", "A box holds 12 pencils. How many pencils are in 5 boxes?", "60"),
-    "Each box holds 12 pencils, so 5 boxes hold 5 * 12 = 60 pencils.\nAnswer: 60",
-)
-
-
-def build_messages(
-    problem: Problem, template: PromptTemplate | str, example: Problem | None = None, example_solution: str | None = None
-) -> list[dict[str, str]]:
-    """Chat messages for ``problem``: the paper's single user turn, optionally after one worked example."""
-    template = PromptTemplate(template)
-    if template is PromptTemplate.RAW:
-        return [{"role": "user", "content": problem.problem}]
-    user = {"role": "user", "content": PAPER_PREFIX + problem.problem + PAPER_SUFFIX}
-    if template is PromptTemplate.PAPER:
-        return [user]
-    if example is None:
-        example, example_solution = DEFAULT_EXAMPLE
-    return [
-        {"role": "user", "content": PAPER_PREFIX + example.problem + PAPER_SUFFIX},
-        {"role": "assistant", "content": example_solution or f"Answer: {example.answer}"},
-        user,
-    ]
-
-
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]], *, chat_template: bool = True) -> str:
-    """The prompt text: the model's chat template with the generation prompt (spec §8), or the plain contents."""
-    if chat_template:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return "\n\n".join(m["content"] for m in messages) + "\n\n"
+    return p, f"{a} {_LEVELS[level].symbol} {b} = {p.answer}.\nAnswer: {p.answer}"
 
 
 # -- files and the Hub --------------------------------------------------------------------------------------------
 
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        import pandas as pd
-
-        return pd.read_parquet(path).to_dict(orient="records")
-    if suffix == ".jsonl":
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if suffix == ".json":
-        data = json.loads(path.read_text())
-        return data if isinstance(data, list) else data.get("data", [])
-    raise ValueError(f"data.source {str(path)!r}: unsupported file type {suffix!r}; allowed: .jsonl, .json, .parquet")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")  # Hub file-name split keywords
 
 
-_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
+class _Schema(StrEnum):
+    PROBLEM_ANSWER = "problem+answer"  # the shared files, MATH-500
+    VERL = "verl"  # the paper's parquets: prompt, reward_model.ground_truth, extra_info.raw_problem
+    GSM8K = "gsm8k"  # question, answer ending in "#### 42"
+    MATH = "math"  # problem, solution with \boxed{}
+    EXPLICIT = "explicit"  # problem_key and answer_key given
 
 
-def _row_to_problem(row: dict[str, Any], i: int, stem: str, pk: str | None, ak: str | None) -> Problem:
-    rid = str(row.get("id", f"{stem}-{i}"))
-    if pk or ak:
-        return Problem(rid, str(row[pk or "problem"]), str(row[ak or "answer"]))
-    if "problem" in row and "answer" in row:
-        return Problem(rid, str(row["problem"]), str(row["answer"]))
-    if "prompt" in row and "reward_model" in row:  # verl RL format (the paper's parquets)
-        raw = (row.get("extra_info") or {}).get("raw_problem")
-        text = raw if raw is not None else row["prompt"][0]["content"]
-        return Problem(rid, str(text), str(row["reward_model"]["ground_truth"]))
-    if "question" in row and "answer" in row and "####" in str(row["answer"]):  # GSM8K
-        return Problem(rid, str(row["question"]), str(row["answer"]).split("####")[-1].strip().replace(",", ""))
-    if "problem" in row and "solution" in row:  # MATH
-        boxed = _BOXED.findall(str(row["solution"]))
-        if boxed:
-            return Problem(rid, str(row["problem"]), boxed[-1])
-    raise ValueError(
-        f"data.source {stem!r}: unknown schema with columns {sorted(row)}; expected problem+answer, the verl format "
-        "(prompt, reward_model.ground_truth), GSM8K (question, answer with ####) or MATH (problem, solution with "
-        "\\boxed{}), or set data.problem_key and data.answer_key"
-    )
+_ACCEPTED = (
+    "problem+answer; verl (prompt, reward_model.ground_truth[, extra_info.raw_problem]); "
+    "GSM8K (question, answer with '####'); MATH (problem, solution with \\boxed{}); or pass problem_key/answer_key"
+)
+
+
+def _detect(columns: set[str]) -> _Schema | None:
+    if {"problem", "answer"} <= columns:
+        return _Schema.PROBLEM_ANSWER
+    if {"prompt", "reward_model"} <= columns:
+        return _Schema.VERL
+    if {"question", "answer"} <= columns:
+        return _Schema.GSM8K
+    if {"problem", "solution"} <= columns:
+        return _Schema.MATH
+    return None
+
+
+def _get(row: dict[str, Any], key: str) -> Any:
+    """``row[key]``, where a dotted key reaches into nested dicts (``reward_model.ground_truth``)."""
+    value: Any = row
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def _last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} (braces matched), as math_dapo.last_boxed_only_string + remove_boxed."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth = 0
+    for i in range(start + len("\\boxed"), len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start + len("\\boxed{") : i]
+    return None
+
+
+def _verl_problem(row: dict[str, Any]) -> str:
+    raw = (row.get("extra_info") or {}).get("raw_problem")
+    if raw is not None:
+        return str(raw)
+    content = str(row["prompt"][0]["content"])
+    if content.startswith(PAPER_PREFIX) and content.endswith(PAPER_SUFFIX):  # strip the paper's template
+        return content[len(PAPER_PREFIX) : len(content) - len(PAPER_SUFFIX)]
+    return content
+
+
+def _extract(row: dict[str, Any], schema: _Schema, problem_key: str | None, answer_key: str | None) -> tuple[str, str]:
+    """(problem, answer) of one row; explicit keys win over the detected schema."""
+    match schema:
+        case _Schema.PROBLEM_ANSWER | _Schema.EXPLICIT:
+            problem, answer = row.get("problem"), row.get("answer")
+        case _Schema.VERL:
+            problem, answer = _verl_problem(row), row["reward_model"]["ground_truth"]
+        case _Schema.GSM8K:
+            problem, answer = row["question"], str(row["answer"]).split("####")[-1].strip().replace(",", "")
+        case _Schema.MATH:
+            problem, answer = row["problem"], _last_boxed(str(row["solution"]))
+    if problem_key:
+        problem = _get(row, problem_key)
+    if answer_key:
+        answer = _get(row, answer_key)
+    if problem is None or answer is None:
+        raise ValueError(f"row without a problem or an answer ({schema.value} schema): {sorted(row)}")
+    return str(problem), str(answer)
+
+
+def _read_file(path: Path) -> list[dict[str, Any]]:
+    match path.suffix.lower():
+        case ".parquet":
+            import pandas as pd
+
+            return pd.read_parquet(path).to_dict(orient="records")
+        case ".jsonl":
+            with path.open(encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()]
+        case ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            rows = data.get("data") if isinstance(data, dict) else data
+            if not isinstance(rows, list):
+                raise ValueError(f"source {str(path)!r}: a .json file must hold a list of rows or {{'data': [...]}}")
+            return rows
+    raise ValueError(f"source {str(path)!r}: unsupported file type; allowed: {', '.join(FILE_SUFFIXES)}")
+
+
+def _split_of(path: Path) -> str:
+    """The Hub's file-name convention: ``test-00000-of-00001.parquet``, ``test.jsonl`` or ``test/...``;
+    a file naming no split belongs to ``train``."""
+    stem = path.name.split(".")[0].lower()
+    for name in SPLIT_NAMES:
+        if stem == name or stem.startswith((f"{name}-", f"{name}_")) or path.parent.name.lower() == name:
+            return name
+    return "train"
+
+
+def _hub_files(repo_id: str, split: str | None) -> list[Path]:
+    """Download (or find in the cache) a Hub dataset's parquet/JSONL files and pick those of ``split``."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import is_offline_mode
+
+    offline = is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        local = snapshot_download(
+            repo_id,
+            repo_type="dataset",
+            allow_patterns=["*.parquet", "*.jsonl"],  # the data files (.json on the Hub is mostly metadata)
+            local_files_only=offline,  # honoured even if huggingface_hub was imported before HF_HUB_OFFLINE was set
+        )
+    except Exception as e:  # noqa: BLE001 - offline, unknown repository, no access: one clear message
+        raise ValueError(
+            f"source {repo_id!r} is not a local file, and the Hugging Face Hub dataset could not be fetched"
+            f"{' (offline: HF_HUB_OFFLINE is set)' if offline else ''}: {type(e).__name__}: {str(e).rstrip('.')}. "
+            f"Pass a local {'/'.join(FILE_SUFFIXES)} path, or check the name and your connection."
+        ) from e
+    files = sorted(p for p in Path(local).rglob("*") if p.is_file() and p.suffix in (".parquet", ".jsonl"))
+    if not files:
+        raise ValueError(f"source {repo_id!r}: the Hub dataset has no .parquet or .jsonl files")
+    splits = sorted({_split_of(p) for p in files})
+    if split is None:
+        if len(splits) > 1:
+            raise ValueError(f"source {repo_id!r} has several splits, pass split= one of {splits}")
+        return files
+    chosen = [p for p in files if _split_of(p) == split]
+    if not chosen:
+        raise ValueError(f"split={split!r}: source {repo_id!r} has the splits {splits}")
+    return chosen
 
 
 def load_problems(
@@ -213,41 +343,42 @@ def load_problems(
     answer_key: str | None = None,
     limit: int | None = None,
 ) -> list[Problem]:
-    """Problems from a local .jsonl/.json/.parquet file or a Hugging Face dataset name (the real Hub path, used when
-    online). Identical problems (the paper's eval parquets repeat each 32 times) are kept once."""
+    """Problems from a local .jsonl/.json/.parquet file or a Hugging Face dataset name (``split`` picks the Hub
+    files of a split, by the Hub's file-naming convention; local files ignore it). The schema is detected
+    from the first row's columns (see _ACCEPTED); problem_key/answer_key (dotted for nested fields) override it.
+    Repeated (problem, answer) pairs are kept once (the paper's parquets repeat each problem 32 times). ids come
+    from the rows' ``id`` field, else ``<file or dataset stem>-<row index>``."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
     path = Path(source).expanduser()
     if path.is_file():
-        rows, stem = _read_rows(path), path.stem
-    elif path.suffix.lower() in (".jsonl", ".json", ".parquet") or source.startswith((".", "/")):
-        raise ValueError(f"data.source {source!r}: no such file")
+        rows, stem = _read_file(path), path.stem
+    elif path.suffix.lower() in FILE_SUFFIXES or path.is_dir() or source.startswith((".", "/", "~")):
+        kinds = "/".join(FILE_SUFFIXES)
+        raise ValueError(f"source {source!r}: no such file; pass a local {kinds} file or a Hub dataset name")
     else:
-        rows, stem = _hub_rows(source, split), source.replace("/", "_")
-    seen: set[str] = set()
+        rows = [r for f in _hub_files(source, split) for r in _read_file(f)]
+        stem = source.rstrip("/").split("/")[-1]
+    if not rows:
+        return []
+    columns = set(rows[0])
+    schema = _Schema.EXPLICIT if problem_key and answer_key else _detect(columns)
+    if schema is None:  # one explicit key: the other field must be the default column
+        if not ((problem_key or "problem" in columns) and (answer_key or "answer" in columns)):
+            raise ValueError(f"source {source!r}: unknown schema, columns {sorted(columns)}; accepted: {_ACCEPTED}")
+        schema = _Schema.EXPLICIT
+    for key, name in ((problem_key, "problem_key"), (answer_key, "answer_key")):
+        if key and key.split(".")[0] not in columns:
+            raise ValueError(f"{name}={key!r} is not a column of {source!r}; columns: {sorted(columns)}")
+
+    seen: set[tuple[str, str]] = set()
     out: list[Problem] = []
     for i, row in enumerate(rows):
-        p = _row_to_problem(row, i, stem, problem_key, answer_key)
-        if p.problem in seen:
+        problem, answer = _extract(row, schema, problem_key, answer_key)
+        if (problem, answer) in seen:
             continue
-        seen.add(p.problem)
-        out.append(p)
+        seen.add((problem, answer))
+        out.append(Problem(str(row["id"]) if row.get("id") is not None else f"{stem}-{i}", problem, answer))
         if limit is not None and len(out) >= limit:
             break
     return out
-
-
-def _hub_rows(name: str, split: str | None) -> list[dict[str, Any]]:
-    from huggingface_hub import snapshot_download
-
-    try:
-        local = Path(snapshot_download(name, repo_type="dataset", allow_patterns=["*.parquet", "*.jsonl", "*.json"]))
-    except Exception as e:  # offline, unknown repo, no access
-        raise ValueError(
-            f"data.source {name!r} is not a local file and the Hugging Face Hub dataset could not be fetched "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-        ) from None
-    files = sorted(p for p in local.rglob("*") if p.suffix in (".parquet", ".jsonl") and p.is_file())
-    if split:
-        files = [p for p in files if split in p.name or split in p.parent.name] or files
-    if not files:
-        raise ValueError(f"data.source {name!r}: the Hub dataset has no parquet/jsonl files")
-    return [r for f in files for r in _read_rows(f)]

@@ -1,17 +1,21 @@
 """Rewards: the paper's "Answer:" rule (spec §8, verl's ``math_dapo.compute_score``), a lenient integer rule,
-math-verify in a process pool, DAPO overlong shaping and the DAPO group filter (spec §6.2)."""
+math-verify in a process pool, DAPO overlong shaping and the DAPO dynamic-sampling group filter (spec §6.2)."""
 
 from __future__ import annotations
 
+import importlib.util
+import math
+import multiprocessing
 import re
+import time
 from collections import defaultdict
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 
 __all__ = [
+    "INVALID",
     "AnswerRule",
     "MathVerifyScorer",
     "Score",
@@ -23,23 +27,32 @@ __all__ = [
     "score_responses",
 ]
 
-INVALID = "[INVALID]"
+INVALID = "[INVALID]"  # math_dapo's prediction when no "Answer:" line is found
 
 
 class AnswerRule(StrEnum):
-    PAPER = "paper"  # spec §8: last "Answer:" line of the last 300 characters, Minerva normalisation, exact match
-    LENIENT = "lenient"  # the last integer anywhere in the response equals the (integer) ground truth
-    MATH_VERIFY = "math_verify"  # HF math-verify (symbolic equivalence), in a process pool
+    PAPER = "paper"  # spec §8: last "Answer:" match in the last 300 characters, Minerva normalisation, exact match
+    LENIENT = "lenient"  # the last integer anywhere in the response equals the ground truth (as Python ints)
+    MATH_VERIFY = "math_verify"  # HF math-verify (symbolic equivalence), as the RPG repo's math_verify scorer
 
 
 @dataclass(frozen=True)
 class Score:
-    score: float  # +1.0 / -1.0 (math_dapo)
+    score: float  # +1.0 correct / -1.0 wrong, as math_dapo (the overlong penalty is added by the trainer)
     acc: bool
-    pred: str
+    pred: str  # the normalised prediction, INVALID when nothing was extracted
+
+
+def _score(ok: bool, pred: str) -> Score:
+    return Score(1.0 if ok else -1.0, ok, pred)
 
 
 # -- the paper's rule: verl/utils/reward_score/math_dapo.py, ported verbatim (spec §8) ---------------------------
+# Checked against volcengine/verl@012542c. Two places where the spec's prose is looser than the code:
+# * ANSWER_PATTERN's ``\s*`` after the colon also matches newlines, so "Answer:\n42" extracts "42" from the
+#   next line (the spec says "the rest of that line");
+# * "keep only the content of the first $...$" is a greedy regex rewrite; "unwrap \boxed{}" is greedy too
+#   (``\boxed{a} and \boxed{b}`` -> ``a}and\boxed{b``).
 
 SUBSTITUTIONS = [
     ("an ", ""), ("a ", ""), (".$", "$"), ("\\$", ""), (r"\ ", ""), (" ", ""), ("mbox", "text"),
@@ -52,10 +65,11 @@ REMOVED_EXPRESSIONS = [
     "\\text{\n}", "\\text{}", r"\mathrm{th}", r"^\circ", r"^{\circ}", r"\;", r",\!", "{,}", '"', "\\dots",
 ]  # fmt: skip
 ANSWER_PATTERN = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
+PAPER_TAIL_CHARS = 300  # math_dapo.compute_score keeps only the response's last 300 characters
 
 
 def normalize_final_answer(final_answer: str) -> str:
-    """Minerva normalisation exactly as math_dapo (spec §8 step 3)."""
+    """Minerva normalisation, exactly as math_dapo.normalize_final_answer (spec §8 step 3)."""
     final_answer = final_answer.split("=")[-1]
     for before, after in SUBSTITUTIONS:
         final_answer = final_answer.replace(before, after)
@@ -75,74 +89,116 @@ def normalize_final_answer(final_answer: str) -> str:
 
 
 def paper_score(response: str, ground_truth: str) -> Score:
-    """math_dapo.compute_score: +1 iff the normalised last "Answer:" line of the last 300 characters equals the
-    normalised ground truth; the \\boxed{} answer alone does not count (spec §8)."""
-    matches = ANSWER_PATTERN.findall(response[-300:])
+    """math_dapo.compute_score (spec §8): the last "Answer:" match of the last 300 characters, normalised, must
+    equal the normalised ground truth exactly. A bare \\boxed{} answer does not count."""
+    matches = ANSWER_PATTERN.findall(response[-PAPER_TAIL_CHARS:])
     pred = normalize_final_answer(matches[-1] if matches else INVALID)
-    ok = pred == normalize_final_answer(ground_truth)
-    return Score(1.0 if ok else -1.0, ok, pred)
+    return _score(pred == normalize_final_answer(ground_truth), pred)
 
 
-_INT = re.compile(r"-?\d[\d,]*")
+# -- lenient: the last integer ------------------------------------------------------------------------------------
+
+# A number: a minus sign unless it follows a word character or a closing bracket ("10-3" is 10 and 3, "x = -3"
+# is -3), digits with optional thousands commas ("1,000"; "1,2,3" is three numbers), an optional decimal part
+# ("2.5" is a non-integer, not the integer 5; a trailing "." as in "42." is punctuation).
+_NUMBER = re.compile(r"(?:(?<![\w.)\]}])-)?\d+(?:,\d{3}(?!\d))*(?:\.\d+)?")
+_INTEGER = re.compile(r"-?\d+")
 
 
 def lenient_score(response: str, ground_truth: str) -> Score:
-    """The last integer in the response (commas in numbers dropped) compared with the ground truth as Python
-    ints (answers can exceed int64); a non-integer ground truth is compared as a normalised string."""
-    nums = [n.replace(",", "") for n in _INT.findall(response)]
-    nums = [n for n in nums if n not in ("", "-")]
-    pred = nums[-1] if nums else INVALID
-    gt = ground_truth.strip().replace(",", "")
-    try:
-        ok = pred != INVALID and int(pred) == int(gt)
-    except ValueError:
-        ok = pred == normalize_final_answer(ground_truth)
-    return Score(1.0 if ok else -1.0, ok, pred)
+    """The last number in the response (thousands commas removed, a leading minus kept) compared with the
+    ground truth as Python ints (answers can exceed int64). A non-integer ground truth (after normalisation)
+    is compared with the normalised number as a string."""
+    numbers = _NUMBER.findall(response)
+    if not numbers:
+        return _score(False, INVALID)
+    pred = numbers[-1].replace(",", "")
+    gt = normalize_final_answer(ground_truth)  # "1,000" -> "1000", "336^\circ" -> "336"
+    if _INTEGER.fullmatch(gt) and _INTEGER.fullmatch(pred):
+        return _score(int(pred) == int(gt), pred)
+    return _score(normalize_final_answer(pred) == gt, pred)
 
 
-# -- math-verify: not thread-safe (signal-based timeouts), so it runs in worker processes ----------------------
+# -- math-verify: not thread-safe (signal.alarm timeouts), so it runs in worker processes ----------------------
 
 
-def _math_verify_one(response: str, ground_truth: str) -> tuple[bool, str]:
+def _math_verify_worker(response: str, ground_truth: str, timeout_s: int) -> tuple[bool, str]:
+    """One item, in a worker process (its own main thread, so math-verify's alarms work). As the RPG repo's
+    verl/utils/reward_score/math_verify.py: gold wrapped in \\boxed{} and parsed as LaTeX; the prediction parsed
+    as a plain expression or LaTeX; pred = the first extracted prediction."""
     from math_verify import parse, verify
+    from math_verify.parser import ExprExtractionConfig, LatexExtractionConfig
 
-    gold = parse(ground_truth if "$" in ground_truth or "\\" in ground_truth else f"${ground_truth}$")
-    pred = parse(response)
-    return bool(verify(gold, pred)), str(pred[-1]) if pred else INVALID
+    gold = parse("\\boxed{" + ground_truth + "}", [LatexExtractionConfig()], parsing_timeout=timeout_s)
+    pred = parse(response, [ExprExtractionConfig(), LatexExtractionConfig()], parsing_timeout=timeout_s)
+    if not gold or not pred:  # math_metric raises on an empty gold; RPG's scorer catches that as wrong
+        return False, str(pred[0]) if pred else INVALID
+    return bool(verify(gold, pred, timeout_seconds=timeout_s)), str(pred[0])
 
 
 class MathVerifyScorer:
-    """Scores with math-verify in a spawn-context process pool; a timeout or error scores as wrong."""
+    """math-verify in a lazily created spawn-context process pool (a script using it needs the usual
+    ``if __name__ == "__main__":`` guard). Each item has ``timeout_s`` for each of its parse/verify calls
+    (math-verify's own alarms, in the worker's main thread); a worker still stuck at the batch deadline is killed
+    and the pool rebuilt. A timeout, an exception or a dead worker scores as wrong, never crashes the run."""
 
-    def __init__(self, workers: int = 2, timeout: float = 10.0):
-        try:
-            import math_verify  # noqa: F401
-        except ImportError:
-            raise ImportError("reward.rule='math_verify' needs the math-verify package: pip install math-verify") from None
-        self.workers, self.timeout = workers, timeout
+    def __init__(self, *, workers: int = 2, timeout_s: int = 5) -> None:
+        if importlib.util.find_spec("math_verify") is None:
+            raise ImportError("reward rule 'math_verify' needs the math-verify package: pip install math-verify")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if not isinstance(timeout_s, int) or timeout_s < 1:  # signal.alarm takes whole seconds
+            raise ValueError(f"timeout_s must be a whole number of seconds >= 1, got {timeout_s!r}")
+        self.workers, self.timeout_s = workers, timeout_s
         self._pool: ProcessPoolExecutor | None = None
 
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            import multiprocessing as mp
-
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
         return self._pool
 
     def score(self, responses: Sequence[str], ground_truths: Sequence[str]) -> list[Score]:
-        futures = [self._executor().submit(_math_verify_one, r, g) for r, g in zip(responses, ground_truths, strict=True)]
-        out = []
+        if len(responses) != len(ground_truths):
+            raise ValueError(f"responses ({len(responses)}) and ground_truths ({len(ground_truths)}) differ in length")
+        if not responses:
+            return []
+        pool = self._executor()
+        pairs = zip(responses, ground_truths, strict=True)
+        futures: list[Future[tuple[bool, str]]] = [
+            pool.submit(_math_verify_worker, r, g, self.timeout_s) for r, g in pairs
+        ]
+        # Each item may take up to 3 timed calls; the first use also pays a worker start (~2 s).
+        per_item = 3 * self.timeout_s + 5
+        deadline = time.monotonic() + per_item * math.ceil(len(futures) / self.workers)
+        out: list[Score] = []
+        hung = False
         for f in futures:
             try:
-                ok, pred = f.result(timeout=self.timeout)
-            except (FutureTimeout, Exception):  # noqa: BLE001 - a broken answer must never crash a run
+                ok, pred = f.result(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - timeout, worker error or dead worker: wrong, never a crash
                 ok, pred = False, INVALID
-            out.append(Score(1.0 if ok else -1.0, ok, pred))
+                hung = hung or not f.done()
+            out.append(_score(ok, pred))
+        if hung or getattr(pool, "_broken", False):
+            self._kill()  # a stuck or dead worker would stall or fail every later batch
         return out
 
+    def _kill(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        processes = list((getattr(pool, "_processes", None) or {}).values())  # no public API to stop a worker
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in processes:
+            p.kill()
+        for p in processes:
+            p.join(timeout=5)
+
     def close(self) -> None:
+        """Stop the workers (the next ``score`` starts new ones)."""
         if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
     def __enter__(self) -> MathVerifyScorer:
@@ -153,37 +209,56 @@ class MathVerifyScorer:
 
 
 def score_responses(
-    rule: AnswerRule, responses: Sequence[str], ground_truths: Sequence[str], *, scorer: MathVerifyScorer | None = None
+    rule: AnswerRule | str,
+    responses: Sequence[str],
+    ground_truths: Sequence[str],
+    *,
+    scorer: MathVerifyScorer | None = None,
 ) -> list[Score]:
-    """The one entry point the trainer and evaluation call."""
-    rule = AnswerRule(rule)
+    """Score decoded responses against string ground truths with ``rule``: the one entry point of the trainer.
+    For math_verify, pass a long-lived ``scorer``; without one a temporary pool is started for this call."""
+    try:
+        rule = AnswerRule(rule)
+    except ValueError:
+        raise ValueError(f"rule must be one of {[r.value for r in AnswerRule]}, got {rule!r}") from None
     if len(responses) != len(ground_truths):
         raise ValueError(f"responses ({len(responses)}) and ground_truths ({len(ground_truths)}) differ in length")
-    if rule is AnswerRule.PAPER:
-        return [paper_score(r, g) for r, g in zip(responses, ground_truths, strict=True)]
-    if rule is AnswerRule.LENIENT:
-        return [lenient_score(r, g) for r, g in zip(responses, ground_truths, strict=True)]
-    if scorer is None:
-        with MathVerifyScorer() as s:
-            return s.score(responses, ground_truths)
-    return scorer.score(responses, ground_truths)
+    match rule:
+        case AnswerRule.PAPER:
+            return [paper_score(r, g) for r, g in zip(responses, ground_truths, strict=True)]
+        case AnswerRule.LENIENT:
+            return [lenient_score(r, g) for r, g in zip(responses, ground_truths, strict=True)]
+        case AnswerRule.MATH_VERIFY:
+            if scorer is not None:
+                return scorer.score(responses, ground_truths)
+            with MathVerifyScorer() as tmp:
+                return tmp.score(responses, ground_truths)
 
 
 # -- DAPO (spec §6.2) -----------------------------------------------------------------------------------------------
 
 
 def overlong_penalty(length: int, *, max_len: int, buffer_len: int, factor: float) -> float:
-    """DAPO overlong shaping: 0 up to ``max_len - buffer_len`` tokens, then linearly down to ``-factor`` at max_len."""
+    """DAPO overlong reward shaping (spec §6.2, verl's DAPORewardManager):
+    ``min(-(length - (max_len - buffer_len)) / buffer_len * factor, 0)``: 0 up to max_len - buffer_len tokens,
+    then linear down to -factor at max_len (not clipped beyond max_len, as verl)."""
+    if max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
     if not 0 < buffer_len <= max_len:
         raise ValueError(f"buffer_len must be in (0, max_len={max_len}], got {buffer_len}")
-    return min(-(length - (max_len - buffer_len)) / buffer_len * factor, 0.0)
+    if length < 0:
+        raise ValueError(f"length must be >= 0, got {length}")
+    return min(-(length - (max_len - buffer_len)) / buffer_len * factor, 0.0) + 0.0  # + 0.0: no -0.0
 
 
 def group_filter(accs: Sequence[bool] | Sequence[float], group_ids: Sequence[int]) -> list[bool]:
-    """DAPO dynamic sampling: keep every sample of a group whose accuracies are not all equal (std > 0)."""
+    """DAPO dynamic sampling keep-mask, per sample (spec §6.2): a group is kept iff its acc values are not all
+    equal (std > 0). As verl's DAPO trainer (and the RPG repo's), a group with a single sample is kept too.
+    Values are compared exactly: verl's ``np.std`` could call equal floats such as three 0.1s "> 0"."""
     if len(accs) != len(group_ids):
         raise ValueError(f"accs ({len(accs)}) and group_ids ({len(group_ids)}) differ in length")
-    seen: dict[int, set[float]] = defaultdict(set)
+    values: dict[int, list[float]] = defaultdict(list)
     for a, g in zip(accs, group_ids, strict=True):
-        seen[g].add(float(a))
-    return [len(seen[g]) > 1 for g in group_ids]
+        values[g].append(float(a))
+    keep = {g: len(v) == 1 or len(set(v)) > 1 for g, v in values.items()}
+    return [keep[g] for g in group_ids]

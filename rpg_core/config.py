@@ -153,6 +153,9 @@ class TrainConfig(_Section):
     eval_temperature: float = Field(1.0, ge=0, description="0 = greedy")
     max_minutes: float | None = Field(None, gt=0, description="stop (and checkpoint) after this wall time")
     log_samples: int = Field(4, ge=0, description="sample completions logged per step")
+    deterministic: bool = Field(
+        True, description="torch deterministic algorithms (bit-exact resume; CPU scatter/index backward are not otherwise)"
+    )
 
 
 class TrackingConfig(_Section):
@@ -164,7 +167,7 @@ class TrackingConfig(_Section):
 
 # Fields that do not change what a run computes; left out of the key.
 _BOOKKEEPING = {
-    "train": {"output_dir", "checkpoint_every", "keep_checkpoints", "log_samples", "max_minutes", "device"},
+    "train": {"output_dir", "checkpoint_every", "keep_checkpoints", "log_samples", "max_minutes", "device", "deterministic"},
     "tracking": None,  # the whole section
     "rollout": {"batch_size"},
     "preset": None,

@@ -82,6 +82,9 @@ class Trainer:
                 f"rollout.prompts_per_step={cfg.rollout.prompts_per_step} must be divisible by the number of "
                 f"processes ({self.world})"
             )
+        if cfg.train.deterministic:  # else index/scatter backward kernels sum in a varying order (tests caught it)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
         self.autocast = torch.bfloat16 if cfg.model.precision is Precision.BF16 else None
         self.run_dir = Path(cfg.train.output_dir) / self.key
         self.ckpt_dir = self.run_dir / "checkpoints"

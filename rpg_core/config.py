@@ -66,7 +66,8 @@ class Task(StrEnum):
 
 
 class GeneratorKind(StrEnum):
-    HF = "hf"  # transformers generate (rpg_core.rollout.HFGenerator); a faster engine plugs in here
+    PREFIX = "prefix"  # rpg_core.rollout.PrefixSharingGenerator: one prompt prefill per group, finished rows dropped
+    HF = "hf"  # transformers generate (rpg_core.rollout.HFGenerator); a faster engine (vLLM) plugs in here
 
 
 class Schedule(StrEnum):
@@ -101,7 +102,7 @@ class DataConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    generator: GeneratorKind = GeneratorKind.HF
+    generator: GeneratorKind = Field(GeneratorKind.PREFIX, description="prefix (built-in group sampler) | hf")
     prompts_per_step: int = Field(8, ge=1, description="prompts per training step (train_prompt_bsz)")
     n: int = Field(8, ge=1, description="samples per prompt, the group size (rollout.n)")
     temperature: float = Field(1.0, gt=0, description="sampling temperature (paper 1.0)")

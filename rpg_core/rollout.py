@@ -9,6 +9,7 @@ uses the sampler's own log-probs, spec §2.8).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -19,6 +20,7 @@ from torch import Tensor
 __all__ = [
     "Generator",
     "HFGenerator",
+    "PrefixSharingGenerator",
     "RolloutBatch",
     "SamplingParams",
     "build_batch",
@@ -68,11 +70,10 @@ class HFGenerator:
         try:
             for i in range(0, len(prompts), per_call):
                 chunk = prompts[i : i + per_call]
-                ids, attn = _left_pad(chunk, pad, device)
+                ids, attn = _left_pad([p for p in chunk for _ in range(params.n)], pad, device)  # n rows a prompt
                 kwargs = dict(
                     max_new_tokens=params.max_new_tokens,
                     do_sample=not greedy,
-                    num_return_sequences=params.n,
                     pad_token_id=pad,
                     eos_token_id=eos,
                 )
@@ -86,6 +87,87 @@ class HFGenerator:
         finally:
             model.train(was_training)
         return out
+
+
+class PrefixSharingGenerator:
+    """A sampler for groups: each prompt is prefilled once and its key/value cache indexed out to its ``n``
+    samples, and rows leave the batch as soon as they emit EOS (HF generate keeps computing finished rows until
+    the longest one ends). Samples exactly softmax(logits / T) after top-k then top-p filtering, as HF's warpers
+    do, from the global torch RNG (so it is seeded like everything else)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, batch_size: int = 64, autocast: torch.dtype | None = None):
+        self.model, self.tok, self.batch_size, self.autocast = model, tokenizer, batch_size, autocast
+
+    def load_weights(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[list[int]]]:
+        model = self.model
+        was_training = model.training
+        model.eval()
+        per_call = max(1, self.batch_size // params.n)
+        out: list[list[list[int]]] = []
+        try:
+            for i in range(0, len(prompts), per_call):
+                chunk = prompts[i : i + per_call]
+                rows = self._sample_chunk(chunk, params)
+                out += [rows[j * params.n : (j + 1) * params.n] for j in range(len(chunk))]
+        finally:
+            model.train(was_training)
+        return out
+
+    def _sample_chunk(self, chunk: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
+        model, eos = self.model, self.tok.eos_token_id
+        device = next(model.parameters()).device
+        ids, attn = _left_pad(chunk, self.tok.pad_token_id, device)
+        with _autocast(device, self.autocast):
+            head = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                         use_cache=True, logits_to_keep=1)  # fmt: skip
+        rows = torch.arange(len(chunk), device=device).repeat_interleave(params.n)
+        cache = head.cache
+        cache.batch_select_indices(rows)
+        logits = head.logits[rows, -1].float()
+        attn = attn[rows]
+        pos = attn.sum(-1)
+        alive = torch.arange(len(rows), device=device)
+        results: list[list[int]] = [[] for _ in range(len(rows))]
+        for step in range(params.max_new_tokens):
+            tok = sample_next(logits, params)
+            for r, t in zip(alive.tolist(), tok.tolist(), strict=True):
+                results[r].append(t)
+            if step == params.max_new_tokens - 1:
+                break
+            keep = tok != eos
+            if not bool(keep.all()):
+                idx = keep.nonzero().flatten()
+                if len(idx) == 0:
+                    break
+                alive, tok, attn, pos = alive[idx], tok[idx], attn[idx], pos[idx]
+                cache.batch_select_indices(idx)
+            attn = torch.cat([attn, attn.new_ones(len(alive), 1)], dim=1)
+            with _autocast(device, self.autocast):
+                nxt = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos[:, None], cache=cache,
+                            use_cache=True)  # fmt: skip
+            logits = nxt.logits[:, -1].float()
+            pos = pos + 1
+        return results
+
+
+def sample_next(logits: Tensor, params: SamplingParams) -> Tensor:
+    """One token per row from ``logits`` [B, V]: greedy at temperature 0, else temperature, top-k, top-p (HF order)."""
+    if params.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= params.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), -math.inf)
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
 
 
 def _strip(ids: list[int], eos: int, pad: int) -> list[int]:
@@ -139,9 +221,15 @@ class RolloutBatch:
         return self.input_ids.shape[0]
 
     def select(self, idx: Tensor) -> RolloutBatch:
+        """The rows ``idx``, with the response columns cut to the longest selected response (padding that every
+        selected row has is never computed)."""
+        rmask = self.response_mask[idx]
+        t = max(1, int(rmask.sum(-1).max())) if len(idx) else 1
+        width = self.prompt_len + t
         return RolloutBatch(
-            self.input_ids[idx], self.attention_mask[idx], self.response_mask[idx], self.group_ids[idx], self.prompt_len
-        )
+            self.input_ids[idx, :width], self.attention_mask[idx, :width], rmask[:, :t], self.group_ids[idx],
+            self.prompt_len,
+        )  # fmt: skip
 
 
 def build_batch(

@@ -34,12 +34,20 @@ from torch import Tensor
 
 from rpg_core import data as data_mod
 from rpg_core import rewards as rewards_mod
-from rpg_core.config import Device, Precision, RunConfig, Schedule, Task
+from rpg_core.config import Device, GeneratorKind, Precision, RunConfig, Schedule, Task
 from rpg_core.models import load_model, load_tokenizer
 from rpg_core.objectives import Form, compute_advantages, policy_loss, reward_kl_penalty
 from rpg_core.objectives.aggregation import aggregate
 from rpg_core.objectives.config import Aggregation
-from rpg_core.rollout import Generator, HFGenerator, RolloutBatch, SamplingParams, build_batch, token_logprobs
+from rpg_core.rollout import (
+    Generator,
+    HFGenerator,
+    PrefixSharingGenerator,
+    RolloutBatch,
+    SamplingParams,
+    build_batch,
+    token_logprobs,
+)
 
 __all__ = ["NonFiniteError", "Trainer", "TrainResult", "heldout_eval"]
 
@@ -111,7 +119,8 @@ class Trainer:
         self.model, self.opt = self.acc.prepare(model, opt)
         if self.ref_model is not None:
             self.ref_model.to(self.acc.device)
-        self.generator: Generator = HFGenerator(
+        gen_cls = {GeneratorKind.PREFIX: PrefixSharingGenerator, GeneratorKind.HF: HFGenerator}[cfg.rollout.generator]
+        self.generator: Generator = gen_cls(
             self.acc.unwrap_model(self.model), self.tok, batch_size=cfg.rollout.batch_size, autocast=self.autocast
         )
         self.scorer = rewards_mod.MathVerifyScorer() if cfg.reward.rule == rewards_mod.AnswerRule.MATH_VERIFY else None
@@ -317,7 +326,8 @@ class Trainer:
         with torch.no_grad():
             for i in range(0, len(batch), mb):
                 idx = torch.arange(i, min(i + mb, len(batch)))
-                out.append(token_logprobs(model, batch.select(idx), autocast=self.autocast)[0])
+                lp = token_logprobs(model, batch.select(idx), autocast=self.autocast)[0]
+                out.append(torch.nn.functional.pad(lp, (0, batch.response_mask.shape[1] - lp.shape[1])))
         return torch.cat(out)
 
     def _update(
@@ -327,6 +337,7 @@ class Trainer:
         exactly that of the mini-batch's aggregated loss (a global token-mean, not a mean of micro-batch means)."""
         cfg, a = self.cfg, self.cfg.algorithm
         b = len(batch)
+        self._full_t = batch.response_mask.shape[1]
         mb_size = b // a.mini_batches if b >= a.mini_batches else b
         sums: dict[str, float] = {}
         weight_total = 0.0
@@ -348,12 +359,13 @@ class Trainer:
                 for j, idx in enumerate(micro):
                     sync = contextlib.nullcontext() if j == len(micro) - 1 else self.acc.no_sync(self.model)
                     with sync:
-                        sub = batch.select(idx)
+                        sub = batch.select(idx)  # response columns cut to this micro-batch's longest response
                         logp, ent = token_logprobs(self.model, sub, autocast=self.autocast, with_entropy=epoch == 0)
-                        sub_mask = mask[idx]
-                        old = old_logp[idx] if old_logp is not None else logp.detach()
-                        ref = ref_logp[idx] if ref_logp is not None else None
-                        out = policy_loss(cfg.objective, logp, old, ref, adv[idx], sub_mask)
+                        t = logp.shape[1]
+                        sub_mask = mask[idx, :t]
+                        old = old_logp[idx, :t] if old_logp is not None else logp.detach()
+                        ref = ref_logp[idx, :t] if ref_logp is not None else None
+                        out = policy_loss(cfg.objective, logp, old, ref, adv[idx, :t], sub_mask)
                         loss = self._micro_loss(out.per_token, sub_mask, denom)
                         if not torch.isfinite(loss):
                             raise NonFiniteError(f"step {self.step}: the loss is {float(loss.detach())} (epoch {epoch})")
@@ -400,7 +412,8 @@ class Trainer:
         """This micro-batch's share of the mini-batch loss, from the one ``aggregate`` definition. DDP averages
         gradients over processes, hence the factor ``world``."""
         o = self.cfg.objective
-        agg = aggregate(per_token, mask, o.agg, o.agg_norm_len)
+        # Dr. GRPO's constant horizon defaults to the rollout batch's padded T, not the trimmed micro-batch's.
+        agg = aggregate(per_token, mask, o.agg, o.agg_norm_len or self._full_t)
         if o.agg is Aggregation.SEQ_MEAN_TOKEN_SUM_NORM:
             share = 1.0
         elif o.agg is Aggregation.TOKEN_MEAN:

@@ -186,7 +186,7 @@ class _ParityReward(Trainer):
 def test_micro_batch_accumulation_is_exact(tmp_path):
     """The accumulated gradient is the mini-batch loss's gradient whatever the micro-batch size (token-mean and
     seq-mean-token-mean normalise by the mini-batch's totals, not per micro-batch)."""
-    for agg in ("token-mean", "seq-mean-token-mean"):
+    for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
         norms = []
         for mbs in (1, 3, 8):
             cfg = tiny_cfg(tmp_path / f"{agg}{mbs}", f"algorithm.micro_batch_size={mbs}", f"objective.agg={agg}",
@@ -298,3 +298,36 @@ def test_embedded_default_one_step(tmp_path, embedded_default_dir):
     assert m["acc/format"] > 0  # at least one of 8 samples writes the paper's Answer line
     assert m["actor/grad_norm"] > 0 or m["reward/std"] == 0
     assert _mlflow_run(cfg, res.run_id).info.status == "FINISHED"
+
+
+def test_prefix_sharing_generator_matches_hf_greedy(tokenizer, tiny_model_factory):
+    """Greedy decoding from one shared prompt prefill (rows dropped at EOS) gives HF generate's tokens."""
+    from rpg_core.rollout import PrefixSharingGenerator
+
+    model = tiny_model_factory(3).double()
+    prompts = [tokenizer("What is 2 + 3?")["input_ids"], tokenizer("Hi")["input_ids"], tokenizer("a b c d e f")["input_ids"]]
+    params = SamplingParams(n=2, temperature=0, max_new_tokens=12)
+    ours = PrefixSharingGenerator(model, tokenizer, batch_size=4).generate(prompts, params)
+    hf = HFGenerator(model, tokenizer, batch_size=4).generate(prompts, params)
+    assert ours == hf
+    assert [len(g) for g in ours] == [2, 2, 2]
+
+
+def test_sample_next_follows_softmax_topk_topp():
+    from rpg_core.rollout import sample_next
+
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(40000, 1)
+    counts = torch.bincount(sample_next(logits, SamplingParams(temperature=1.0)), minlength=4).float() / 40000
+    assert torch.allclose(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.01)  # ~4 sigma
+    # temperature 2: p ~ sqrt(p), renormalised
+    t2 = torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt()
+    counts = torch.bincount(sample_next(logits, SamplingParams(temperature=2.0)), minlength=4).float() / 40000
+    assert torch.allclose(counts, t2 / t2.sum(), atol=0.01)
+    # top-k 2: only the two most likely, renormalised 0.5:0.3
+    counts = torch.bincount(sample_next(logits, SamplingParams(top_k=2)), minlength=4).float() / 40000
+    assert counts[2] == 0 and counts[3] == 0 and abs(counts[0] - 0.625) < 0.01
+    # top-p 0.8: the smallest prefix reaching 0.8 is {0.5, 0.3}; top-p 0.81 adds 0.15
+    assert set(sample_next(logits, SamplingParams(top_p=0.8)).tolist()) == {0, 1}
+    assert set(sample_next(logits, SamplingParams(top_p=0.81)).tolist()) == {0, 1, 2}
+    assert set(sample_next(logits, SamplingParams(temperature=0)).tolist()) == {0}

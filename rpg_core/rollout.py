@@ -48,8 +48,9 @@ class Generator(Protocol):
     def load_weights(self, model: torch.nn.Module) -> None: ...
 
 
-class HFGenerator:
-    """transformers ``generate`` on the training model: left padding, ``batch_size`` sequences per call."""
+class _GroupGenerator:
+    """Shared by the generators: ``batch_size`` sequences per call (``batch_size // n`` prompts), eval mode while
+    sampling, no gradients. Subclasses sample one chunk: ``n`` consecutive rows per prompt."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, batch_size: int = 64, autocast: torch.dtype | None = None):
         self.model, self.tok, self.batch_size, self.autocast = model, tokenizer, batch_size, autocast
@@ -59,53 +60,8 @@ class HFGenerator:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[list[int]]]:
-        model = self.model
-        was_training = model.training
-        model.eval()
-        pad, eos = self.tok.pad_token_id, self.tok.eos_token_id
-        device = next(model.parameters()).device
-        per_call = max(1, self.batch_size // params.n)  # prompts per generate call
-        out: list[list[list[int]]] = []
-        greedy = params.temperature == 0
-        try:
-            for i in range(0, len(prompts), per_call):
-                chunk = prompts[i : i + per_call]
-                ids, attn = _left_pad([p for p in chunk for _ in range(params.n)], pad, device)  # n rows a prompt
-                kwargs = dict(
-                    max_new_tokens=params.max_new_tokens,
-                    do_sample=not greedy,
-                    pad_token_id=pad,
-                    eos_token_id=eos,
-                )
-                if not greedy:
-                    kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
-                with _autocast(device, self.autocast):
-                    seqs = model.generate(input_ids=ids, attention_mask=attn, **kwargs)
-                resp = seqs[:, ids.shape[1] :].tolist()
-                for j in range(len(chunk)):
-                    out.append([_strip(r, eos, pad) for r in resp[j * params.n : (j + 1) * params.n]])
-        finally:
-            model.train(was_training)
-        return out
-
-
-class PrefixSharingGenerator:
-    """A sampler for groups: each prompt is prefilled once and its key/value cache indexed out to its ``n``
-    samples, and rows leave the batch as soon as they emit EOS (HF generate keeps computing finished rows until
-    the longest one ends). Samples exactly softmax(logits / T) after top-k then top-p filtering, as HF's warpers
-    do, from the global torch RNG (so it is seeded like everything else)."""
-
-    def __init__(self, model: torch.nn.Module, tokenizer, *, batch_size: int = 64, autocast: torch.dtype | None = None):
-        self.model, self.tok, self.batch_size, self.autocast = model, tokenizer, batch_size, autocast
-
-    def load_weights(self, model: torch.nn.Module) -> None:
-        self.model = model
-
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[list[int]]]:
-        model = self.model
-        was_training = model.training
-        model.eval()
+        was_training = self.model.training
+        self.model.eval()
         per_call = max(1, self.batch_size // params.n)
         out: list[list[list[int]]] = []
         try:
@@ -114,8 +70,34 @@ class PrefixSharingGenerator:
                 rows = self._sample_chunk(chunk, params)
                 out += [rows[j * params.n : (j + 1) * params.n] for j in range(len(chunk))]
         finally:
-            model.train(was_training)
+            self.model.train(was_training)
         return out
+
+    def _sample_chunk(self, chunk: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
+        raise NotImplementedError
+
+
+class HFGenerator(_GroupGenerator):
+    """transformers ``generate`` on the training model, left padding."""
+
+    def _sample_chunk(self, chunk: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
+        pad, eos = self.tok.pad_token_id, self.tok.eos_token_id
+        device = next(self.model.parameters()).device
+        ids, attn = _left_pad([p for p in chunk for _ in range(params.n)], pad, device)  # n rows a prompt
+        greedy = params.temperature == 0
+        kwargs = dict(max_new_tokens=params.max_new_tokens, do_sample=not greedy, pad_token_id=pad, eos_token_id=eos)
+        if not greedy:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+        with _autocast(device, self.autocast):
+            seqs = self.model.generate(input_ids=ids, attention_mask=attn, **kwargs)
+        return [_strip(r, eos, pad) for r in seqs[:, ids.shape[1] :].tolist()]
+
+
+class PrefixSharingGenerator(_GroupGenerator):
+    """A sampler for groups: each prompt is prefilled once and its key/value cache indexed out to its ``n``
+    samples, and rows leave the batch as soon as they emit EOS (HF generate keeps computing finished rows until
+    the longest one ends). Samples exactly softmax(logits / T) after top-k then top-p filtering, as HF's warpers
+    do, from the global torch RNG (so it is seeded like everything else)."""
 
     def _sample_chunk(self, chunk: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
         model, eos = self.model, self.tok.eos_token_id

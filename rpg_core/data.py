@@ -8,7 +8,8 @@ import operator
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ class Problem:
     id: str
     problem: str
     answer: str  # always a string: some answers exceed int64
+    # The row's other scalar fields (e.g. ``dapo_10gram_overlap``, ``source``); not part of equality.
+    meta: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
 
 class PromptTemplate(StrEnum):
@@ -211,6 +214,16 @@ _ACCEPTED = (
 )
 
 
+_TEXT_FIELDS = {"id", "problem", "question", "answer", "solution", "prompt"}  # not copied into Problem.meta
+
+
+def _plain_scalar(v: Any) -> str | int | float | bool | None:
+    """A JSON scalar (numpy scalars from parquet unwrapped), or None for anything else."""
+    if hasattr(v, "item") and not isinstance(v, str | bytes) and getattr(v, "ndim", 1) == 0:
+        v = v.item()
+    return v if isinstance(v, str | int | float | bool) else None
+
+
 def _detect(columns: set[str]) -> _Schema | None:
     if {"problem", "answer"} <= columns:
         return _Schema.PROBLEM_ANSWER
@@ -302,8 +315,9 @@ def _split_of(path: Path) -> str:
     return "train"
 
 
-def _hub_files(repo_id: str, split: str | None) -> list[Path]:
-    """Download (or find in the cache) a Hub dataset's parquet/JSONL files and pick those of ``split``."""
+def _hub_files(repo_id: str, split: str | None, subdir: str | None = None) -> list[Path]:
+    """Download (or find in the cache) a Hub dataset's parquet/JSONL files and pick those of ``split``; ``subdir``
+    restricts them to one folder (a dataset config such as ``main`` of ``openai/gsm8k``)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.constants import is_offline_mode
 
@@ -312,7 +326,8 @@ def _hub_files(repo_id: str, split: str | None) -> list[Path]:
         local = snapshot_download(
             repo_id,
             repo_type="dataset",
-            allow_patterns=["*.parquet", "*.jsonl"],  # the data files (.json on the Hub is mostly metadata)
+            # the data files (.json on the Hub is mostly metadata)
+            allow_patterns=[f"{subdir.strip('/')}/*.{e}" if subdir else f"*.{e}" for e in ("parquet", "jsonl")],
             local_files_only=offline,  # honoured even if huggingface_hub was imported before HF_HUB_OFFLINE was set
         )
     except Exception as e:  # noqa: BLE001 - offline, unknown repository, no access: one clear message
@@ -321,7 +336,8 @@ def _hub_files(repo_id: str, split: str | None) -> list[Path]:
             f"{' (offline: HF_HUB_OFFLINE is set)' if offline else ''}: {type(e).__name__}: {str(e).rstrip('.')}. "
             f"Pass a local {'/'.join(FILE_SUFFIXES)} path, or check the name and your connection."
         ) from e
-    files = sorted(p for p in Path(local).rglob("*") if p.is_file() and p.suffix in (".parquet", ".jsonl"))
+    root = Path(local) / subdir if subdir else Path(local)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".parquet", ".jsonl"))
     if not files:
         raise ValueError(f"source {repo_id!r}: the Hub dataset has no .parquet or .jsonl files")
     splits = sorted({_split_of(p) for p in files})
@@ -342,12 +358,14 @@ def load_problems(
     problem_key: str | None = None,
     answer_key: str | None = None,
     limit: int | None = None,
+    hub_subdir: str | None = None,
 ) -> list[Problem]:
     """Problems from a local .jsonl/.json/.parquet file or a Hugging Face dataset name (``split`` picks the Hub
     files of a split, by the Hub's file-naming convention; local files ignore it). The schema is detected
     from the first row's columns (see _ACCEPTED); problem_key/answer_key (dotted for nested fields) override it.
     Repeated (problem, answer) pairs are kept once (the paper's parquets repeat each problem 32 times). ids come
-    from the rows' ``id`` field, else ``<file or dataset stem>-<row index>``."""
+    from the rows' ``id`` field, else ``<file or dataset stem>-<row index>``; the rows' other scalar fields land in
+    ``Problem.meta``. ``hub_subdir`` picks one folder of a Hub dataset (its config, e.g. ``main``)."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     path = Path(source).expanduser()
@@ -357,7 +375,7 @@ def load_problems(
         kinds = "/".join(FILE_SUFFIXES)
         raise ValueError(f"source {source!r}: no such file; pass a local {kinds} file or a Hub dataset name")
     else:
-        rows = [r for f in _hub_files(source, split) for r in _read_file(f)]
+        rows = [r for f in _hub_files(source, split, hub_subdir) for r in _read_file(f)]
         stem = source.rstrip("/").split("/")[-1]
     if not rows:
         return []
@@ -378,7 +396,9 @@ def load_problems(
         if (problem, answer) in seen:
             continue
         seen.add((problem, answer))
-        out.append(Problem(str(row["id"]) if row.get("id") is not None else f"{stem}-{i}", problem, answer))
+        pid = str(row["id"]) if row.get("id") is not None else f"{stem}-{i}"
+        meta = {k: _plain_scalar(v) for k, v in row.items() if k not in _TEXT_FIELDS and _plain_scalar(v) is not None}
+        out.append(Problem(pid, problem, answer, meta))
         if limit is not None and len(out) >= limit:
             break
     return out

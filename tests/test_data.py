@@ -193,16 +193,17 @@ def test_hub_dataset_offline_fails_fast_and_clearly(tmp_path: Path, monkeypatch:
 _HUB_SCRIPT = """
 import json, sys
 from rpg_core.data import load_problems
-for split in (None, "test", "train", "validation"):
+for split, subdir in ((None, "main"), ("test", "main"), ("train", "main"), ("validation", "main"), ("test", "socratic")):
     try:
-        print(json.dumps([p.__dict__ for p in load_problems("acme/toy", split=split)]))
+        print(json.dumps([p.__dict__ for p in load_problems("acme/toy", split=split, hub_subdir=subdir)]))
     except ValueError as e:
         print(json.dumps(str(e)))
 """
 
 
 def test_hub_dataset_from_the_local_cache(tmp_path: Path) -> None:
-    """The real snapshot_download path, offline, against a Hub cache laid out as huggingface_hub writes it."""
+    """The real snapshot_download path, offline, against a Hub cache laid out as huggingface_hub writes it, with
+    two configs (folders) like openai/gsm8k: hub_subdir picks one."""
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "datasets--acme--toy"
     (repo / "refs").mkdir(parents=True)
@@ -212,12 +213,17 @@ def test_hub_dataset_from_the_local_cache(tmp_path: Path) -> None:
     pd.DataFrame({"question": ["T1?"], "answer": ["so\n#### 7"]}).to_parquet(snap / "test-00000-of-00001.parquet")
     train = pd.DataFrame({"question": ["A?", "B?"], "answer": ["#### 1", "#### 2"]})
     train.to_parquet(snap / "train-00000-of-00001.parquet")
+    (snap.parent / "socratic").mkdir()
+    pd.DataFrame({"question": ["S?"], "answer": ["#### 9"], "level": [3]}).to_parquet(
+        snap.parent / "socratic" / "test-00000-of-00001.parquet"
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
     out = subprocess.run([sys.executable, "-c", _HUB_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    several, test, train, missing = (json.loads(line) for line in out.stdout.splitlines())
+    several, test, train, missing, socratic = (json.loads(line) for line in out.stdout.splitlines())
     assert several == "source 'acme/toy' has several splits, pass split= one of ['test', 'train']"
-    assert test == [{"id": "toy-0", "problem": "T1?", "answer": "7"}]
+    assert test == [{"id": "toy-0", "problem": "T1?", "answer": "7", "meta": {}}]
+    assert socratic == [{"id": "toy-0", "problem": "S?", "answer": "9", "meta": {"level": 3}}]  # numpy int unwrapped
     assert [p["answer"] for p in train] == ["1", "2"]
     assert missing == "split='validation': source 'acme/toy' has the splits ['test', 'train']"
 

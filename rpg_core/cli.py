@@ -3,6 +3,7 @@
 ``rpg design``   the KL design space, every loss checked against its exact objective.
 ``rpg presets``  the paper's 12 methods.
 ``rpg train``    one training run: ``--config FILE.yaml`` and/or ``--preset NAME``, ``--set section.field=value``.
+``rpg eval``     AIME24/AIME25/AMC23 at Mean@k (spec §8) of a model, checkpoint, run folder or MLflow run.
 """
 
 from __future__ import annotations
@@ -177,6 +178,50 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from pydantic import ValidationError
+
+    from rpg_core.config import EvalConfig
+    from rpg_core.models import ModelNotFoundError
+
+    fields = dict(benchmarks=[b.strip() for b in args.benchmarks.split(",") if b.strip()], k=args.k,
+                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+                  max_prompt_tokens=args.max_prompt_tokens, template=args.template, rule=args.rule, limit=args.limit,
+                  data_dir=args.data_dir, seed=args.seed, batch_size=args.batch_size, log_samples=args.log_samples)  # fmt: skip
+    try:
+        settings = EvalConfig(**{k: v for k, v in fields.items() if v is not None})
+        settings.check(section=None)  # errors name the flags
+    except ValidationError as e:
+        err = e.errors()[0]
+        print(f"rpg eval: --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"rpg eval: {e}", file=sys.stderr)
+        return 2
+    from rpg_core.evaluation import as_dict, run_eval
+
+    try:
+        run = run_eval(args.model, settings, precision=args.precision, device=args.device,
+                       tracking=not args.no_mlflow, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                       new_run=args.new_run)  # fmt: skip
+    except (ValueError, ModelNotFoundError, FileNotFoundError) as e:
+        print(f"rpg eval: {e}", file=sys.stderr)
+        return 2
+    print(f"\n{run.target.describe()}: k={settings.k}, T={settings.temperature}, "
+          f"max_new_tokens={run.result.settings['max_new_tokens']}, rules {run.result.settings['rules']}")  # fmt: skip
+    print(run.result.table())
+    if run.run_id:
+        where = "its training run" if run.into_training_run else "a new run"
+        print(f"logged to MLflow ({where}) {run.run_id}, step {run.target.step or 0}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(as_dict(run.result), f, indent=1, default=str)
+        print(f"wrote {args.output}")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from rpg_core.plots import plot_run
 
@@ -205,6 +250,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints of this config")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", help="Mean@k / Pass@k / Maj@k on AIME24, AIME25, AMC23 (the paper's protocol)")
+    p.add_argument("--model", required=True,
+                   help="smollm2-135m | tiny | model dir | Hub id | checkpoint dir | run dir | MLflow run id")  # fmt: skip
+    p.add_argument("--benchmarks", default="aime24,aime25,amc23",
+                   help="comma-separated: aime24, aime25, amc23, gsm8k, math500 or .jsonl/.parquet files")  # fmt: skip
+    p.add_argument("--k", type=int, help="samples per problem (default 32, the paper's Mean@32)")
+    p.add_argument("--max-new-tokens", type=int, help="default: the training run's, else 2048 (the paper's)")
+    p.add_argument("--temperature", type=float, help="default 1.0 (the paper's code)")
+    p.add_argument("--top-p", type=float, help="default 1.0")
+    p.add_argument("--top-k", type=int, help="default 0 = off")
+    p.add_argument("--max-prompt-tokens", type=int, help="prompts are left-truncated to this (default 2048)")
+    p.add_argument("--template", help="prompt template: paper (default) | paper_oneshot | raw")
+    p.add_argument("--rule", help="answer rule for all benchmarks: paper | lenient | math_verify (default: each's)")
+    p.add_argument("--limit", type=int, help="first N problems of each benchmark")
+    p.add_argument("--data-dir", help="folder with aime24.jsonl etc. (default $RPG_EVAL_DATA, else the Hub)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int, help="sequences per generate call (default 64)")
+    p.add_argument("--log-samples", type=int, help="responses per problem kept in MLflow (default 4)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--experiment", default="rpg-eval", help="MLflow experiment of new evaluation runs")
+    p.add_argument("--new-run", action="store_true", help="never log into the checkpoint's training run")
+    p.add_argument("--no-mlflow", action="store_true", help="do not record the evaluation")
+    p.add_argument("--tracking-uri", default=None, help="default $MLFLOW_TRACKING_URI, else .rpg/mlflow.db")
+    p.add_argument("--output", help="also write every result (per problem and per sample) to this JSON file")
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("plot", help="accuracy curves of a run (from MLflow) as a PNG")
     p.add_argument("run", help="a run directory (.rpg/runs/<key>) or an MLflow run id")
     p.add_argument("--out", default="accuracy.png")

@@ -28,6 +28,7 @@ __all__ = [
     "AlgorithmConfig",
     "DataConfig",
     "Device",
+    "EvalConfig",
     "GeneratorKind",
     "ModelConfig",
     "OptimConfig",
@@ -159,6 +160,52 @@ class TrainConfig(_Section):
     )
 
 
+class EvalConfig(_Section):
+    """Benchmark evaluation at the paper's protocol (spec §8, rpg_core.evaluation): ``rpg eval`` and the
+    trainer's periodic evaluation (every ``train.eval_every`` steps) share these fields and defaults."""
+
+    benchmarks: list[str] = Field(
+        default_factory=list, description="aime24 | aime25 | amc23 | gsm8k | math500, or a .jsonl/.parquet path"
+    )
+    k: int = Field(32, ge=1, description="samples per problem (Mean@k, Pass@k, Maj@k; the paper's 32)")
+    temperature: float = Field(1.0, ge=0, description="sampling temperature (the code's 1.0; 0 = greedy)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling (the code's 1.0)")
+    top_k: int = Field(0, ge=0, description="top-k sampling, 0 = off (the code's -1)")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="response budget; default: the run's rollout.max_new_tokens (rpg eval: 2048)"
+    )
+    max_prompt_tokens: int = Field(2048, ge=8, description="prompts are left-truncated to this length (spec §8)")
+    template: str = Field("paper", description="prompt template (rpg_core.data.PromptTemplate); the paper's: paper")
+    rule: str | None = Field(None, description="answer rule for every benchmark; default: each benchmark's own")
+    limit: int | None = Field(None, ge=1, description="evaluate the first N problems of each benchmark")
+    data_dir: str | None = Field(
+        None, description="folder with aime24.jsonl etc.; default $RPG_EVAL_DATA, else the Hugging Face Hub"
+    )
+    seed: int = Field(0, description="sampling seed (results are reproducible for a given seed and batch_size)")
+    batch_size: int = Field(64, ge=1, description="sequences per generate call")
+    log_samples: int = Field(4, ge=0, description="responses per problem kept in the samples artifact")
+
+    def check(self, section: str | None = "evaluation") -> None:
+        """Names that live in other modules (benchmarks, template, rule), checked before any compute starts.
+        Errors name ``section.field``, or the command-line flag (``--field``) when ``section`` is None."""
+        from rpg_core.data import PromptTemplate
+        from rpg_core.evaluation import check_benchmark
+        from rpg_core.rewards import AnswerRule
+
+        def name(f: str) -> str:
+            return f"{section}.{f}" if section else f"--{f.replace('_', '-')}"
+
+        templates, rules = [e.value for e in PromptTemplate], [e.value for e in AnswerRule]
+        if self.template not in templates:
+            raise ValueError(f"{name('template')}: {self.template!r} is not allowed; allowed: {templates}")
+        if self.rule is not None and self.rule not in rules:
+            raise ValueError(f"{name('rule')}: {self.rule!r} is not allowed; allowed: {rules} or null")
+        if len(set(self.benchmarks)) != len(self.benchmarks):
+            raise ValueError(f"{name('benchmarks')}: {self.benchmarks} lists a benchmark twice")
+        for b in self.benchmarks:
+            check_benchmark(b, name("benchmarks"))
+
+
 class TrackingConfig(_Section):
     enabled: bool = True
     experiment: str = "rpg"
@@ -170,6 +217,7 @@ class TrackingConfig(_Section):
 _BOOKKEEPING = {
     "train": {"output_dir", "checkpoint_every", "keep_checkpoints", "log_samples", "max_minutes", "device", "deterministic"},
     "tracking": None,  # the whole section
+    "evaluation": {"batch_size", "log_samples"},
     "rollout": {"batch_size"},
     "preset": None,
 }
@@ -185,6 +233,7 @@ class RunConfig(_Section):
     algorithm: AlgorithmConfig = AlgorithmConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    evaluation: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
@@ -201,6 +250,7 @@ class RunConfig(_Section):
         ):
             if value not in {e.value for e in enum}:
                 raise ValueError(f"{path}: {value!r} is not allowed; allowed: {[e.value for e in enum]}")
+        self.evaluation.check("evaluation")
         if self.data.task is Task.DATASET and not self.data.source:
             raise ValueError("data.source: task='dataset' needs a .jsonl/.parquet path or a Hub dataset name")
         batch = self.rollout.prompts_per_step * self.rollout.n
@@ -242,6 +292,8 @@ class RunConfig(_Section):
             else:
                 for f in fields:
                     d[section].pop(f, None)
+        if not self.evaluation.benchmarks:  # no benchmark evaluation: the section has no effect (keys stay stable)
+            d.pop("evaluation")
         blob = json.dumps({"schema": "rpg.run/v1", **d}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 

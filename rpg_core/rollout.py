@@ -24,6 +24,7 @@ __all__ = [
     "RolloutBatch",
     "SamplingParams",
     "build_batch",
+    "mix_seed",
     "token_logprobs",
 ]
 
@@ -134,6 +135,14 @@ class PrefixSharingGenerator(_GroupGenerator):
             logits = nxt.logits[:, -1].float()
             pos = pos + 1
         return results
+
+
+def mix_seed(*xs: int) -> int:
+    """A deterministic 63-bit seed from integers (every sampling seed of a run is derived with it)."""
+    h = 0x9E3779B97F4A7C15
+    for x in xs:
+        h = (h ^ (x + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0x7FFFFFFFFFFFFFFF
+    return h
 
 
 def sample_next(logits: Tensor, params: SamplingParams) -> Tensor:

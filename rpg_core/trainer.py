@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from rpg_core import data as data_mod
+from rpg_core import evaluation
 from rpg_core import rewards as rewards_mod
 from rpg_core.config import Device, GeneratorKind, Precision, RunConfig, Schedule, Task
 from rpg_core.models import load_model, load_tokenizer
@@ -46,6 +47,7 @@ from rpg_core.rollout import (
     RolloutBatch,
     SamplingParams,
     build_batch,
+    mix_seed,
     token_logprobs,
 )
 
@@ -57,6 +59,9 @@ CHECKPOINT_MARKER = "COMPLETE"
 
 class NonFiniteError(RuntimeError):
     """The loss or the gradient became NaN/inf; the run stops and the last good checkpoint is kept."""
+
+
+GENERATORS = {GeneratorKind.PREFIX: PrefixSharingGenerator, GeneratorKind.HF: HFGenerator}
 
 
 @dataclass
@@ -97,8 +102,12 @@ class Trainer:
         self.run_dir = Path(cfg.train.output_dir) / self.key
         self.ckpt_dir = self.run_dir / "checkpoints"
 
-        # Data first: a bad dataset fails before the model is loaded.
+        # Data first: a bad dataset or benchmark fails before the model is loaded.
         self.train_problems, self.eval_problems = _load_problems(cfg)
+        ev = cfg.evaluation
+        self.benchmarks = [
+            evaluation.load_benchmark(b, data_dir=ev.data_dir, limit=ev.limit) for b in ev.benchmarks
+        ]
         self.tok = load_tokenizer(cfg.model.name)
         self.example = data_mod.arithmetic_example(cfg.data.level) if cfg.data.task is Task.ARITHMETIC else None
         _seed_everything(cfg.train.seed)
@@ -119,7 +128,7 @@ class Trainer:
         self.model, self.opt = self.acc.prepare(model, opt)
         if self.ref_model is not None:
             self.ref_model.to(self.acc.device)
-        gen_cls = {GeneratorKind.PREFIX: PrefixSharingGenerator, GeneratorKind.HF: HFGenerator}[cfg.rollout.generator]
+        gen_cls = GENERATORS[cfg.rollout.generator]
         self.generator: Generator = gen_cls(
             self.acc.unwrap_model(self.model), self.tok, batch_size=cfg.rollout.batch_size, autocast=self.autocast
         )
@@ -129,6 +138,7 @@ class Trainer:
         self.cursor = 0  # training prompts consumed so far (epoch-wise shuffled order)
         self.history: list[dict[str, float]] = []
         self.best_eval: float | None = None
+        self.best_metrics: dict[str, list[float]] = {}  # benchmark metric -> [best value, its step] ("Best", §8)
         self.run_id: str | None = None
         self._prompt_cache: dict[int, list[int]] = {}
         if resume:
@@ -226,7 +236,7 @@ class Trainer:
             g["lr"] = lr
         # Sampling randomness is a function of (seed, step, rank) only, so a resumed run samples what an
         # uninterrupted one would have.
-        torch.manual_seed(_mix(cfg.train.seed, self.step, self.rank))
+        torch.manual_seed(mix_seed(cfg.train.seed, self.step, self.rank))
         prompts, responses, gids, texts, scores, ds = self._rollout()
         t_rollout = time.perf_counter() - t0
 
@@ -346,7 +356,7 @@ class Trainer:
         grad_norms, ent_sum, ent_n = [], 0.0, 0.0
         self.model.train()
         for epoch in range(a.epochs):
-            g = torch.Generator().manual_seed(_mix(cfg.train.seed, self.step, epoch + 1))
+            g = torch.Generator().manual_seed(mix_seed(cfg.train.seed, self.step, epoch + 1))
             order = torch.arange(b)
             if a.epochs * a.mini_batches > 1:  # shuffle whole groups, so micro-batches keep sharing prompt passes
                 gids = batch.group_ids
@@ -463,16 +473,15 @@ class Trainer:
                    dynamic_ncols=True, leave=True)  # fmt: skip
         done_here = 0
         try:
-            if self.step == 0 and cfg.train.eval_every and self.eval_problems:
+            evaluates = cfg.train.eval_every and (self.eval_problems or self.benchmarks)
+            if self.step == 0 and evaluates:
                 self._evaluate(0)
             while self.step < cfg.train.steps:
                 m = self.train_step()
                 self.step += 1
                 m["step"] = float(self.step)
                 self.history.append(m)
-                if cfg.train.eval_every and self.eval_problems and (
-                    self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps
-                ):
+                if evaluates and (self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps):
                     m.update(self._evaluate(self.step))
                 self.tracker.log_metrics({k: v for k, v in m.items() if k != "step"}, step=self.step)
                 if self.is_main and cfg.train.log_samples and getattr(self, "_last_samples", None):
@@ -511,9 +520,11 @@ class Trainer:
         return TrainResult(self.run_dir, self.run_id, self.step, self.history)
 
     def _evaluate(self, step: int) -> dict[str, float]:
-        """Run the evaluation hook (main process) and track Best/Last as the paper reports them (spec §8)."""
+        """The held-out hook (main process) and the benchmark evaluation (all processes share the samples), with
+        "Best" (the maximum over evaluations so far, step 0 included) and "Last" tracked as the paper reports
+        them (spec §8). Returns the metrics to log at ``step``."""
         res: dict[str, float] = {}
-        if self.is_main:
+        if self.is_main and self.eval_problems:
             rng = torch.get_rng_state()
             res = {f"eval/{k}": v for k, v in self.eval_hook(self, step).items()}
             torch.set_rng_state(rng)
@@ -521,10 +532,31 @@ class Trainer:
             if main is not None:
                 self.best_eval = main if self.best_eval is None else max(self.best_eval, main)
                 res["eval/best_acc_strict"] = self.best_eval
-            if step == 0:
-                self.tracker.log_metrics(res, step=0)
+        if self.benchmarks:
+            res.update(self._benchmark_eval(step))
+        if self.is_main and step == 0:
+            self.tracker.log_metrics(res, step=0)
         self.acc.wait_for_everyone()
         return res
+
+    def _benchmark_eval(self, step: int) -> dict[str, float]:
+        from accelerate.utils import gather_object
+
+        ev = self.cfg.evaluation
+        result = evaluation.evaluate(
+            self.acc.unwrap_model(self.model), self.tok, self.benchmarks, ev,
+            max_new_tokens=ev.max_new_tokens or self.cfg.rollout.max_new_tokens, autocast=self.autocast,
+            generator_cls=GENERATORS[self.cfg.rollout.generator], rank=self.rank, world=self.world,
+            gather=gather_object, progress=self.is_main, model_label=f"{self.cfg.model.name} @ step {step}",
+        )  # fmt: skip
+        if not self.is_main:
+            return {}
+        metrics = result.metrics("eval/")
+        out = {**metrics, **evaluation.update_best(self.best_metrics, metrics, step)}
+        evaluation.log_eval(self.tracker, result, step=step, log_samples=ev.log_samples, metrics=False)
+        summary = evaluation.best_last(self.best_metrics, metrics, step)
+        self.tracker.log_dict(summary, "eval/best_last.json")
+        return out
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
@@ -547,6 +579,7 @@ class Trainer:
                 "run_id": self.run_id,
                 "config_key": self.key,
                 "best_eval": self.best_eval,
+                "best_metrics": self.best_metrics,
                 "history": self.history,
                 "python_rng": _jsonable_rng(random.getstate()),
             }
@@ -576,6 +609,7 @@ class Trainer:
             self.ref_model.load_state_dict(torch.load(path / "ref_model.pt", map_location=self.acc.device))
         self.step, self.cursor, self.run_id = state["step"], state["cursor"], state["run_id"]
         self.best_eval, self.history = state["best_eval"], state["history"]
+        self.best_metrics = state.get("best_metrics", {})
         random.setstate(_rng_from_json(state["python_rng"]))
         self.generator.load_weights(model)
         if self.is_main:
@@ -617,7 +651,7 @@ def heldout_eval(trainer: Trainer, step: int) -> dict[str, float]:
     Seeded by step only, so every evaluation of a run is comparable and resumes reproduce it."""
     cfg = trainer.cfg
     probs = trainer.eval_problems
-    torch.manual_seed(_mix(cfg.train.seed, 10**6 + step, 0))
+    torch.manual_seed(mix_seed(cfg.train.seed, 10**6 + step, 0))
     params = SamplingParams(1, cfg.train.eval_temperature, cfg.rollout.top_p, cfg.rollout.top_k, cfg.rollout.max_new_tokens)
     ids = [trainer._prompt_ids(p) for p in probs]
     outs = trainer.generator.generate(ids, params)
@@ -653,14 +687,6 @@ def _load_problems(cfg: RunConfig) -> tuple[list[data_mod.Problem], list[data_mo
     if not train:
         raise ValueError(f"data.source={d.source!r} has no problems")
     return train, evals
-
-
-def _mix(*xs: int) -> int:
-    """A deterministic 63-bit seed from integers."""
-    h = 0x9E3779B97F4A7C15
-    for x in xs:
-        h = (h ^ (x + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2))) & 0x7FFFFFFFFFFFFFFF
-    return h
 
 
 def _seed_everything(seed: int) -> None:

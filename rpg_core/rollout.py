@@ -65,11 +65,15 @@ class _GroupGenerator:
         self.model.eval()
         per_call = max(1, self.batch_size // params.n)
         out: list[list[list[int]]] = []
+        device = next(self.model.parameters()).device
+        # One autocast context around every step: autocast caches its casts of the weights until the outermost
+        # context exits, so a context per decode step would cast every weight to bf16 again at every token.
         try:
-            for i in range(0, len(prompts), per_call):
-                chunk = prompts[i : i + per_call]
-                rows = self._sample_chunk(chunk, params)
-                out += [rows[j * params.n : (j + 1) * params.n] for j in range(len(chunk))]
+            with _autocast(device, self.autocast):
+                for i in range(0, len(prompts), per_call):
+                    chunk = prompts[i : i + per_call]
+                    rows = self._sample_chunk(chunk, params)
+                    out += [rows[j * params.n : (j + 1) * params.n] for j in range(len(chunk))]
         finally:
             self.model.train(was_training)
         return out

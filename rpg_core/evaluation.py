@@ -652,7 +652,6 @@ def run_eval(
     a checkpoint of a finished run (unless ``new_run``), else into a new run of ``experiment``."""
     from rpg_core.config import Precision
     from rpg_core.models import load_tokenizer
-    from rpg_core.tracking import Tracker, default_tracking_uri, flatten_params
 
     settings.check("evaluation")
     if not settings.benchmarks:
@@ -670,16 +669,36 @@ def run_eval(
     result.settings.update(precision=prec.value, device=dev)
     if not tracking:
         return EvalRun(result, target, None, False)
+    try:
+        return _record(result, target, settings, tracking_uri, experiment, new_run)
+    except Exception:  # never lose a finished evaluation to a tracking failure
+        import json
 
+        keep = Path(".rpg") / "evals" / f"eval-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        keep.write_text(json.dumps(as_dict(result), indent=1, default=str))
+        print(f"rpg eval: recording in MLflow failed; the results are saved in {keep}", flush=True)
+        raise
+
+
+def _record(result: EvalResult, target: EvalTarget, settings: EvalConfig, tracking_uri: str | None,
+            experiment: str, new_run: bool) -> EvalRun:  # fmt: skip
     from mlflow.tracking import MlflowClient
+
+    from rpg_core.tracking import Tracker, default_tracking_uri, flatten_params
 
     uri = tracking_uri or default_tracking_uri()
     step = target.step or 0
     if target.run_id and not new_run:
+        from mlflow.exceptions import MlflowException
+
         client = MlflowClient(tracking_uri=uri)
-        run = client.get_run(target.run_id)
-        status = run.info.status
-        if run.info.lifecycle_stage == "active" and status in ("FINISHED", "FAILED", "KILLED"):
+        try:
+            run = client.get_run(target.run_id)
+            status, stage = run.info.status, run.info.lifecycle_stage
+        except MlflowException:  # the checkpoint's run lives in another store
+            run, status, stage = None, "not in this store", uri
+        if run is not None and stage == "active" and status in ("FINISHED", "FAILED", "KILLED"):
             exp = client.get_experiment(run.info.experiment_id).name
             tracker = Tracker(experiment=exp, run_id=target.run_id, tracking_uri=uri)
             try:
@@ -687,7 +706,7 @@ def run_eval(
             finally:
                 tracker.finish(status=status)  # leave the training run as it was
             return EvalRun(result, target, target.run_id, True)
-        print(f"rpg eval: training run {target.run_id} is {status} ({run.info.lifecycle_stage}); "
+        print(f"rpg eval: training run {target.run_id} is {status} ({stage}); "
               "recording this evaluation in a new run", flush=True)  # fmt: skip
     params = flatten_params({"model": target.base, "checkpoint": str(target.checkpoint or ""),
                              "evaluation": result.settings})  # fmt: skip

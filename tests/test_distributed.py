@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_two_process_gloo_run(tmp_path):
+    """Two processes train (each samples half the prompts) and share the benchmark evaluation; the gathered
+    evaluation equals a one-process `rpg eval` of the same checkpoint sample for sample."""
+    bench = tmp_path / "toy.jsonl"
+    bench.write_text("".join(json.dumps({"id": f"t{i}", "problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                             for i in range(5)))  # fmt: skip
     cfg = load_run_config(
         preset="rpg_reinforce_urkl",
         overrides=[
@@ -25,6 +30,8 @@ def test_two_process_gloo_run(tmp_path):
             "reward.dynamic_sampling=false", "algorithm.epochs=2", "algorithm.micro_batch_size=2",
             "optim.lr=1e-3", "optim.warmup_steps=0", "train.steps=2", "train.log_samples=1",
             f"train.output_dir={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "train.eval_every=2", f"evaluation.benchmarks=[{bench}]", "evaluation.k=3", "evaluation.batch_size=6",
+            "evaluation.log_samples=3",
         ],
     )  # fmt: skip
     cfg_path = tmp_path / "c.yaml"
@@ -49,3 +56,20 @@ def test_two_process_gloo_run(tmp_path):
     assert run.info.run_id == state["run_id"]
     w = torch.load(ckpt / "model.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in w.values())
+
+    # The evaluation at step 2 (3 calls of 2 problems x 3 samples, dealt to 2 processes) equals one process's.
+    art = client.download_artifacts(run.info.run_id, "eval/step_000002/toy_samples.json", str(tmp_path))
+    table = json.loads(Path(art).read_text())
+    logged = sorted((row[table["columns"].index("problem_id")], row[table["columns"].index("sample")],
+                     row[table["columns"].index("response")]) for row in table["data"])  # fmt: skip
+    assert len(logged) == 15
+    out = tmp_path / "one.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "rpg_core.cli", "eval", "--model", str(ckpt), "--benchmarks", str(bench), "--k", "3",
+         "--batch-size", "6", "--no-mlflow", "--output", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = json.loads(out.read_text())["samples"]["toy"]
+    assert sorted((s["problem_id"], s["sample"], s["response"]) for s in one) == logged
+    assert run.data.metrics["eval/toy/n_problems"] == 5

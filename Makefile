@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install demo test test-all bench bench-trainer clean
+.PHONY: install demo test test-all bench bench-trainer bench-eval clean
 
 install: $(STAMP)
 
@@ -33,6 +33,9 @@ bench: install           ## policy loss vs PPO clip, and the cost of an MLflow l
 bench-trainer: install   ## one training step vs TRL's GRPOTrainer (~25 min, needs ~21 GiB free for TRL)
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[bench]"
 	$(BIN)/python benchmarks/bench_trainer_vs_trl.py --trl-micro-batch 8,0 --also-dapo
+
+bench-eval: install      ## evaluation throughput (samples/s, tokens/s) vs batch size, embedded default, fp32 + bf16
+	$(BIN)/python benchmarks/bench_eval.py --precision fp32,bf16
 
 clean:
 	rm -rf $(VENV) .pytest_cache

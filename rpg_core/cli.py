@@ -3,6 +3,7 @@
 ``rpg design``   the KL design space, every loss checked against its exact objective.
 ``rpg presets``  the paper's 12 methods.
 ``rpg train``    one training run: ``--config FILE.yaml`` and/or ``--preset NAME``, ``--set section.field=value``.
+``rpg sweep expand FILE``  the runs of a sweep file: resolved, de-duplicated, invalid combinations with reasons.
 ``rpg eval``     AIME24/AIME25/AMC23 at Mean@k (spec §8) of a model, checkpoint, run folder or MLflow run.
 """
 
@@ -222,6 +223,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep_expand(args: argparse.Namespace) -> int:
+    import json
+
+    from rpg_core.config import RunConfigError
+    from rpg_core.sweeps import SweepError, expand, load_sweep
+
+    try:
+        exp = expand(load_sweep(args.file, overrides=args.set))
+    except (SweepError, RunConfigError) as e:
+        print(f"rpg sweep expand: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"sweep": exp.sweep.name, "runs": exp.as_dicts(),
+                          "dropped": [{"seed": d.seed, "axes": d.axes, "reason": d.reason} for d in exp.dropped]},
+                         indent=1))  # fmt: skip
+    else:
+        print(exp.table())
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from rpg_core.plots import plot_run
 
@@ -250,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints of this config")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("sweep", help="sweep definitions (sweeps/*.yaml)")
+    sweep_sub = p.add_subparsers(dest="sweep_command", required=True)
+    q = sweep_sub.add_parser("expand", help="the resolved, de-duplicated runs of a sweep file with their config keys")
+    q.add_argument("file", help="a sweep YAML file, e.g. sweeps/smoke.yaml")
+    q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every run, e.g. train.steps=3")
+    q.add_argument("--json", action="store_true", help="machine-readable output")
+    q.set_defaults(func=cmd_sweep_expand)
     p = sub.add_parser("eval", help="Mean@k / Pass@k / Maj@k on AIME24, AIME25, AMC23 (the paper's protocol)")
     p.add_argument("--model", required=True,
                    help="smollm2-135m | tiny | model dir | Hub id | checkpoint dir | run dir | MLflow run id")  # fmt: skip

@@ -1,0 +1,134 @@
+"""Sweep files: expansion (grid x seeds, exclusions, bundle and preset axes), invalid combinations dropped with their
+reason, duplicates collapsed by config key, the shipped sweeps, and `rpg sweep expand`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rpg_core.cli import design_space
+from rpg_core.objectives import PRESETS
+from rpg_core.sweeps import SweepError, expand, load_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_smoke_sweep():
+    exp = expand(load_sweep(ROOT / "sweeps" / "smoke.yaml"))
+    assert [r.axes for r in exp.runs] == [
+        {"objective.direction": d, "objective.normalized": n} for d in ("forward", "reverse") for n in ("true", "false")
+    ]
+    assert not exp.dropped and len({r.key for r in exp.runs}) == 4
+    for r in exp.runs:
+        c = r.config
+        assert (c.model.name, c.train.steps, c.objective.form.value, c.objective.beta) == ("tiny", 2, "reinforce", 0.05)
+        assert c.objective.direction.value == r.axes["objective.direction"]
+        assert r.key == c.key() and r.overrides["preset"] == "rpg_reinforce_urkl"
+
+
+def test_kl_design_sweep_is_the_design_space():
+    """Every distinct loss of `rpg design` once: 21 KL terms x 3 clips less the merges = 61 runs. The 18 invalid
+    combinations are the penalty form's forward KL used as an importance weight (2 normalizations x 3 estimators x
+    3 clips), rejected by the objective with its reason."""
+    exp = expand(load_sweep(ROOT / "sweeps" / "kl_design.yaml"))
+    assert len(exp.runs) == 61 == len({r.key for r in exp.runs})
+    invalid = [d for d in exp.dropped if d.reason.startswith("invalid")]
+    assert len(invalid) == 18 and exp.combinations == 4 * 2 * 2 * 3 * 2 * 3
+    assert all(d.axes["objective.form"] == "penalty" and d.axes["objective.direction"] == "forward"
+               and d.axes["objective.kl_is_weight"] == "true" for d in invalid)  # fmt: skip
+    assert "requires direction='reverse'" in invalid[0].reason
+    terms = {cfg.key() for cfg in design_space(0.05)}  # one per KL term at clip=dual
+    dual = {r.config.objective.canonical().key() for r in exp.runs if r.config.objective.clip.value == "dual"}
+    assert dual == terms
+    assert all(r.config.model.name == "smollm2-135m" and r.config.data.level == "add2" for r in exp.runs)
+
+
+def test_paper_sweep_has_the_12_methods_at_paper_settings():
+    exp = expand(load_sweep(ROOT / "sweeps" / "paper.yaml"))
+    assert [r.config.method_name() for r in exp.runs] == list(PRESETS)
+    for r in exp.runs:
+        c = r.config
+        assert (c.rollout.prompts_per_step, c.rollout.n, c.rollout.max_new_tokens, c.train.steps) == (512, 16, 2048, 400)
+        assert c.evaluation.benchmarks == ["aime24", "aime25", "amc23"] and c.evaluation.k == 32
+        assert c.optim.lr == PRESETS[r.axes["preset"]].lr  # each method at its own preset lr (spec §7.2)
+
+
+def test_bundles_exclusions_seeds_and_duplicates(tmp_path):
+    path = _write(tmp_path, """
+name: t
+preset: rpg_reinforce_urkl
+base: {model.name: tiny, train.steps: 3}
+grid:
+  objective.clip: [none, dual]
+  variant:
+    - {label: slow, optim.lr: 1.0e-6}
+    - {label: fast, optim.lr: 1.0e-4, algorithm.mini_batches: 2}
+exclude:
+  - {objective.clip: none, variant: fast}
+seeds: [1, 2]
+""")
+    exp = expand(load_sweep(path))
+    assert [(r.seed, r.axes["objective.clip"], r.axes["variant"]) for r in exp.runs] == [
+        (s, c, v) for s in (1, 2) for c, v in (("none", "slow"), ("dual", "slow"), ("dual", "fast"))
+    ]
+    fast = exp.runs[2].config
+    assert (fast.optim.lr, fast.algorithm.mini_batches, fast.train.seed, fast.train.steps) == (1e-4, 2, 1, 3)
+    assert exp.combinations == 6  # excluded combinations are not counted
+    # Two spellings of one run: the form ignores the estimator, so both collapse to one key.
+    path = _write(tmp_path, """
+name: d
+base: {model.name: tiny}
+grid:
+  objective.form: [differentiable]
+  objective.estimator: [k1, k3]
+""")
+    exp = expand(load_sweep(path))
+    assert len(exp.runs) == 1 and exp.dropped[0].reason == f"duplicate of run #1 (same key {exp.runs[0].key})"
+    # --set overrides reach every run
+    exp = expand(load_sweep(ROOT / "sweeps" / "smoke.yaml", overrides=["train.steps=5"]))
+    assert {r.config.train.steps for r in exp.runs} == {5}
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("name: x\ngrids: {}\n", r"grids: Extra inputs are not permitted; allowed: name, description, config"),
+    ("name: x\ngrid: {lr: [1, 2]}\n", r"grid.lr: an axis is a dotted config field"),
+    ("name: x\ngrid: {objective.beta: []}\n", r"grid.objective.beta: an axis needs at least one value"),
+    ("name: x\ngrid: {v: [{optim.lr: 1}]}\n", r"grid.v: every bundle needs a 'label' string"),
+    ("name: x\ngrid: {objective.beta: [0.1]}\nexclude: [{objective.clip: none}]\n", r"exclude\[0\].objective.clip: not a grid axis"),
+    ("name: x\ngrid: {objective.beta: [0.1]}\nexclude: [{objective.beta: 0.2}]\n", r"exclude\[0\].objective.beta: 0.2 is not one of"),
+    ("name: x\nseeds: [1, 1]\n", r"seeds: \[1, 1\] repeat"),
+    ("name: x\nconfig: nope.yaml\n", r"config: '.*nope.yaml' does not exist"),
+])  # fmt: skip
+def test_bad_sweep_files_name_the_field(tmp_path, text, message):
+    with pytest.raises(SweepError, match=message):
+        expand(load_sweep(_write(tmp_path, text)))
+
+
+def test_invalid_values_are_dropped_with_the_config_error(tmp_path):
+    exp = expand(load_sweep(_write(tmp_path, "name: x\ngrid: {objective.clip: [dual, triple]}\n")))
+    assert len(exp.runs) == 1 and "objective.clip" in exp.dropped[0].reason and "triple" in exp.dropped[0].reason
+
+
+def test_rpg_sweep_expand_cli():
+    r = subprocess.run([sys.executable, "-m", "rpg_core.cli", "sweep", "expand", "sweeps/smoke.yaml", "--json"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["sweep"] == "smoke" and [x["index"] for x in out["runs"]] == [1, 2, 3, 4]
+    assert out["runs"] == [dict(x, method="custom") for x in out["runs"]]  # the KL terms differ from the preset's
+    r = subprocess.run([sys.executable, "-m", "rpg_core.cli", "sweep", "expand", "sweeps/kl_design.yaml"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0 and "kl_design: 61 runs from 288 combinations (18 invalid, 209 duplicates dropped)" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "rpg_core.cli", "sweep", "expand", "nope.yaml"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and "sweep file 'nope.yaml' does not exist" in r.stderr

@@ -211,6 +211,8 @@ class TrackingConfig(_Section):
     experiment: str = "rpg"
     tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else .rpg/mlflow.db")
     run_name: str | None = None
+    parent_run_id: str | None = Field(None, description="nest the run under this MLflow run (a sweep's parent)")
+    tags: dict[str, str] = Field(default_factory=dict, description="extra MLflow tags (e.g. sweep: kl_design)")
 
 
 # Fields that do not change what a run computes; left out of the key.

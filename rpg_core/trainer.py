@@ -626,7 +626,9 @@ class Trainer:
         params = flatten_params(cfg.model_dump(mode="json"))
         params["config_key"] = self.key
         tags = cfg.axis_tags()
-        tags.update({"run_dir": str(self.run_dir.resolve()), "world_size": str(self.world)})
+        tags.update({"run_dir": str(self.run_dir.resolve()), "world_size": str(self.world), **t.tags})
+        if t.parent_run_id:
+            tags["mlflow.parentRunId"] = t.parent_run_id  # shown nested under the sweep's run in the MLflow UI
         name = t.run_name or f"{cfg.method_name()}-{self.key}"
         tracker = Tracker(
             experiment=t.experiment,

@@ -331,3 +331,22 @@ def test_sample_next_follows_softmax_topk_topp():
     assert set(sample_next(logits, SamplingParams(top_p=0.8)).tolist()) == {0, 1}
     assert set(sample_next(logits, SamplingParams(top_p=0.81)).tolist()) == {0, 1, 2}
     assert set(sample_next(logits, SamplingParams(temperature=0)).tolist()) == {0}
+
+
+def test_run_nests_under_a_parent_run_with_extra_tags(tmp_path):
+    """tracking.parent_run_id / tracking.tags (what a sweep sets): the run is an MLflow child of the parent, carries
+    the tags, and its config key is unchanged (tracking is bookkeeping)."""
+    from mlflow.tracking import MlflowClient
+
+    from rpg_core.tracking import ensure_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    parent = client.create_run(ensure_experiment(uri, "rpg"), run_name="sweep-parent").info.run_id
+    cfg = tiny_cfg(tmp_path, f"tracking.parent_run_id={parent}", "tracking.tags={sweep: smoke}", steps=1)
+    assert cfg.key() == tiny_cfg(tmp_path, steps=1).key()
+    res = Trainer(cfg).fit()
+    tags = _mlflow_run(cfg, res.run_id).data.tags
+    assert tags["mlflow.parentRunId"] == parent and tags["sweep"] == "smoke"
+    children = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    assert [r.info.run_id for r in children] == [res.run_id]

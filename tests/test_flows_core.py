@@ -1,0 +1,108 @@
+"""The flows' building blocks without Prefect: finished runs by config key in a real MLflow store, the GPU pool's
+exclusivity across threads and processes, and training runs as their own processes (finish, resume, fail, kill)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.core import GpuPool, finished_runs, run_training
+from rpg_core.sweeps import expand, load_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_pool_hands_each_device_to_one_holder(tmp_path):
+    pool = GpuPool.parse("0,1", tmp_path / "locks")
+    holders: dict[str, int] = {"0": 0, "1": 0}
+    peak, seen, lock = [0], [], threading.Lock()
+
+    def work():
+        with pool.acquire(poll_s=0.01) as dev:
+            with lock:
+                holders[dev] += 1
+                seen.append(dev)
+                assert holders[dev] == 1, f"device {dev} given twice"
+                peak[0] = max(peak[0], sum(holders.values()))
+            time.sleep(0.05)
+            with lock:
+                holders[dev] -= 1
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 6 and peak[0] == 2 and set(seen) == {"0", "1"}
+    # another process holding GPU 0 and 1: this one waits, then times out
+    code = ("import sys, time; sys.path.insert(0, sys.argv[2]); from flows.core import GpuPool\n"
+            "p = GpuPool.parse('0,1', sys.argv[1])\n"
+            "with p.acquire(), p.acquire():\n    print('held', flush=True); time.sleep(30)")  # fmt: skip
+    other = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "locks"), str(ROOT)], stdout=subprocess.PIPE,
+                             text=True)  # fmt: skip
+    try:
+        assert other.stdout.readline().strip() == "held"
+        with pytest.raises(TimeoutError, match=r"no free GPU among \['0', '1'\]"):
+            with pool.acquire(poll_s=0.05, timeout_s=0.5):
+                pass
+    finally:
+        other.kill()
+        other.wait()
+    with pool.acquire(timeout_s=5) as dev:  # released when the holder died
+        assert dev in ("0", "1")
+    with GpuPool.parse("", tmp_path).acquire() as dev:
+        assert dev == ""  # CPU
+    with pytest.raises(ValueError, match="lists a device twice"):
+        GpuPool.parse("0,0", tmp_path)
+
+
+def _smoke_config(tmp_path: Path, index: int = 0, *extra: str):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = load_sweep(ROOT / "sweeps" / "smoke.yaml", overrides=[
+        f"train.output_dir={tmp_path / 'runs'}", f"tracking.tracking_uri={uri}", *extra,
+    ])  # fmt: skip
+    return expand(sweep).runs[index].config, uri
+
+
+def test_training_process_finishes_resumes_and_fails(tmp_path):
+    cfg, uri = _smoke_config(tmp_path)
+    assert finished_runs(uri, "rpg") == {}  # no experiment yet
+    first = run_training(cfg, workdir=tmp_path / "work", cwd=ROOT)
+    assert first.ok and first.step == 2 and first.run_id
+    assert finished_runs(uri, "rpg") == {cfg.key(): first.run_id}
+    again = run_training(cfg, workdir=tmp_path / "work", cwd=ROOT)  # nothing left to do: resumes at step 2
+    assert again.ok and again.run_id == first.run_id and again.step == 2
+    log = first.log.read_text()
+    assert log.count("=== ") == 2 and f"resumed {cfg.key()}" in log
+    # a run that fails before any compute (bad data source): reported, not finished
+    bad, _ = _smoke_config(tmp_path, 1, "data.task=dataset", "data.source=missing.jsonl")
+    out = run_training(bad, workdir=tmp_path / "work", cwd=ROOT)
+    assert out.returncode == 2 and out.run_id is None and "missing.jsonl" in out.log.read_text()
+    assert set(finished_runs(uri, "rpg")) == {cfg.key()}
+
+
+def test_killed_training_process_is_not_finished_and_a_rerun_completes(tmp_path):
+    """A run killed mid-way is not finished; running it again resumes from its last checkpoint into the same
+    MLflow run and finishes it. The timeout kills too (1 s: still importing)."""
+    cfg, uri = _smoke_config(tmp_path, 2, "train.steps=8", "train.checkpoint_every=1", "train.eval_every=0")
+    timed_out = run_training(cfg, workdir=tmp_path / "work", cwd=ROOT, timeout_s=1)
+    assert timed_out.returncode == -9 and not timed_out.ok and "killed after 1 s" in timed_out.log.read_text()
+    path = tmp_path / "work" / "configs" / f"{cfg.key()}.yaml"  # written by run_training
+    proc = subprocess.Popen([sys.executable, "-m", "rpg_core.cli", "train", "--config", str(path)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    marker = tmp_path / "runs" / cfg.key() / "checkpoints" / "step_000002" / "COMPLETE"
+    deadline = time.monotonic() + 240
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert marker.exists()
+    assert cfg.key() not in finished_runs(uri, "rpg")
+    done = run_training(cfg, workdir=tmp_path / "work", cwd=ROOT)
+    assert done.ok and done.step == 8 and finished_runs(uri, "rpg") == {cfg.key(): done.run_id}
+    assert f"resumed {cfg.key()}" in done.log.read_text()

@@ -1,0 +1,138 @@
+"""Prefect flows: ``sweep`` trains every run of a sweep file, each as its own ``rpg train`` process.
+
+``sweep`` expands the sweep (invalid and duplicate combinations dropped, ``rpg sweep expand``), skips every config
+key that already has a FINISHED MLflow training run (unless ``force``), and runs the rest at most ``concurrency``
+at a time through the Prefect global concurrency limit ``rpg-gpu`` (created or resized here: Prefect only warns
+about a missing limit). Each run gets one device of ``gpus`` (``CUDA_VISIBLE_DEVICES``; empty: CPU), is retried
+``retries`` times (a retry resumes from the run's last checkpoint), and nests under one parent MLflow run of the
+sweep. The flow returns a summary table (also a Prefect table artifact and the parent run's ``summary.json``).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field
+
+from flows.core import GpuPool, finished_runs, run_training
+from rpg_core.config import RunConfig
+
+GPU_LIMIT = "rpg-gpu"  # one slot per GPU (or per CPU run)
+SUMMARY_METRICS = ("eval/acc_strict", "acc/strict", "reward/mean")
+
+
+def ensure_gpu_limit(slots: int) -> None:
+    """Create (or resize) the global concurrency limit; ``concurrency()`` on a missing one would only warn."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, slots)
+
+
+def _with_tracking(cfg: RunConfig, uri: str, parent: str | None, sweep: str) -> RunConfig:
+    tracking = cfg.tracking.model_copy(update={"tracking_uri": uri, "parent_run_id": parent,
+                                               "tags": {**cfg.tracking.tags, "sweep": sweep}})  # fmt: skip
+    return cfg.model_copy(update={"tracking": tracking})
+
+
+@task(task_run_name="train-{index}-{key}")
+def train_run(index: int, key: str, config_yaml: str, workdir: str, gpus: str, fresh: bool) -> dict[str, Any]:
+    """One training process, holding a slot of the ``rpg-gpu`` limit and one device for its whole life."""
+    import yaml
+    from prefect.concurrency.sync import concurrency
+
+    cfg = RunConfig.from_dict(yaml.safe_load(config_yaml))
+    logger = get_run_logger()
+    with concurrency(GPU_LIMIT, occupy=1, strict=True):
+        with GpuPool.parse(gpus, Path(workdir) / "locks").acquire() as gpu:
+            logger.info("run %d %s on %s", index, key, f"GPU {gpu}" if gpu else "CPU")
+            out = run_training(cfg, workdir=workdir, gpu=gpu, fresh=fresh)
+    if not out.ok:
+        tail = "".join(out.log.read_text().splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"run {key} exited with {out.returncode} (log {out.log}):\n{tail}")
+    logger.info("run %d %s finished: MLflow run %s, step %d, %.0f s", index, key, out.run_id, out.step, out.seconds)
+    return {"run_id": out.run_id, "seconds": round(out.seconds, 1), "gpu": gpu}
+
+
+@flow(name="sweep", task_runner=ThreadPoolTaskRunner(max_workers=64), log_prints=True)
+def sweep(
+    sweep_file: Annotated[str, Field(description="a sweep YAML, e.g. sweeps/smoke.yaml")] = "sweeps/smoke.yaml",
+    overrides: Annotated[list[str], Field(description="section.field=value for every run")] = [],  # noqa: B006
+    concurrency: Annotated[int, Field(ge=1, le=64, description="runs at once (one per GPU)")] = 1,
+    force: Annotated[bool, Field(description="re-run configs that already finished")] = False,
+    gpus: Annotated[str, Field(pattern=r"^[0-9, ]*$", description="CUDA devices, e.g. 0,1,2,3 (empty: CPU)")] = "",
+    retries: Annotated[int, Field(ge=0, le=10, description="retries of a failed run (each resumes)")] = 1,
+    workdir: Annotated[str, Field(description="configs, logs and GPU locks of the runs")] = ".rpg/sweeps",
+) -> list[dict[str, Any]]:
+    from rpg_core.sweeps import expand, load_sweep
+    from rpg_core.tracking import Tracker, default_tracking_uri, ensure_experiment
+
+    logger = get_run_logger()
+    exp = expand(load_sweep(sweep_file, overrides=overrides or None))
+    sw = exp.sweep
+    if not exp.runs:
+        raise ValueError(f"sweep {sw.name}: no valid runs ({len(exp.dropped)} combinations dropped)")
+    first = exp.runs[0].config
+    uri = first.tracking.tracking_uri or default_tracking_uri()
+    experiment = first.tracking.experiment
+    ensure_experiment(uri, experiment)  # once, before the processes fan out (SQLite migrations race)
+    done = {} if force else finished_runs(uri, experiment)
+    todo = [r for r in exp.runs if r.key not in done]
+    logger.info("sweep %s: %d runs, %d already finished, %d to run (%d dropped combinations)",
+                sw.name, len(exp.runs), len(exp.runs) - len(todo), len(todo), len(exp.dropped))  # fmt: skip
+    ensure_gpu_limit(concurrency)
+    work = Path(workdir) / sw.name
+    parent = Tracker(experiment=experiment, run_name=f"sweep-{sw.name}", tracking_uri=uri,
+                     params={"sweep_file": sweep_file, "runs": len(exp.runs), "concurrency": concurrency,
+                             "overrides": " ".join(overrides), "force": force},
+                     tags={"rpg.kind": "sweep", "sweep": sw.name})  # fmt: skip
+    t0 = time.perf_counter()
+    futures = {}
+    for r in todo:
+        cfg = _with_tracking(r.config, uri, parent.run_id, sw.name)
+        futures[r.key] = train_run.with_options(retries=retries, retry_delay_seconds=2).submit(
+            r.index, r.key, cfg.to_yaml(), str(work), gpus, force
+        )
+    rows: list[dict[str, Any]] = []
+    failed = 0
+    for r in exp.runs:
+        row: dict[str, Any] = {"index": r.index, "key": r.key, "seed": r.seed, **r.axes, "method": r.config.method_name()}
+        if r.key in done:
+            row.update(status="skipped (finished)", run_id=done[r.key])
+        else:
+            futures[r.key].wait()
+            state = futures[r.key].state
+            if state.is_completed():
+                row.update(status="finished", **futures[r.key].result())
+            else:
+                failed += 1
+                row.update(status=f"failed: {str(state.message or state.name)[:200]}")
+        rows.append(row)
+    _add_metrics(rows, uri)
+    create_table_artifact(rows, key=f"sweep-{sw.name.replace('_', '-')}", description=f"sweep {sw.name}")
+    parent.log_table(rows, "summary.json")
+    parent.log_metrics({"runs_finished": sum(r["status"] == "finished" for r in rows), "runs_failed": failed,
+                        "seconds": time.perf_counter() - t0})  # fmt: skip
+    parent.finish(status="FAILED" if failed else "FINISHED")
+    if failed:
+        raise RuntimeError(f"sweep {sw.name}: {failed} of {len(todo)} runs failed; re-run to complete the missing ones")
+    return rows
+
+
+def _add_metrics(rows: list[dict[str, Any]], uri: str) -> None:
+    """The final value of a few headline metrics of each run (from MLflow), for the summary table."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    for row in rows:
+        if not row.get("run_id"):
+            continue
+        metrics = client.get_run(row["run_id"]).data.metrics
+        for name in SUMMARY_METRICS:
+            if name in metrics:
+                row[name] = round(metrics[name], 4)

@@ -1,0 +1,126 @@
+"""The Prefect flows against a real Prefect server (started here on a free 127.0.0.1 port, stopped after) and a
+real MLflow store: the smoke sweep end to end, a second trigger that runs nothing new, and a failed run that a
+re-run completes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """`prefect server start` on 127.0.0.1:<free port> with its own PREFECT_HOME; the client settings point at it."""
+    home = tmp_path_factory.mktemp("prefect")
+    port = _free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_API_HOST": "127.0.0.1",
+           "PREFECT_SERVER_API_PORT": str(port), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "DO_NOT_TRACK": "true", "PREFECT_SERVER_UI_ENABLED": "false"}  # fmt: skip
+    log = (home / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("prefect server did not start:\n" + (home / "server.log").read_text()[-3000:])
+        time.sleep(0.3)
+    from prefect.settings import (PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, PREFECT_LOGGING_TO_API_ENABLED,
+                                  temporary_settings)  # fmt: skip
+
+    with temporary_settings({PREFECT_API_URL: url, PREFECT_LOCAL_STORAGE_PATH: str(home / "storage"),
+                             PREFECT_LOGGING_TO_API_ENABLED: False}):  # fmt: skip
+        yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()
+    with socket.socket() as s:  # nothing left listening
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_smoke_sweep_runs_every_config_once(prefect_server, tmp_path, monkeypatch):
+    from flows.rpg_flows import GPU_LIMIT, sweep
+
+    monkeypatch.chdir(ROOT)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    over = [f"train.output_dir={tmp_path / 'runs'}", f"tracking.tracking_uri={uri}"]
+    rows = sweep(sweep_file="sweeps/smoke.yaml", overrides=over, concurrency=2, workdir=str(tmp_path / "work"))
+    assert [r["status"] for r in rows] == ["finished"] * 4
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("rpg").experiment_id
+    (parent,) = client.search_runs([exp], "tags.`rpg.kind` = 'sweep'")
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.params["config_key"] for c in children) == sorted(r["key"] for r in rows)
+    assert all(c.info.status == "FINISHED" and "acc/strict" in c.data.metrics for c in children)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["runs_finished"] == 4
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as pc:
+        assert pc.read_global_concurrency_limit_by_name(GPU_LIMIT).limit == 2  # created by the flow
+    # A second trigger runs nothing new.
+    again = sweep(sweep_file="sweeps/smoke.yaml", overrides=over, concurrency=2, workdir=str(tmp_path / "work"))
+    assert [r["status"] for r in again] == ["skipped (finished)"] * 4
+    assert [r["run_id"] for r in again] == [r["run_id"] for r in rows]
+
+
+def test_failed_run_is_reported_and_a_rerun_completes_only_it(prefect_server, tmp_path, monkeypatch):
+    """One config needs a data file that does not exist yet: it fails (after its retry), the sweep reports it and
+    fails; once the file exists, re-running the sweep runs only that config."""
+    import json
+
+    import yaml
+
+    from flows.rpg_flows import sweep
+
+    monkeypatch.chdir(ROOT)
+    smoke = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
+    data = tmp_path / "problems.jsonl"
+    spec = {"name": "partial", "preset": smoke["preset"], "base": {**smoke["base"], "train.steps": 1},
+            "grid": {"variant": [{"label": "builtin", "data.level": "add1"},
+                                 {"label": "from-file", "data.task": "dataset", "data.source": str(data),
+                                  "data.n_eval": 0}]}}  # fmt: skip
+    path = tmp_path / "partial.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    kw = dict(sweep_file=str(path), overrides=[f"train.output_dir={tmp_path / 'runs'}", f"tracking.tracking_uri={uri}"],
+              retries=1, workdir=str(tmp_path / "work"))  # fmt: skip
+    with pytest.raises(RuntimeError, match="sweep partial: 1 of 2 runs failed; re-run to complete the missing ones"):
+        sweep(**kw)
+    (log,) = [t for p in (tmp_path / "work" / "partial" / "logs").glob("*.log") if "no such file" in (t := p.read_text())]
+    assert log.count("=== ") == 2  # the first attempt and its retry
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("rpg").experiment_id
+    (parent,) = client.search_runs([exp], "tags.`rpg.kind` = 'sweep'")
+    assert parent.info.status == "FAILED" and parent.data.metrics["runs_failed"] == 1
+    data.write_text("".join(json.dumps({"problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n"
+                            for i in range(20)))  # fmt: skip
+    rows = sweep(**kw)
+    assert [r["status"] for r in rows] == ["skipped (finished)", "finished"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
@@ -136,3 +136,138 @@ def _add_metrics(rows: list[dict[str, Any]], uri: str) -> None:
         for name in SUMMARY_METRICS:
             if name in metrics:
                 row[name] = round(metrics[name], 4)
+
+
+def _ensure_gpu_limit_exists() -> None:
+    """Create the limit with one slot if it is missing; leave an existing one (a sweep may have sized it)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        except ObjectNotFound:
+            client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, 1)
+
+
+@flow(name="train", log_prints=True)
+def train(
+    config: Annotated[str, Field(description="a run config YAML")] = "configs/demo_add2_urkl.yaml",
+    overrides: Annotated[list[str], Field(description="section.field=value")] = [],  # noqa: B006
+    gpus: Annotated[str, Field(pattern=r"^[0-9, ]*$", description="CUDA devices to pick from (empty: CPU)")] = "",
+    fresh: Annotated[bool, Field(description="ignore the config's checkpoints")] = False,
+    workdir: Annotated[str, Field(description="configs, logs and GPU locks")] = ".rpg/sweeps",
+) -> dict[str, Any]:
+    """One training run as its own process (one slot of ``rpg-gpu``, one GPU); resumes unless ``fresh``."""
+    from rpg_core.config import load_run_config
+
+    cfg = load_run_config(config, overrides=overrides or None)
+    _ensure_gpu_limit_exists()
+    out = train_run.with_options(retries=0)(0, cfg.key(), cfg.to_yaml(), str(Path(workdir) / "single"), gpus, fresh)
+    return {"key": cfg.key(), **out}
+
+
+Benchmark = Literal["aime24", "aime25", "amc23", "gsm8k", "math500"]
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(
+    model: Annotated[str, Field(description="smollm2-135m | Hub id | model dir | checkpoint or run dir | MLflow run id")],
+    benchmarks: Annotated[list[Benchmark], Field(min_length=1)] = ["aime24", "aime25", "amc23"],  # noqa: B006
+    k: Annotated[int, Field(ge=1, le=1024, description="samples per problem (Mean@k)")] = 32,
+    max_new_tokens: Annotated[int | None, Field(ge=1, description="default: the run's, else 2048")] = None,
+    limit: Annotated[int | None, Field(ge=1, description="first N problems of each benchmark")] = None,
+    precision: Literal["fp32", "bf16"] = "fp32",
+    gpus: Annotated[str, Field(pattern=r"^[0-9, ]*$", description="CUDA devices to pick from (empty: CPU)")] = "",
+    tracking_uri: Annotated[str | None, Field(description="default $MLFLOW_TRACKING_URI, else .rpg/mlflow.db")] = None,
+    workdir: str = ".rpg/sweeps",
+) -> dict[str, float]:
+    """``rpg eval`` of one model or checkpoint in its own process; a checkpoint's results go into its training run."""
+    return eval_run(model, list(benchmarks), k, max_new_tokens, limit, precision, gpus, tracking_uri, workdir)
+
+
+@task(task_run_name="eval-{model}")
+def eval_run(model: str, benchmarks: list[str], k: int, max_new_tokens: int | None, limit: int | None,
+             precision: str, gpus: str, tracking_uri: str | None, workdir: str) -> dict[str, float]:  # fmt: skip
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from prefect.concurrency.sync import concurrency
+
+    _ensure_gpu_limit_exists()
+    args = ["--model", model, "--benchmarks", ",".join(benchmarks), "--k", str(k), "--precision", precision]
+    for flag, value in (("--max-new-tokens", max_new_tokens), ("--limit", limit), ("--tracking-uri", tracking_uri)):
+        if value is not None:
+            args += [flag, str(value)]
+    with concurrency(GPU_LIMIT, occupy=1, strict=True), GpuPool.parse(gpus, Path(workdir) / "locks").acquire() as gpu:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "eval.json"
+            proc = subprocess.run([sys.executable, "-m", "rpg_core.cli", "eval", *args, "--output", str(out)],
+                                  env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}, capture_output=True, text=True)  # fmt: skip
+            print(proc.stdout[-4000:])
+            if proc.returncode != 0:
+                raise RuntimeError(f"rpg eval {model} exited with {proc.returncode}: {proc.stderr[-2000:]}")
+            return json.loads(out.read_text())["metrics"]
+
+
+@flow(name="nightly_eval", log_prints=True)
+def nightly_eval(
+    model: Annotated[str, Field(description="evaluate this model; empty: runs finished since the last nightly")] = "",
+    benchmarks: Annotated[list[Benchmark], Field(min_length=1)] = ["aime24", "aime25", "amc23"],  # noqa: B006
+    k: Annotated[int, Field(ge=1, le=1024)] = 32,
+    max_new_tokens: Annotated[int | None, Field(ge=1)] = None,
+    limit: Annotated[int | None, Field(ge=1)] = None,
+    precision: Literal["fp32", "bf16"] = "fp32",
+    experiment: Annotated[str, Field(description="MLflow experiment of the training runs")] = "rpg",
+    tracking_uri: Annotated[str | None, Field(description="default $MLFLOW_TRACKING_URI, else .rpg/mlflow.db")] = None,
+    gpus: Annotated[str, Field(pattern=r"^[0-9, ]*$")] = "",
+    workdir: str = ".rpg/sweeps",
+) -> list[dict[str, Any]]:
+    """Evaluate the newest checkpoints on AIME24/AIME25/AMC23: every training run finished since the previous
+    nightly (recorded as a ``nightly`` run in the ``rpg-eval`` experiment), or the named ``model``. Each
+    checkpoint's results land in its own training run."""
+    from mlflow.tracking import MlflowClient
+
+    from rpg_core.evaluation import EVAL_EXPERIMENT
+    from rpg_core.tracking import Tracker, default_tracking_uri, ensure_experiment
+
+    uri = tracking_uri or default_tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    ensure_experiment(uri, EVAL_EXPERIMENT)
+    eval_exp = client.get_experiment_by_name(EVAL_EXPERIMENT).experiment_id
+    previous = client.search_runs([eval_exp], "tags.`rpg.kind` = 'nightly' and attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
+    since = previous[0].info.start_time if previous else 0
+    nightly = Tracker(experiment=EVAL_EXPERIMENT, run_name=f"nightly-{time.strftime('%Y-%m-%d')}", tracking_uri=uri,
+                      tags={"rpg.kind": "nightly"}, params={"benchmarks": ",".join(benchmarks), "k": k})  # fmt: skip
+    if model:
+        targets = [model]
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([exp.experiment_id], f"attributes.status = 'FINISHED' and attributes.end_time > {since}",
+                                  max_results=1000) if exp else []  # fmt: skip
+        targets = [r.info.run_id for r in runs if "run_dir" in r.data.tags]
+    print(f"nightly_eval: {len(targets)} model(s) to evaluate (training runs finished since {since} ms)")
+    rows = []
+    failed = 0
+    for target in targets:
+        fut = eval_run.submit(target, list(benchmarks), k, max_new_tokens, limit, precision, gpus, uri, workdir)
+        fut.wait()
+        if fut.state.is_completed():
+            m = fut.result()
+            rows.append({"model": target, "status": "evaluated",
+                         **{n: round(v, 4) for n, v in m.items() if n.endswith(f"mean_at_{k}")}})  # fmt: skip
+        else:
+            failed += 1
+            rows.append({"model": target, "status": f"failed: {str(fut.state.message)[:200]}"})
+    if rows:
+        create_table_artifact(rows, key="nightly-eval", description="nightly evaluation")
+        nightly.log_table(rows, "summary.json")
+    nightly.log_metrics({"evaluated": len(rows) - failed, "failed": failed})
+    nightly.finish(status="FAILED" if failed else "FINISHED")
+    if failed:
+        raise RuntimeError(f"nightly_eval: {failed} of {len(targets)} evaluations failed")
+    return rows

@@ -124,3 +124,65 @@ def test_failed_run_is_reported_and_a_rerun_completes_only_it(prefect_server, tm
                             for i in range(20)))  # fmt: skip
     rows = sweep(**kw)
     assert [r["status"] for r in rows] == ["skipped (finished)", "finished"]
+
+
+@pytest.fixture(scope="module")
+def served(prefect_server, tmp_path_factory):
+    """`python -m flows.serve` (the deployments) against the test server, polling every second."""
+    from prefect.client.orchestration import get_client
+
+    home = tmp_path_factory.mktemp("serve")
+    env = {**os.environ, "PREFECT_API_URL": prefect_server, "PREFECT_HOME": str(home),
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage"),
+           "DO_NOT_TRACK": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
+    log = (home / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "flows.serve", "--cron", "0 2 * * *"], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                client.read_deployment_by_name("nightly_eval/nightly")
+                break
+            except Exception:  # noqa: BLE001 - not registered yet
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    raise RuntimeError("serve did not start:\n" + (home / "serve.log").read_text()[-3000:]) from None
+                time.sleep(0.5)
+    yield home
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    log.close()
+
+
+def test_run_button_triggers_the_smoke_sweep(served, tmp_path):
+    """What the UI's Run button does: create a flow run of the `sweep` deployment with the form's parameters.
+    Bad parameters are refused by the server; the run completes in the serve process; every expanded config ends
+    as a finished MLflow child run. The nightly deployment carries its cron schedule."""
+    from prefect.client.orchestration import get_client
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = {"sweep_file": "sweeps/smoke.yaml", "concurrency": 2, "workdir": str(tmp_path / "work"),
+              "overrides": [f"train.output_dir={tmp_path / 'runs'}", f"tracking.tracking_uri={uri}"]}  # fmt: skip
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("sweep/sweep")
+        for bad, field in (({"concurrency": 0}, "concurrency"), ({"gpus": "a,b"}, "gpus"), ({"force": "maybe"}, "force")):
+            with pytest.raises(Exception, match=field):
+                client.create_flow_run_from_deployment(dep.id, parameters={**params, **bad})
+        run = client.create_flow_run_from_deployment(dep.id, parameters=params)
+        deadline = time.monotonic() + 600
+        while not (state := client.read_flow_run(run.id).state).is_final():
+            assert time.monotonic() < deadline, f"sweep run still {state.name}"
+            time.sleep(1)
+        assert state.is_completed(), state.message
+        nightly = client.read_deployment_by_name("nightly_eval/nightly")
+        assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+    client_ml = MlflowClient(uri)
+    exp = client_ml.get_experiment_by_name("rpg").experiment_id
+    runs = client_ml.search_runs([exp], "tags.sweep = 'smoke' and attributes.status = 'FINISHED'")
+    children = [r for r in runs if r.data.tags.get("rpg.kind") != "sweep"]
+    assert len(runs) == 5 and len(children) == 4 and all("acc/strict" in c.data.metrics for c in children)

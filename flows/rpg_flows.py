@@ -249,7 +249,8 @@ def nightly_eval(
         exp = client.get_experiment_by_name(experiment)
         runs = client.search_runs([exp.experiment_id], f"attributes.status = 'FINISHED' and attributes.end_time > {since}",
                                   max_results=1000) if exp else []  # fmt: skip
-        targets = [r.info.run_id for r in runs if "run_dir" in r.data.tags]
+        # training runs not yet evaluated by a nightly (evaluating re-opens a run, which moves its end time)
+        targets = [r.info.run_id for r in runs if "run_dir" in r.data.tags and "rpg.nightly" not in r.data.tags]
     print(f"nightly_eval: {len(targets)} model(s) to evaluate (training runs finished since {since} ms)")
     rows = []
     failed = 0
@@ -258,6 +259,8 @@ def nightly_eval(
         fut.wait()
         if fut.state.is_completed():
             m = fut.result()
+            if not model:
+                client.set_tag(target, "rpg.nightly", nightly.run_id)
             rows.append({"model": target, "status": "evaluated",
                          **{n: round(v, 4) for n, v in m.items() if n.endswith(f"mean_at_{k}")}})  # fmt: skip
         else:

@@ -186,3 +186,30 @@ def test_run_button_triggers_the_smoke_sweep(served, tmp_path):
     runs = client_ml.search_runs([exp], "tags.sweep = 'smoke' and attributes.status = 'FINISHED'")
     children = [r for r in runs if r.data.tags.get("rpg.kind") != "sweep"]
     assert len(runs) == 5 and len(children) == 4 and all("acc/strict" in c.data.metrics for c in children)
+
+
+@pytest.mark.skipif(__import__("rpg_core.data", fromlist=["x"]).shared_data_dir() is None, reason="shared/data absent")
+def test_nightly_eval_evaluates_runs_finished_since_the_last_nightly(prefect_server, tmp_path, monkeypatch):
+    """A finished training run is evaluated by the next nightly into its own MLflow run; the nightly after that
+    finds nothing new; a named model is evaluated into a new eval run."""
+    from flows.core import run_training
+    from flows.rpg_flows import nightly_eval
+    from rpg_core.sweeps import expand, load_sweep
+
+    monkeypatch.chdir(ROOT)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = expand(load_sweep(ROOT / "sweeps" / "smoke.yaml", overrides=[
+        f"train.output_dir={tmp_path / 'runs'}", f"tracking.tracking_uri={uri}", "train.steps=1"])).runs[0].config  # fmt: skip
+    out = run_training(cfg, workdir=tmp_path / "work", cwd=ROOT)
+    assert out.ok
+    kw = dict(benchmarks=["aime24"], k=2, limit=1, max_new_tokens=4, tracking_uri=uri, workdir=str(tmp_path / "work"))
+    rows = nightly_eval(**kw)
+    assert [r["model"] for r in rows] == [out.run_id] and rows[0]["status"] == "evaluated"
+    client = MlflowClient(uri)
+    hist = client.get_metric_history(out.run_id, "eval/aime24/mean_at_2")
+    assert [h.step for h in hist] == [1]  # into the training run, at its checkpoint's step
+    assert nightly_eval(**kw) == []  # nothing finished since
+    named = nightly_eval(model="tiny", **kw)
+    assert named[0]["model"] == "tiny" and "aime24/mean_at_2" in named[0]
+    nightlies = client.search_runs([client.get_experiment_by_name("rpg-eval").experiment_id], "tags.`rpg.kind` = 'nightly'")
+    assert len(nightlies) == 3 and all(n.info.status == "FINISHED" for n in nightlies)

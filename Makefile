@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install demo test test-all bench bench-trainer bench-eval clean
+.PHONY: install demo test test-all bench bench-trainer bench-eval up down clean
 
 install: $(STAMP)
 
@@ -36,6 +36,12 @@ bench-trainer: install   ## one training step vs TRL's GRPOTrainer (~25 min, nee
 
 bench-eval: install      ## evaluation throughput (samples/s, tokens/s) vs batch size, embedded default, fp32 + bf16
 	$(BIN)/python benchmarks/bench_eval.py --precision fp32,bf16
+
+up: install              ## the local stack: Prefect server + MLflow server + the served flows, on 127.0.0.1
+	$(BIN)/python infra/stack.py up
+
+down:                    ## stop the local stack
+	$(BIN)/python infra/stack.py down
 
 clean:
 	rm -rf $(VENV) .pytest_cache

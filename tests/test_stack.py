@@ -1,0 +1,65 @@
+"""infra/stack.py: the local stack up on free ports (Prefect server, MLflow server, the served deployments), usable
+by clients through env.sh, and down with nothing left listening or running."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_stack_up_and_down(tmp_path):
+    home = tmp_path / "stack"
+    pp, mp = _free_port(), _free_port()
+    cmd = [sys.executable, "infra/stack.py", "--home", str(home), "--prefect-port", str(pp), "--mlflow-port", str(mp)]
+    try:
+        r = subprocess.run([*cmd, "up"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert f"Prefect UI  http://127.0.0.1:{pp}" in r.stdout and f"MLflow UI   http://127.0.0.1:{mp}" in r.stdout
+        env = (home / "env.sh").read_text()
+        assert f"export PREFECT_API_URL=http://127.0.0.1:{pp}/api" in env and "DO_NOT_TRACK=true" in env
+        pids = {n: int((home / f"{n}.pid").read_text()) for n in ("prefect", "mlflow", "serve")}
+        # the UIs answer, and the deployments get registered by the serve process
+        for url in (f"http://127.0.0.1:{pp}/", f"http://127.0.0.1:{mp}/"):
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                assert resp.status == 200
+        deadline = time.monotonic() + 120
+        names: set[str] = set()
+        while time.monotonic() < deadline and len(names) < 4:
+            req = urllib.request.Request(f"http://127.0.0.1:{pp}/api/deployments/filter", data=b"{}",
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                import json
+
+                names = {d["name"] for d in json.loads(resp.read())}
+            time.sleep(0.5)
+        assert names == {"sweep", "train", "evaluate", "nightly"}
+        again = subprocess.run([*cmd, "up"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert again.returncode != 0 and "already recorded" in again.stderr
+    finally:
+        r = subprocess.run([*cmd, "down"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "stopped: serve, mlflow, prefect" in r.stdout
+    for port in (pp, mp):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still listening"
+    assert not any(_alive(pid) for pid in pids.values())

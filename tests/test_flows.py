@@ -81,6 +81,9 @@ def test_smoke_sweep_runs_every_config_once(prefect_server, tmp_path, monkeypatc
     assert sorted(c.data.params["config_key"] for c in children) == sorted(r["key"] for r in rows)
     assert all(c.info.status == "FINISHED" and "acc/strict" in c.data.metrics for c in children)
     assert parent.info.status == "FINISHED" and parent.data.metrics["runs_finished"] == 4
+    spans = [(c.info.start_time, c.info.end_time) for c in children]
+    overlap = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+    assert overlap <= 2  # concurrency=2: never more than 2 training processes at once
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as pc:
@@ -213,3 +216,20 @@ def test_nightly_eval_evaluates_runs_finished_since_the_last_nightly(prefect_ser
     assert named[0]["model"] == "tiny" and "aime24/mean_at_2" in named[0]
     nightlies = client.search_runs([client.get_experiment_by_name("rpg-eval").experiment_id], "tags.`rpg.kind` = 'nightly'")
     assert len(nightlies) == 3 and all(n.info.status == "FINISHED" for n in nightlies)
+
+
+def test_deploy_registers_the_flows_on_a_work_pool(prefect_server):
+    """For GPU machines: `python -m flows.deploy --pool P` puts the four deployments on a process work pool (a
+    `prefect worker start --pool P` per machine then runs them; infra/team/worker.sh)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from flows.deploy import deploy
+
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="test-gpu-pool", type="process"), overwrite=True)
+        deploy("test-gpu-pool", cron="30 3 * * *")
+        deps = {d.name: d for d in client.read_deployments() if d.work_pool_name == "test-gpu-pool"}
+    assert set(deps) == {"sweep", "train", "evaluate", "nightly"}
+    assert deps["sweep"].entrypoint == "flows/rpg_flows.py:sweep"
+    assert [s.schedule.cron for s in deps["nightly"].schedules] == ["30 3 * * *"]

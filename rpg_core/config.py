@@ -404,6 +404,20 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_yaml_mapping(path: str | Path, what: str, error: type[Exception]) -> dict[str, Any]:
+    """A YAML file holding a mapping (empty file: {}); ``error(message naming what and the path)`` otherwise."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{what} {str(p)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise error(f"{what} {str(p)!r} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
 def load_run_config(
     path: str | Path | None = None,
     *,
@@ -411,17 +425,7 @@ def load_run_config(
     overrides: list[str] | dict[str, Any] | None = None,
 ) -> RunConfig:
     """Resolve preset < YAML file < overrides into a validated RunConfig (raises RunConfigError)."""
-    file_dict: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise RunConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            file_dict = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise RunConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-        if not isinstance(file_dict, dict):
-            raise RunConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(file_dict)}")
+    file_dict = read_yaml_mapping(path, "config file", RunConfigError) if path is not None else {}
     over = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
     name = over.get("preset") or preset or file_dict.get("preset")
     base = preset_dict(name) if name else {}

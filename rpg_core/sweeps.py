@@ -30,10 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from rpg_core.config import RunConfig, RunConfigError, deep_merge, load_run_config, parse_overrides
+from rpg_core.config import RunConfig, RunConfigError, deep_merge, load_run_config, parse_overrides, read_yaml_mapping
 
 __all__ = ["Dropped", "Expansion", "Sweep", "SweepError", "SweepRun", "expand", "load_sweep"]
 
@@ -124,14 +123,7 @@ def _nested(dotted: dict[str, Any]) -> dict[str, Any]:
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     """A sweep file, validated; ``overrides`` (``section.field=value``) are added to its ``base``."""
     p = Path(path)
-    if not p.is_file():
-        raise SweepError(f"sweep file {str(p)!r} does not exist")
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SweepError(f"sweep file {str(p)!r} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise SweepError(f"sweep file {str(p)!r} must hold a mapping")
+    raw = read_yaml_mapping(p, "sweep file", SweepError)
     if overrides:
         raw["base"] = deep_merge(_nested(raw.get("base") or {}), parse_overrides(overrides))
     try:

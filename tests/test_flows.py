@@ -25,6 +25,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM the process group (serve ignores SIGINT for seconds), SIGKILL if it lingers."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     """`prefect server start` on 127.0.0.1:<free port> with its own PREFECT_HOME; the client settings point at it."""
@@ -55,12 +65,7 @@ def prefect_server(tmp_path_factory):
     with temporary_settings({PREFECT_API_URL: url, PREFECT_LOCAL_STORAGE_PATH: str(home / "storage"),
                              PREFECT_LOGGING_TO_API_ENABLED: False}):  # fmt: skip
         yield url
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    _stop(proc)
     log.close()
     with socket.socket() as s:  # nothing left listening
         assert s.connect_ex(("127.0.0.1", port)) != 0
@@ -153,12 +158,7 @@ def served(prefect_server, tmp_path_factory):
                     raise RuntimeError("serve did not start:\n" + (home / "serve.log").read_text()[-3000:]) from None
                 time.sleep(0.5)
     yield home
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    _stop(proc)
     log.close()
 
 

@@ -37,7 +37,7 @@ import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -420,7 +420,7 @@ def evaluate(
                     continue
                 bar.set_postfix_str(f"{name} {lb.problems[call[0][0]].id}", refresh=False)
                 torch.manual_seed(mix_seed(settings.seed, bench_seed, c))
-                outs = gen.generate([ids[i] for i, _ in call], SamplingParams(n, *_rest(params)))
+                outs = gen.generate([ids[i] for i, _ in call], replace(params, n=n))
                 texts, gts, recs = [], [], []
                 for (i, _), rows in zip(call, outs, strict=True):
                     for row in rows:
@@ -457,10 +457,6 @@ def evaluate(
     s["max_new_tokens"] = max_new_tokens
     s["rules"] = {n: r.value for n, r in rule_of.items()}
     return EvalResult(results, s, model_label, seconds, n_samples, n_tokens)
-
-
-def _rest(p: SamplingParams) -> tuple[float, float, int, int]:
-    return p.temperature, p.top_p, p.top_k, p.max_new_tokens
 
 
 # -- MLflow ------------------------------------------------------------------------------------------------------------

@@ -85,6 +85,9 @@ def sweep(
     from rpg_core.tracking import Tracker, default_tracking_uri, ensure_experiment
 
     logger = get_run_logger()
+    devices = [d for d in gpus.split(",") if d.strip()]
+    if devices and concurrency > len(devices):  # before any compute: the extra slots would only wait for a GPU
+        raise ValueError(f"concurrency={concurrency} exceeds the {len(devices)} GPUs in gpus={gpus!r}; allowed: 1..{len(devices)}")
     exp = expand(load_sweep(sweep_file, overrides=overrides or None))
     sw = exp.sweep
     if not exp.runs:

@@ -233,3 +233,15 @@ def test_deploy_registers_the_flows_on_a_work_pool(prefect_server):
     assert set(deps) == {"sweep", "train", "evaluate", "nightly"}
     assert deps["sweep"].entrypoint == "flows/rpg_flows.py:sweep"
     assert [s.schedule.cron for s in deps["nightly"].schedules] == ["30 3 * * *"]
+
+
+def test_sweep_rejects_bad_input_before_compute(prefect_server, tmp_path, monkeypatch):
+    from flows.rpg_flows import sweep
+    from rpg_core.sweeps import SweepError
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(ValueError, match=r"concurrency=3 exceeds the 2 GPUs in gpus='0,1'; allowed: 1..2"):
+        sweep(sweep_file="sweeps/smoke.yaml", concurrency=3, gpus="0,1", workdir=str(tmp_path))
+    with pytest.raises(SweepError, match="sweep file 'sweeps/nope.yaml' does not exist"):
+        sweep(sweep_file="sweeps/nope.yaml", workdir=str(tmp_path))
+    assert not (tmp_path / "smoke").exists()  # nothing started

@@ -2,15 +2,19 @@
 
 ``sweep`` expands the sweep (invalid and duplicate combinations dropped, ``rpg sweep expand``), skips every config
 key that already has a FINISHED MLflow training run (unless ``force``), and runs the rest at most ``concurrency``
-at a time through the Prefect global concurrency limit ``rpg-gpu`` (created or resized here: Prefect only warns
-about a missing limit). Each run gets one device of ``gpus`` (``CUDA_VISIBLE_DEVICES``; empty: CPU), is retried
-``retries`` times (a retry resumes from the run's last checkpoint), and nests under one parent MLflow run of the
-sweep. The flow returns a summary table (also a Prefect table artifact and the parent run's ``summary.json``).
+at a time through this machine's Prefect global concurrency limit ``rpg-gpu-<host>`` (created or grown here:
+Prefect only warns about a missing limit). Each run gets one device of ``gpus`` (``CUDA_VISIBLE_DEVICES``; empty:
+CPU), is retried ``retries`` times (a retry resumes from the run's last checkpoint), and nests under one parent
+MLflow run of the sweep. The flow returns a summary table (also a Prefect table artifact and the parent run's
+``summary.json``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -25,16 +29,31 @@ from pydantic import Field
 from flows.core import GpuPool, finished_runs, run_training
 from rpg_core.config import RunConfig
 
-GPU_LIMIT = "rpg-gpu"  # one slot per GPU (or per CPU run)
 SUMMARY_METRICS = ("eval/acc_strict", "acc/strict", "reward/mean")
 
 
-def ensure_gpu_limit(slots: int) -> None:
-    """Create (or resize) the global concurrency limit; ``concurrency()`` on a missing one would only warn."""
-    from prefect.client.orchestration import get_client
+def gpu_limit_name(host: str | None = None) -> str:
+    """``rpg-gpu-<host>``: the Prefect global concurrency limit of one machine's GPUs (one slot per GPU, or per CPU
+    run). Per machine, because a team's workers share one Prefect server and each machine has its own GPUs."""
+    host = host or os.environ.get("RPG_HOST") or socket.gethostname()
+    return "rpg-gpu-" + (re.sub(r"[^a-z0-9-]+", "-", host.lower()).strip("-") or "host")
 
+
+def ensure_gpu_limit(slots: int = 1) -> str:
+    """Create this machine's limit with ``slots`` if it is missing, or grow it to ``slots`` (never shrink it: a
+    running sweep may hold more); returns its name. ``concurrency()`` on a missing limit would only warn."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    name = gpu_limit_name()
     with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, slots)
+        try:
+            current = client.read_global_concurrency_limit_by_name(name).limit
+        except ObjectNotFound:
+            current = 0
+        if current < slots:
+            client.upsert_global_concurrency_limit_by_name(name, slots)
+    return name
 
 
 def _with_tracking(cfg: RunConfig, uri: str, parent: str | None, sweep: str) -> RunConfig:
@@ -43,7 +62,7 @@ def _with_tracking(cfg: RunConfig, uri: str, parent: str | None, sweep: str) -> 
     return cfg.model_copy(update={"tracking": tracking})
 
 
-# A sweep takes its slots of the server's rpg-gpu limit once, for its whole duration (min(concurrency, runs to
+# A sweep takes its slots of its machine's rpg-gpu-<host> limit once, for its whole duration (min(concurrency, runs to
 # do)), and hands them to its tasks through a local semaphore: a task acquiring a server slot itself waits ~2 s
 # after the previous task released it (the client retries), which cost 24 % on the smoke sweep
 # (benchmarks/bench_orchestration.py). Another flow still waits for the server's slots.
@@ -53,14 +72,14 @@ _LOCAL_SLOTS: dict[str, threading.Semaphore] = {}
 @task(task_run_name="train-{index}-{key}")
 def train_run(index: int, key: str, config_yaml: str, workdir: str, gpus: str, fresh: bool,
               slots: str = "") -> dict[str, Any]:  # fmt: skip
-    """One training process, holding a slot of the ``rpg-gpu`` limit and one device for its whole life."""
+    """One training process, holding a slot of the ``rpg-gpu-<host>`` limit and one device for its whole life."""
     import yaml
     from prefect.concurrency.sync import concurrency
 
     cfg = RunConfig.from_dict(yaml.safe_load(config_yaml))
     logger = get_run_logger()
     local = _LOCAL_SLOTS.get(slots)
-    with local if local is not None else concurrency(GPU_LIMIT, occupy=1, strict=True):
+    with local if local is not None else concurrency(gpu_limit_name(), occupy=1, strict=True):
         with GpuPool.parse(gpus, Path(workdir) / "locks").acquire() as gpu:
             logger.info("run %d %s on %s", index, key, f"GPU {gpu}" if gpu else "CPU")
             out = run_training(cfg, workdir=workdir, gpu=gpu, fresh=fresh)
@@ -100,7 +119,7 @@ def sweep(
     todo = [r for r in exp.runs if r.key not in done]
     logger.info("sweep %s: %d runs, %d already finished, %d to run (%d dropped combinations)",
                 sw.name, len(exp.runs), len(exp.runs) - len(todo), len(todo), len(exp.dropped))  # fmt: skip
-    ensure_gpu_limit(concurrency)
+    gpu_limit = ensure_gpu_limit(concurrency)
     work = Path(workdir) / sw.name
     parent = Tracker(experiment=experiment, run_name=f"sweep-{sw.name}", tracking_uri=uri,
                      params={"sweep_file": sweep_file, "runs": len(exp.runs), "concurrency": concurrency,
@@ -111,7 +130,7 @@ def sweep(
     _LOCAL_SLOTS[slots] = threading.Semaphore(concurrency)
     futures = {}
     held = min(concurrency, len(todo))
-    with concurrency_slots(GPU_LIMIT, occupy=held, strict=True) if held else contextlib.nullcontext():
+    with concurrency_slots(gpu_limit, occupy=held, strict=True) if held else contextlib.nullcontext():
         for r in todo:
             cfg = _with_tracking(r.config, uri, parent.run_id, sw.name)
             futures[r.key] = train_run.with_options(retries=retries, retry_delay_seconds=2).submit(
@@ -160,18 +179,6 @@ def _add_metrics(rows: list[dict[str, Any]], uri: str) -> None:
                 row[name] = round(metrics[name], 4)
 
 
-def _ensure_gpu_limit_exists() -> None:
-    """Create the limit with one slot if it is missing; leave an existing one (a sweep may have sized it)."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
-        except ObjectNotFound:
-            client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, 1)
-
-
 @flow(name="train", log_prints=True)
 def train(
     config: Annotated[str, Field(description="a run config YAML")] = "configs/demo_add2_urkl.yaml",
@@ -180,11 +187,11 @@ def train(
     fresh: Annotated[bool, Field(description="ignore the config's checkpoints")] = False,
     workdir: Annotated[str, Field(description="configs, logs and GPU locks")] = ".rpg/sweeps",
 ) -> dict[str, Any]:
-    """One training run as its own process (one slot of ``rpg-gpu``, one GPU); resumes unless ``fresh``."""
+    """One training run as its own process (one slot of ``rpg-gpu-<host>``, one GPU); resumes unless ``fresh``."""
     from rpg_core.config import load_run_config
 
     cfg = load_run_config(config, overrides=overrides or None)
-    _ensure_gpu_limit_exists()
+    ensure_gpu_limit()
     out = train_run.with_options(retries=0)(0, cfg.key(), cfg.to_yaml(), str(Path(workdir) / "single"), gpus, fresh)
     return {"key": cfg.key(), **out}
 
@@ -219,12 +226,12 @@ def eval_run(model: str, benchmarks: list[str], k: int, max_new_tokens: int | No
 
     from prefect.concurrency.sync import concurrency
 
-    _ensure_gpu_limit_exists()
+    gpu_limit = ensure_gpu_limit()
     args = ["--model", model, "--benchmarks", ",".join(benchmarks), "--k", str(k), "--precision", precision]
     for flag, value in (("--max-new-tokens", max_new_tokens), ("--limit", limit), ("--tracking-uri", tracking_uri)):
         if value is not None:
             args += [flag, str(value)]
-    with concurrency(GPU_LIMIT, occupy=1, strict=True), GpuPool.parse(gpus, Path(workdir) / "locks").acquire() as gpu:
+    with concurrency(gpu_limit, occupy=1, strict=True), GpuPool.parse(gpus, Path(workdir) / "locks").acquire() as gpu:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "eval.json"
             proc = subprocess.run([sys.executable, "-m", "rpg_core.cli", "eval", *args, "--output", str(out)],

@@ -72,7 +72,7 @@ def prefect_server(tmp_path_factory):
 
 
 def test_smoke_sweep_runs_every_config_once(prefect_server, tmp_path, monkeypatch):
-    from flows.rpg_flows import GPU_LIMIT, sweep
+    from flows.rpg_flows import gpu_limit_name, sweep
 
     monkeypatch.chdir(ROOT)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -92,7 +92,7 @@ def test_smoke_sweep_runs_every_config_once(prefect_server, tmp_path, monkeypatc
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as pc:
-        assert pc.read_global_concurrency_limit_by_name(GPU_LIMIT).limit == 2  # created by the flow
+        assert pc.read_global_concurrency_limit_by_name(gpu_limit_name()).limit == 2  # created by the flow
     # A second trigger runs nothing new.
     again = sweep(sweep_file="sweeps/smoke.yaml", overrides=over, concurrency=2, workdir=str(tmp_path / "work"))
     assert [r["status"] for r in again] == ["skipped (finished)"] * 4
@@ -224,15 +224,38 @@ def test_deploy_registers_the_flows_on_a_work_pool(prefect_server):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
 
-    from flows.deploy import deploy
+    from flows.deploy import deploy, ensure_pool
 
     with get_client(sync_client=True) as client:
-        client.create_work_pool(WorkPoolCreate(name="test-gpu-pool", type="process"), overwrite=True)
-        deploy("test-gpu-pool", cron="30 3 * * *")
+        deploy("test-gpu-pool", cron="30 3 * * *")  # creates the pool
+        pool = client.read_work_pool("test-gpu-pool")
         deps = {d.name: d for d in client.read_deployments() if d.work_pool_name == "test-gpu-pool"}
+        client.create_work_pool(WorkPoolCreate(name="test-k8s-pool", type="kubernetes"))
+    assert pool.type == "process" and "command" in pool.base_job_template["variables"]["properties"]
+    assert ensure_pool("test-gpu-pool") is False  # already there: left as it is
     assert set(deps) == {"sweep", "train", "evaluate", "nightly"}
     assert deps["sweep"].entrypoint == "flows/rpg_flows.py:sweep"
     assert [s.schedule.cron for s in deps["nightly"].schedules] == ["30 3 * * *"]
+    with pytest.raises(ValueError, match="test-k8s-pool: an existing work pool of type 'kubernetes'; allowed: 'process'"):
+        ensure_pool("test-k8s-pool")
+
+
+def test_gpu_limit_is_per_machine_and_never_shrinks(prefect_server, monkeypatch):
+    """A team's machines share one Prefect server: each has its own `rpg-gpu-<host>` limit. A smaller sweep must not
+    shrink the limit under a bigger one that is still running."""
+    from prefect.client.orchestration import get_client
+
+    from flows.rpg_flows import ensure_gpu_limit, gpu_limit_name
+
+    assert gpu_limit_name("GPU-Node_07.cluster") == "rpg-gpu-gpu-node-07-cluster"
+    monkeypatch.setenv("RPG_HOST", "node-a")
+    assert ensure_gpu_limit(3) == "rpg-gpu-node-a"
+    assert ensure_gpu_limit(1) == "rpg-gpu-node-a"
+    monkeypatch.setenv("RPG_HOST", "node-b")
+    ensure_gpu_limit()
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name("rpg-gpu-node-a").limit == 3
+        assert client.read_global_concurrency_limit_by_name("rpg-gpu-node-b").limit == 1
 
 
 def test_sweep_rejects_bad_input_before_compute(prefect_server, tmp_path, monkeypatch):

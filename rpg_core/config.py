@@ -299,6 +299,16 @@ class RunConfig(_Section):
         blob = json.dumps({"schema": "rpg.run/v1", **d}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
+    @staticmethod
+    def is_bookkeeping(param: str) -> bool:
+        """Whether the flattened field ``param`` (``"train.max_minutes"``) is bookkeeping: left out of ``key()``, so
+        it may change between attempts of one run (a resume under another sweep, a new time limit)."""
+        section, _, field = param.partition(".")
+        if section not in _BOOKKEEPING:
+            return False
+        fields = _BOOKKEEPING[section]
+        return fields is None or field.split(".")[0] in fields
+
     def method_name(self) -> str:
         """The preset name when the objective and algorithm still match it, else 'custom'."""
         if self.preset is None:

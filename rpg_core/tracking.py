@@ -54,7 +54,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -286,7 +286,12 @@ class Tracker:
         tags: Mapping[str, Any] | None = None,
         tracking_uri: str | None = None,
         enabled: bool = True,
+        mutable: Callable[[str], bool] | None = None,
     ) -> None:
+        """``mutable(param)``: params that may change between attempts of one run (bookkeeping, e.g. a sweep's
+        parent run or a time limit). On resume, a changed one keeps its logged value (MLflow params are immutable)
+        and its new value goes into the tag ``rpg.changed_on_resume`` (JSON ``{param: [logged, now]}``); any other
+        change is an error."""
         self.enabled = bool(enabled)
         self.run_id: str | None = None
         self.experiment_id: str | None = None
@@ -317,7 +322,12 @@ class Tracker:
                     f"`mlflow runs restore --run-id {run_id}`)"
                 )
             old = run.data.params
-            conflicts = [(k, old[k], v) for k, v in params.items() if k in old and old[k] != v]
+            changed = {k: v for k, v in params.items() if k in old and old[k] != v}
+            allowed = {k: [old[k], v] for k, v in changed.items() if mutable is not None and mutable(k)}
+            conflicts = [(k, old[k], v) for k, v in changed.items() if k not in allowed]
+            if allowed:
+                before = json.loads(run.data.tags.get("rpg.changed_on_resume", "{}"))
+                tags["rpg.changed_on_resume"] = json.dumps({**before, **allowed}, sort_keys=True)
             if conflicts:
                 lines = "; ".join(f"{k!r}: logged {a!r}, now {b!r}" for k, a, b in conflicts)
                 raise ValueError(

@@ -627,7 +627,7 @@ class Trainer:
         params["config_key"] = self.key
         tags = cfg.axis_tags()
         tags.update({"run_dir": str(self.run_dir.resolve()), "world_size": str(self.world), **t.tags})
-        if t.parent_run_id:
+        if t.parent_run_id and not self.run_id:  # a resumed run stays under the sweep run that started it
             tags["mlflow.parentRunId"] = t.parent_run_id  # shown nested under the sweep's run in the MLflow UI
         name = t.run_name or f"{cfg.method_name()}-{self.key}"
         tracker = Tracker(
@@ -638,6 +638,7 @@ class Trainer:
             tags=tags,
             tracking_uri=t.tracking_uri,
             enabled=enabled,
+            mutable=RunConfig.is_bookkeeping,
         )
         if enabled:
             self.run_id = tracker.run_id

@@ -1,6 +1,6 @@
 """The Prefect flows against a real Prefect server (started here on a free 127.0.0.1 port, stopped after) and a
-real MLflow store: the smoke sweep end to end, a second trigger that runs nothing new, and a failed run that a
-re-run completes."""
+real MLflow store: the smoke sweep end to end, a second trigger that runs nothing new, a failed run and a killed run
+that a re-run completes."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -77,7 +78,8 @@ def test_smoke_sweep_runs_every_config_once(prefect_server, tmp_path, monkeypatc
     monkeypatch.chdir(ROOT)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     over = [f"train.output_dir={tmp_path / 'runs'}", f"tracking.tracking_uri={uri}"]
-    rows = sweep(sweep_file="sweeps/smoke.yaml", overrides=over, concurrency=2, workdir=str(tmp_path / "work"))
+    kw = dict(sweep_file="sweeps/smoke.yaml", overrides=over, concurrency=2, gpus="0,1", workdir=str(tmp_path / "work"))
+    rows = sweep(**kw)  # device ids only name CUDA_VISIBLE_DEVICES: on this CPU-only torch the runs use the CPU
     assert [r["status"] for r in rows] == ["finished"] * 4
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("rpg").experiment_id
@@ -89,12 +91,21 @@ def test_smoke_sweep_runs_every_config_once(prefect_server, tmp_path, monkeypatc
     spans = [(c.info.start_time, c.info.end_time) for c in children]
     overlap = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
     assert overlap <= 2  # concurrency=2: never more than 2 training processes at once
+    # each process got one device, given in its environment; two runs at once never shared one
+    gpu = {r["run_id"]: r["gpu"] for r in rows}
+    assert set(gpu.values()) == {"0", "1"}
+    for r in rows:
+        assert f"(CUDA_VISIBLE_DEVICES='{r['gpu']}')" in (tmp_path / "work" / "smoke" / "logs" / f"{r['key']}.log").read_text()
+    for a in children:
+        for b in children:
+            if a is not b and a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time:
+                assert gpu[a.info.run_id] != gpu[b.info.run_id]
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as pc:
         assert pc.read_global_concurrency_limit_by_name(gpu_limit_name()).limit == 2  # created by the flow
     # A second trigger runs nothing new.
-    again = sweep(sweep_file="sweeps/smoke.yaml", overrides=over, concurrency=2, workdir=str(tmp_path / "work"))
+    again = sweep(**kw)
     assert [r["status"] for r in again] == ["skipped (finished)"] * 4
     assert [r["run_id"] for r in again] == [r["run_id"] for r in rows]
 
@@ -132,6 +143,76 @@ def test_failed_run_is_reported_and_a_rerun_completes_only_it(prefect_server, tm
                             for i in range(20)))  # fmt: skip
     rows = sweep(**kw)
     assert [r["status"] for r in rows] == ["skipped (finished)", "finished"]
+
+
+def _kill_when(marker: Path, config_path: Path, timeout: float = 300) -> threading.Thread:
+    """In the background: once ``marker`` exists, SIGKILL the `rpg train --config <config_path>` process (an OOM kill,
+    a node going away)."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"train" in argv and str(config_path).encode() in argv:
+                os.kill(int(proc.name), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_killed_run_is_reported_and_a_rerun_resumes_only_it(prefect_server, tmp_path, monkeypatch):
+    """One training process of a sweep is SIGKILLed after its second checkpoint: the sweep reports it (and fails),
+    the other run finishes. Re-running the sweep runs only the killed one, which resumes from its checkpoint into
+    the same MLflow run."""
+    import json
+
+    import pandas as pd
+    import yaml
+
+    from flows.rpg_flows import sweep
+    from rpg_core.sweeps import expand, load_sweep
+
+    monkeypatch.chdir(ROOT)
+    smoke = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
+    spec = {"name": "killed", "preset": smoke["preset"],
+            "base": {**smoke["base"], "train.steps": 8, "train.checkpoint_every": 1, "train.eval_every": 0},
+            "grid": {"objective.direction": ["forward", "reverse"]}}  # fmt: skip
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    over = [f"train.output_dir={tmp_path / 'runs'}", f"tracking.tracking_uri={uri}"]
+    kw = dict(sweep_file=str(path), overrides=over, retries=0, workdir=str(tmp_path / "work"))
+    victim = expand(load_sweep(str(path), overrides=over)).runs[0].key
+    marker = tmp_path / "runs" / victim / "checkpoints" / "step_000002" / "COMPLETE"
+    killer = _kill_when(marker, tmp_path / "work" / "killed" / "configs" / f"{victim}.yaml")
+    with pytest.raises(RuntimeError, match="sweep killed: 1 of 2 runs failed"):
+        sweep(**kw)
+    killer.join(timeout=5)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("rpg").experiment_id
+    (parent,) = client.search_runs([exp], "tags.`rpg.kind` = 'sweep'")
+    summary = json.loads(Path(client.download_artifacts(parent.info.run_id, "summary.json", str(tmp_path))).read_text())
+    status = {row["key"]: row["status"] for row in pd.DataFrame(**summary).to_dict("records")}
+    assert status[victim].startswith("failed: ") and "exited with -9" in status[victim]
+    assert list(status.values()).count("finished") == 1
+    (killed,) = client.search_runs([exp], f"params.config_key = '{victim}'")
+    assert killed.info.status == "RUNNING"  # as the kill left it
+    rows = sweep(**kw)
+    assert {r["key"]: r["status"] for r in rows} == {k: "finished" if k == victim else "skipped (finished)" for k in status}
+    assert next(r for r in rows if r["key"] == victim)["run_id"] == killed.info.run_id  # the same MLflow run
+    resumed = client.get_run(killed.info.run_id)
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags["mlflow.parentRunId"] == parent.info.run_id  # stays under the sweep run that started it
+    assert json.loads(resumed.data.tags["rpg.changed_on_resume"])["tracking.parent_run_id"][0] == parent.info.run_id
+    # steps 1-2 (or 1-3: a step may log before its checkpoint is written) by the killed process, the rest resumed
+    assert sorted({m.step for m in client.get_metric_history(killed.info.run_id, "reward/mean")}) == list(range(1, 9))
+    assert f"resumed {victim}" in (tmp_path / "work" / "killed" / "logs" / f"{victim}.log").read_text()
 
 
 @pytest.fixture(scope="module")

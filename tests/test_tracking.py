@@ -308,6 +308,29 @@ def test_resume_with_a_changed_param_names_it(store):
         Tracker(experiment="rpg", run_id="0" * 32, tracking_uri=store)
 
 
+def test_resume_keeps_changed_bookkeeping_params_and_records_them(store):
+    """A run resumed under another sweep (new parent run) or with a new time limit: bookkeeping params may change.
+    The logged values stay (MLflow params are immutable), the new ones are recorded in a tag, and twice-changed
+    params keep their first logged value; a computation param still may not change."""
+    from rpg_core.config import RunConfig
+
+    assert RunConfig.is_bookkeeping("tracking.parent_run_id") and RunConfig.is_bookkeeping("train.max_minutes")
+    assert RunConfig.is_bookkeeping("tracking.tags.sweep") and RunConfig.is_bookkeeping("preset")
+    assert not RunConfig.is_bookkeeping("train.steps") and not RunConfig.is_bookkeeping("objective.beta")
+    params = {"objective.beta": "0.05", "tracking.parent_run_id": "p1", "train.max_minutes": "None"}
+    t = Tracker(experiment="rpg", run_name="moved", params=params, tracking_uri=store)
+    t.finish("FAILED")
+    kw = dict(experiment="rpg", run_id=t.run_id, tracking_uri=store, mutable=RunConfig.is_bookkeeping)
+    Tracker(params={**params, "tracking.parent_run_id": "p2"}, **kw).finish("FAILED")
+    Tracker(params={**params, "tracking.parent_run_id": "p3", "train.max_minutes": "30"}, **kw).finish("FINISHED")
+    run = MlflowClient(store).get_run(t.run_id)
+    assert run.data.params == params
+    assert json.loads(run.data.tags["rpg.changed_on_resume"]) == {"tracking.parent_run_id": ["p1", "p3"],
+                                                                   "train.max_minutes": ["None", "30"]}  # fmt: skip
+    with pytest.raises(ValueError, match=r"'objective\.beta': logged '0\.05', now '0\.1'"):
+        Tracker(params={**params, "objective.beta": "0.1"}, **kw)
+
+
 def test_finish_failed_is_final_and_idempotent(store):
     t = Tracker(experiment="rpg", run_name="fails", tracking_uri=store)
     t.log_metrics({"loss": 1.0}, step=1)

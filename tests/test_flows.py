@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,14 +15,9 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from servers import free_port, listening
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 20) -> None:
@@ -40,7 +34,7 @@ def _stop(proc: subprocess.Popen, timeout: float = 20) -> None:
 def prefect_server(tmp_path_factory):
     """`prefect server start` on 127.0.0.1:<free port> with its own PREFECT_HOME; the client settings point at it."""
     home = tmp_path_factory.mktemp("prefect")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_API_HOST": "127.0.0.1",
            "PREFECT_SERVER_API_PORT": str(port), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "DO_NOT_TRACK": "true", "PREFECT_SERVER_UI_ENABLED": "false"}  # fmt: skip
@@ -68,8 +62,7 @@ def prefect_server(tmp_path_factory):
         yield url
     _stop(proc)
     log.close()
-    with socket.socket() as s:  # nothing left listening
-        assert s.connect_ex(("127.0.0.1", port)) != 0
+    assert not listening(port)
 
 
 def test_smoke_sweep_runs_every_config_once(prefect_server, tmp_path, monkeypatch):

@@ -3,34 +3,20 @@ by clients through env.sh, and down with nothing left listening or running."""
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from servers import alive, free_port, listening
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def test_stack_up_and_down(tmp_path):
     home = tmp_path / "stack"
-    pp, mp = _free_port(), _free_port()
+    pp, mp = free_port(), free_port()
     cmd = [sys.executable, "infra/stack.py", "--home", str(home), "--prefect-port", str(pp), "--mlflow-port", str(mp)]
     try:
         r = subprocess.run([*cmd, "up"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -59,7 +45,5 @@ def test_stack_up_and_down(tmp_path):
     finally:
         r = subprocess.run([*cmd, "down"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "stopped: serve, mlflow, prefect" in r.stdout
-    for port in (pp, mp):
-        with socket.socket() as s:
-            assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still listening"
-    assert not any(_alive(pid) for pid in pids.values())
+    assert not any(listening(port) for port in (pp, mp))
+    assert not any(alive(pid) for pid in pids.values())

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from servers import alive, free_port, listening
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("rpg_stack", ROOT / "infra" / "stack.py")
@@ -43,23 +43,6 @@ def _have_postgres() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie (exited, not yet reaped by its parent) counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (FileNotFoundError, IndexError):
-        return False
-
-
 @pytest.mark.skipif(_have_postgres() is not None, reason=str(_have_postgres()))
 def test_team_head_on_postgres_and_a_worker_run_the_smoke_sweep():
     from mlflow.tracking import MlflowClient
@@ -71,7 +54,7 @@ def test_team_head_on_postgres_and_a_worker_run_the_smoke_sweep():
     base = Path(tempfile.mkdtemp(prefix="rpg-team-"))
     base.chmod(0o755)
     home, pool = base / "head", "test-pool"
-    pp, mp, pgp = _free_port(), _free_port(), _free_port()
+    pp, mp, pgp = free_port(), free_port(), free_port()
     cmd = [sys.executable, "infra/stack.py", "--home", str(home)]
     head = [*cmd, "--db", "postgres", "--pg-data", str(base / "pg"), "--pg-port", str(pgp),
             "--prefect-port", str(pp), "--mlflow-port", str(mp), "--pool", pool]  # fmt: skip
@@ -133,12 +116,10 @@ def test_team_head_on_postgres_and_a_worker_run_the_smoke_sweep():
         down = subprocess.run([*cmd, "down"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     try:
         assert down.returncode == 0 and down.stdout.strip() == "stopped: mlflow, prefect, postgres", down.stderr
-        for port in (pp, mp, pgp):
-            with socket.socket() as s:
-                assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still listening"
+        assert not any(listening(port) for port in (pp, mp, pgp))
         deadline = time.monotonic() + 10
-        while _alive(postmaster) and time.monotonic() < deadline:
+        while alive(postmaster) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _alive(postmaster) and (worker is None or not _alive(worker.pid))
+        assert not alive(postmaster) and (worker is None or not alive(worker.pid))
     finally:
         shutil.rmtree(base, ignore_errors=True)

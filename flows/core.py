@@ -22,7 +22,7 @@ from filelock import FileLock, Timeout
 
 from rpg_core.config import RunConfig
 
-__all__ = ["GpuPool", "TrainOutcome", "finished_runs", "run_training"]
+__all__ = ["GpuPool", "TrainOutcome", "finished_runs", "gpus_of", "run_training"]
 
 
 def finished_runs(tracking_uri: str, experiment: str) -> dict[str, str]:
@@ -47,6 +47,18 @@ def finished_runs(tracking_uri: str, experiment: str) -> dict[str, str]:
             return out
 
 
+def gpus_of(spec: str) -> list[str]:
+    """The devices a flow's ``gpus`` field names: ``"0,1"`` those; ``"cpu"`` none (CPU); ``""`` this machine's, from
+    ``$RPG_GPUS`` (infra/team/worker.sh sets it from ``nvidia-smi`` for the flow runs it starts), none if unset.
+    A sweep pressed in the UI of a team's server does not know which machine will run it: "" means "its GPUs"."""
+    spec = spec.strip()
+    if spec.lower() == "cpu":
+        return []
+    if not spec:
+        spec = os.environ.get("RPG_GPUS", "")
+    return [d.strip() for d in spec.split(",") if d.strip()]
+
+
 class GpuPool:
     """Hands out one device per training process. ``devices`` are CUDA ids ("0", "1", ...); an empty list means CPU
     (``acquire`` yields ""). Exclusive across threads and processes through one lock file per device in
@@ -63,8 +75,8 @@ class GpuPool:
 
     @classmethod
     def parse(cls, spec: str, lock_dir: str | Path) -> GpuPool:
-        """``"0,1,2,3"`` -> four GPUs; ``""`` -> CPU."""
-        return cls([d for d in spec.split(",") if d.strip()], lock_dir)
+        """``"0,1,2,3"`` -> four GPUs; ``""`` -> this machine's (``$RPG_GPUS``); ``"cpu"`` -> CPU (see ``gpus_of``)."""
+        return cls(gpus_of(spec), lock_dir)
 
     @contextlib.contextmanager
     def acquire(self, poll_s: float = 0.2, timeout_s: float | None = None) -> Iterator[str]:

@@ -3,10 +3,10 @@
 ``sweep`` expands the sweep (invalid and duplicate combinations dropped, ``rpg sweep expand``), skips every config
 key that already has a FINISHED MLflow training run (unless ``force``), and runs the rest at most ``concurrency``
 at a time through this machine's Prefect global concurrency limit ``rpg-gpu-<host>`` (created or grown here:
-Prefect only warns about a missing limit). Each run gets one device of ``gpus`` (``CUDA_VISIBLE_DEVICES``; empty:
-CPU), is retried ``retries`` times (a retry resumes from the run's last checkpoint), and nests under one parent
-MLflow run of the sweep. The flow returns a summary table (also a Prefect table artifact and the parent run's
-``summary.json``).
+Prefect only warns about a missing limit). Each run gets one device of ``gpus`` (``CUDA_VISIBLE_DEVICES``; ``cpu``:
+CPU; empty: the machine's GPUs, ``$RPG_GPUS``, else CPU), is retried ``retries`` times (a retry resumes from the
+run's last checkpoint), and nests under one parent MLflow run of the sweep. The flow returns a summary table (also a
+Prefect table artifact and the parent run's ``summary.json``).
 """
 
 from __future__ import annotations
@@ -26,10 +26,12 @@ from prefect.concurrency.sync import concurrency as concurrency_slots
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from flows.core import GpuPool, finished_runs, run_training
+from flows.core import GpuPool, finished_runs, gpus_of, run_training
 from rpg_core.config import RunConfig
 
 SUMMARY_METRICS = ("eval/acc_strict", "acc/strict", "reward/mean")
+GPUS_PATTERN = r"^(cpu|[0-9, ]*)$"
+GPUS_HELP = "CUDA devices, e.g. 0,1,2,3; cpu: CPU; empty: the machine's GPUs ($RPG_GPUS, set by worker.sh), else CPU"
 
 
 def gpu_limit_name(host: str | None = None) -> str:
@@ -94,9 +96,9 @@ def train_run(index: int, key: str, config_yaml: str, workdir: str, gpus: str, f
 def sweep(
     sweep_file: Annotated[str, Field(description="a sweep YAML, e.g. sweeps/smoke.yaml")] = "sweeps/smoke.yaml",
     overrides: Annotated[list[str], Field(description="section.field=value for every run")] = [],  # noqa: B006
-    concurrency: Annotated[int, Field(ge=1, le=64, description="runs at once (one per GPU)")] = 1,
+    concurrency: Annotated[int | None, Field(ge=1, le=64, description="runs at once; empty: one per GPU")] = None,
     force: Annotated[bool, Field(description="re-run configs that already finished")] = False,
-    gpus: Annotated[str, Field(pattern=r"^[0-9, ]*$", description="CUDA devices, e.g. 0,1,2,3 (empty: CPU)")] = "",
+    gpus: Annotated[str, Field(pattern=GPUS_PATTERN, description=GPUS_HELP)] = "",
     retries: Annotated[int, Field(ge=0, le=10, description="retries of a failed run (each resumes)")] = 1,
     workdir: Annotated[str, Field(description="configs, logs and GPU locks of the runs")] = ".rpg/sweeps",
 ) -> list[dict[str, Any]]:
@@ -104,7 +106,9 @@ def sweep(
     from rpg_core.tracking import Tracker, default_tracking_uri, ensure_experiment
 
     logger = get_run_logger()
-    devices = [d for d in gpus.split(",") if d.strip()]
+    devices = gpus_of(gpus)
+    gpus = ",".join(devices) or "cpu"  # resolved here, once: the tasks run on this machine
+    concurrency = concurrency or max(1, len(devices))
     if devices and concurrency > len(devices):  # before any compute: the extra slots would only wait for a GPU
         raise ValueError(f"concurrency={concurrency} exceeds the {len(devices)} GPUs in gpus={gpus!r}; allowed: 1..{len(devices)}")
     exp = expand(load_sweep(sweep_file, overrides=overrides or None))
@@ -183,7 +187,7 @@ def _add_metrics(rows: list[dict[str, Any]], uri: str) -> None:
 def train(
     config: Annotated[str, Field(description="a run config YAML")] = "configs/demo_add2_urkl.yaml",
     overrides: Annotated[list[str], Field(description="section.field=value")] = [],  # noqa: B006
-    gpus: Annotated[str, Field(pattern=r"^[0-9, ]*$", description="CUDA devices to pick from (empty: CPU)")] = "",
+    gpus: Annotated[str, Field(pattern=GPUS_PATTERN, description=GPUS_HELP)] = "",
     fresh: Annotated[bool, Field(description="ignore the config's checkpoints")] = False,
     workdir: Annotated[str, Field(description="configs, logs and GPU locks")] = ".rpg/sweeps",
 ) -> dict[str, Any]:
@@ -207,7 +211,7 @@ def evaluate(
     max_new_tokens: Annotated[int | None, Field(ge=1, description="default: the run's, else 2048")] = None,
     limit: Annotated[int | None, Field(ge=1, description="first N problems of each benchmark")] = None,
     precision: Literal["fp32", "bf16"] = "fp32",
-    gpus: Annotated[str, Field(pattern=r"^[0-9, ]*$", description="CUDA devices to pick from (empty: CPU)")] = "",
+    gpus: Annotated[str, Field(pattern=GPUS_PATTERN, description=GPUS_HELP)] = "",
     tracking_uri: Annotated[str | None, Field(description="default $MLFLOW_TRACKING_URI, else .rpg/mlflow.db")] = None,
     workdir: str = ".rpg/sweeps",
 ) -> dict[str, float]:
@@ -252,7 +256,7 @@ def nightly_eval(
     precision: Literal["fp32", "bf16"] = "fp32",
     experiment: Annotated[str, Field(description="MLflow experiment of the training runs")] = "rpg",
     tracking_uri: Annotated[str | None, Field(description="default $MLFLOW_TRACKING_URI, else .rpg/mlflow.db")] = None,
-    gpus: Annotated[str, Field(pattern=r"^[0-9, ]*$")] = "",
+    gpus: Annotated[str, Field(pattern=GPUS_PATTERN, description=GPUS_HELP)] = "",
     workdir: str = ".rpg/sweeps",
 ) -> list[dict[str, Any]]:
     """Evaluate the newest checkpoints on AIME24/AIME25/AMC23: every training run finished since the previous

@@ -339,6 +339,9 @@ def test_sweep_rejects_bad_input_before_compute(prefect_server, tmp_path, monkey
     monkeypatch.chdir(ROOT)
     with pytest.raises(ValueError, match=r"concurrency=3 exceeds the 2 GPUs in gpus='0,1'; allowed: 1..2"):
         sweep(sweep_file="sweeps/smoke.yaml", concurrency=3, gpus="0,1", workdir=str(tmp_path))
+    monkeypatch.setenv("RPG_GPUS", "0,1")  # what worker.sh sets: an empty `gpus` field means these
+    with pytest.raises(ValueError, match=r"concurrency=3 exceeds the 2 GPUs in gpus='0,1'; allowed: 1..2"):
+        sweep(sweep_file="sweeps/smoke.yaml", concurrency=3, workdir=str(tmp_path))
     with pytest.raises(SweepError, match="sweep file 'sweeps/nope.yaml' does not exist"):
         sweep(sweep_file="sweeps/nope.yaml", workdir=str(tmp_path))
     assert not (tmp_path / "smoke").exists()  # nothing started

@@ -17,6 +17,15 @@ from rpg_core.sweeps import expand, load_sweep
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def test_gpus_field_names_devices_cpu_or_the_machines(monkeypatch):
+    from flows.core import gpus_of
+
+    monkeypatch.delenv("RPG_GPUS", raising=False)
+    assert gpus_of(" 0, 1,") == ["0", "1"] and gpus_of("") == [] and gpus_of("cpu") == []
+    monkeypatch.setenv("RPG_GPUS", "2,3")  # set by infra/team/worker.sh on a GPU machine
+    assert gpus_of("") == ["2", "3"] and gpus_of("CPU") == [] and gpus_of("1") == ["1"]
+
+
 def test_gpu_pool_hands_each_device_to_one_holder(tmp_path):
     pool = GpuPool.parse("0,1", tmp_path / "locks")
     holders: dict[str, int] = {"0": 0, "1": 0}

@@ -67,25 +67,30 @@ def test_team_head_on_postgres_and_a_worker_run_the_smoke_sweep():
         exports = (home / "env.sh").read_text().splitlines()
         client_env = dict(line.removeprefix("export ").split("=", 1) for line in exports if line)
         assert client_env["PREFECT_API_URL"] == f"http://127.0.0.1:{pp}/api"
-        # A GPU machine joins (here: the same machine, CPU, one slot).
-        env = {**os.environ, **client_env, "RPG_POOL": pool, "RPG_GPUS": "", "PYTHON": sys.executable,
+        # A GPU machine joins: here the same machine, with two device ids (this CPU-only torch runs on the CPU
+        # whatever CUDA_VISIBLE_DEVICES says); the form's `gpus` and `concurrency` are left empty: the machine's.
+        env = {**os.environ, **client_env, "RPG_POOL": pool, "RPG_GPUS": "0,1", "PYTHON": sys.executable,
                "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_HOME": str(base / "worker-prefect")}  # fmt: skip
         wlog = (base / "worker.log").open("w")
         worker = subprocess.Popen(["bash", "infra/team/worker.sh"], cwd=ROOT, env=env, stdout=wlog,
                                   stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        params = {"sweep_file": "sweeps/smoke.yaml", "concurrency": 2, "workdir": str(base / "work"),
+        params = {"sweep_file": "sweeps/smoke.yaml", "workdir": str(base / "work"),
                   "overrides": [f"train.output_dir={base / 'runs'}"]}  # fmt: skip
         with temporary_settings({PREFECT_API_URL: client_env["PREFECT_API_URL"]}):
             run = run_deployment("sweep/sweep", parameters=params, timeout=600, poll_interval=2)
         assert run.state.is_completed(), (run.state, (base / "worker.log").read_text()[-3000:])
         assert run.work_pool_name == pool
-        assert "started" in (base / "worker.log").read_text()
+        assert "worker on pool test-pool with 2 slot(s), GPUs '0,1'" in (base / "worker.log").read_text()
+        logs = [p.read_text() for p in (base / "work" / "smoke" / "logs").glob("*.log")]
+        one_device = [("CUDA_VISIBLE_DEVICES='0')" in t) != ("CUDA_VISIBLE_DEVICES='1')" in t) for t in logs]
+        assert len(logs) == 4 and all(one_device)
 
         # Every run is in MLflow (through the server, artifacts proxied to the head's store) ...
         mlflow = MlflowClient(client_env["MLFLOW_TRACKING_URI"])
         exp = mlflow.get_experiment_by_name("rpg")
         assert exp.artifact_location.startswith("mlflow-artifacts:")
         (parent,) = mlflow.search_runs([exp.experiment_id], "tags.`rpg.kind` = 'sweep'")
+        assert parent.data.params["concurrency"] == "2"  # one per GPU of the machine
         children = mlflow.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
         assert len(children) == 4
         assert all(c.info.status == "FINISHED" and "acc/strict" in c.data.metrics for c in children)

@@ -14,6 +14,7 @@ POOL="${RPG_POOL:-gpu-pool}"
 GPUS="${RPG_GPUS-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | paste -sd, - || true)}"
 SLOTS=$(( $(echo "${GPUS}" | tr ',' '\n' | grep -c . || true) ))
 SLOTS=$(( SLOTS > 0 ? SLOTS : 1 ))
+export RPG_GPUS="$GPUS"                 # the flow runs' default devices (a sweep's empty `gpus` field: these)
 "$PY" -m flows.deploy --pool "$POOL"    # the pool if missing, and the deployments on it (idempotent)
 echo "worker on pool $POOL with $SLOTS slot(s), GPUs '${GPUS}'"
 exec "$PY" -m prefect worker start --pool "$POOL" --type process --limit "$SLOTS" --name "$(hostname)-rpg"

@@ -43,16 +43,23 @@ def _have_postgres() -> str | None:
     return None
 
 
+@pytest.fixture
+def reachable_tmp():
+    """A fresh folder the `postgres` user can reach: root runs the cluster as that user, and pytest's tmp_path is
+    private to root. Removed afterwards, whatever the outcome."""
+    base = Path(tempfile.mkdtemp(prefix="rpg-team-"))
+    base.chmod(0o755)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.mark.skipif(_have_postgres() is not None, reason=str(_have_postgres()))
-def test_team_head_on_postgres_and_a_worker_run_the_smoke_sweep():
+def test_team_head_on_postgres_and_a_worker_run_the_smoke_sweep(reachable_tmp):
     from mlflow.tracking import MlflowClient
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    # Postgres runs as the `postgres` user when root starts it: its folder must be reachable by that user, which
-    # pytest's private tmp_path is not.
-    base = Path(tempfile.mkdtemp(prefix="rpg-team-"))
-    base.chmod(0o755)
+    base = reachable_tmp
     home, pool = base / "head", "test-pool"
     pp, mp, pgp = free_port(), free_port(), free_port()
     cmd = [sys.executable, "infra/stack.py", "--home", str(home)]
@@ -119,12 +126,9 @@ def test_team_head_on_postgres_and_a_worker_run_the_smoke_sweep():
                 os.killpg(worker.pid, signal.SIGKILL)
                 worker.wait()
         down = subprocess.run([*cmd, "down"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    try:
-        assert down.returncode == 0 and down.stdout.strip() == "stopped: mlflow, prefect, postgres", down.stderr
-        assert not any(listening(port) for port in (pp, mp, pgp))
-        deadline = time.monotonic() + 10
-        while alive(postmaster) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not alive(postmaster) and (worker is None or not alive(worker.pid))
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    assert down.returncode == 0 and down.stdout.strip() == "stopped: mlflow, prefect, postgres", down.stderr
+    assert not any(listening(port) for port in (pp, mp, pgp))
+    deadline = time.monotonic() + 10
+    while alive(postmaster) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive(postmaster) and (worker is None or not alive(worker.pid))

@@ -54,9 +54,14 @@ def gpus_of(spec: str) -> list[str]:
     spec = spec.strip()
     if spec.lower() == "cpu":
         return []
+    field = "gpus"
     if not spec:
-        spec = os.environ.get("RPG_GPUS", "")
-    return [d.strip() for d in spec.split(",") if d.strip()]
+        field, spec = "RPG_GPUS", os.environ.get("RPG_GPUS", "")
+    devices = [d.strip() for d in spec.split(",") if d.strip()]
+    bad = [d for d in devices if not d.isdigit()]
+    if bad:
+        raise ValueError(f"{field}={spec!r}: {bad[0]!r} is not a CUDA device index; allowed: 'cpu', '', e.g. '0,1,2,3'")
+    return devices
 
 
 class GpuPool:

@@ -175,6 +175,9 @@ def up(home: Path, prefect_port: int, mlflow_port: int, cron: str = "0 2 * * *",
         raise SystemExit(f"a stack is already recorded in {home}: run `python infra/stack.py down --home {home}`")
     if db not in ("sqlite", "postgres"):
         raise SystemExit(f"--db: {db!r} is not allowed; allowed: ['sqlite', 'postgres']")
+    if pg_url and not pg_url.startswith(("postgresql://", "postgres://")):
+        scheme = pg_url.split("://")[0]
+        raise SystemExit(f"--pg-url: {scheme!r} is not allowed; allowed: postgresql://user:password@host:port")
     own_pg = db == "postgres" and not pg_url
     for port in (prefect_port, mlflow_port, *((pg_port,) if own_pg else ())):
         if not _port_free(port, host):
@@ -187,7 +190,7 @@ def up(home: Path, prefect_port: int, mlflow_port: int, cron: str = "0 2 * * *",
             data = (pg_data or home / "postgres").resolve()
             server = pg_url.rstrip("/") if pg_url else _pg_cluster(home, data, pg_port)
             _create_databases(server)
-            after_scheme = server.split("://", 1)[1]
+            after_scheme = server.split("://", 1)[1]  # the same server, through each store's driver
             prefect_db = f"postgresql+asyncpg://{after_scheme}/prefect"
             mlflow_db = f"postgresql+psycopg://{after_scheme}/mlflow"
         else:

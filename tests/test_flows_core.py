@@ -24,6 +24,9 @@ def test_gpus_field_names_devices_cpu_or_the_machines(monkeypatch):
     assert gpus_of(" 0, 1,") == ["0", "1"] and gpus_of("") == [] and gpus_of("cpu") == []
     monkeypatch.setenv("RPG_GPUS", "2,3")  # set by infra/team/worker.sh on a GPU machine
     assert gpus_of("") == ["2", "3"] and gpus_of("CPU") == [] and gpus_of("1") == ["1"]
+    monkeypatch.setenv("RPG_GPUS", "GPU-5f2a")  # a UUID, say: not what CUDA_VISIBLE_DEVICES gets from us
+    with pytest.raises(ValueError, match=r"RPG_GPUS='GPU-5f2a': 'GPU-5f2a' is not a CUDA device index"):
+        gpus_of("")
 
 
 def test_gpu_pool_hands_each_device_to_one_holder(tmp_path):

@@ -47,3 +47,10 @@ def test_stack_up_and_down(tmp_path):
     assert r.returncode == 0 and "stopped: serve, mlflow, prefect" in r.stdout
     assert not any(listening(port) for port in (pp, mp))
     assert not any(alive(pid) for pid in pids.values())
+
+
+def test_stack_refuses_a_non_postgres_url_before_starting_anything(tmp_path):
+    r = subprocess.run([sys.executable, "infra/stack.py", "--home", str(tmp_path), "--pg-url", "mysql://u:p@h:3306",
+                        "up"], cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode != 0 and "--pg-url: 'mysql' is not allowed; allowed: postgresql://" in r.stderr
+    assert not list(tmp_path.glob("*.pid"))  # nothing started

@@ -64,6 +64,8 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 
 __all__ = [
     "EXPERIMENT_KIND_TAG",
+    "KIND_TAG",
+    "RunKind",
     "TrackingError",
     "Tracker",
     "default_tracking_uri",
@@ -84,6 +86,17 @@ MAX_ENTITIES_PER_BATCH = 1000
 EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
+KIND_TAG = "rpg.kind"  # every run the platform writes carries it (rpg_core/runs.py finds runs by it)
+
+
+class RunKind(enum.StrEnum):
+    """What an MLflow run is: the value of its ``rpg.kind`` tag."""
+
+    TRAIN = "train"  # one training run (`rpg train`)
+    EVAL = "eval"  # one `rpg eval` of a model that is not a training run's checkpoint
+    SWEEP = "sweep"  # a sweep's parent run
+    TUNE = "tune"  # a tuning study's parent run
+    NIGHTLY = "nightly"  # one nightly evaluation pass
 
 _KEY_RE = re.compile(r"[/\w.\- ]+")
 
@@ -287,6 +300,7 @@ class Tracker:
         tracking_uri: str | None = None,
         enabled: bool = True,
         mutable: Callable[[str], bool] | None = None,
+        kind: RunKind | None = None,
     ) -> None:
         """``mutable(param)``: params that may change between attempts of one run (bookkeeping, e.g. a sweep's
         parent run or a time limit). On resume, a changed one keeps its logged value (MLflow params are immutable)
@@ -307,7 +321,7 @@ class Tracker:
         uri = tracking_uri or default_tracking_uri()
         self.tracking_uri = uri
         params = {_check_key(k, "param"): _truncate(str(v), MAX_PARAM_VALUE) for k, v in (params or {}).items()}
-        tags = self._clean_tags(tags or {})
+        tags = self._clean_tags({**(tags or {}), **({KIND_TAG: RunKind(kind).value} if kind is not None else {})})
         self.experiment_id = ensure_experiment(uri, experiment)
         self._client = client = MlflowClient(tracking_uri=uri)
 

@@ -8,6 +8,7 @@ import math
 import multiprocessing
 import re
 import time
+import unicodedata
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -115,8 +116,17 @@ def lenient_score(response: str, ground_truth: str) -> Score:
     pred = numbers[-1].replace(",", "")
     gt = normalize_final_answer(ground_truth)  # "1,000" -> "1000", "336^\circ" -> "336"
     if _INTEGER.fullmatch(gt) and _INTEGER.fullmatch(pred):
-        return _score(int(pred) == int(gt), pred)
+        return _score(_canonical_int(pred) == _canonical_int(gt), pred)
     return _score(normalize_final_answer(pred) == gt, pred)
+
+
+def _canonical_int(s: str) -> str:
+    """An integer literal (``-?\\d+``) in canonical form: ASCII digits, no leading zeros, no "-0" ("-007" -> "-7").
+    Two literals are equal as Python ints iff their canonical forms are equal; no ``int()``, which refuses strings
+    of more than 4300 digits (a degenerate response must score as wrong, never crash the run). ``\\d`` matches
+    every Unicode decimal digit, which ``int()`` accepts too, hence ``unicodedata.decimal``."""
+    digits = "".join(c if c.isascii() else str(unicodedata.decimal(c)) for c in s.removeprefix("-")).lstrip("0")
+    return "-" + digits if s.startswith("-") and digits else digits or "0"
 
 
 # -- math-verify: not thread-safe (signal.alarm timeouts), so it runs in worker processes ----------------------

@@ -110,6 +110,16 @@ def test_lenient_rule(response: str, gt: str, ok: bool, pred: str) -> None:
     assert lenient_score(response, gt) == Score(1.0 if ok else -1.0, ok, pred)
 
 
+def test_lenient_rule_compares_huge_integers_without_int() -> None:
+    """A degenerate response of 5000 digits (Python's int() refuses more than 4300) scores, never raises."""
+    assert lenient_score("1" * 5000, "7") == Score(-1.0, False, "1" * 5000)
+    assert lenient_score("so " + "9" * 5000, "9" * 5000).acc
+    assert lenient_score("-" + "0" * 4999 + "12", "-12").acc  # leading zeros, as int("-00012") == -12
+    assert lenient_score("Answer: 0042", "42").acc and lenient_score("x = -0", "0").acc  # int("-0") == 0
+    assert not lenient_score("x = -5", "5").acc
+    assert lenient_score("\u0664\u0662", "42").acc  # Arabic-Indic digits: \d matches them and int() reads them as 42
+
+
 def test_score_responses_dispatch_and_errors() -> None:
     responses, gts = ["Answer: 042", "Answer: 7"], ["42", "7"]
     assert [s.acc for s in score_responses(AnswerRule.PAPER, responses, gts)] == [False, True]

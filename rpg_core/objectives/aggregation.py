@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 from torch import Tensor
 
 from .config import Aggregation
 
-__all__ = ["aggregate"]
+__all__ = ["Normaliser", "aggregate", "normaliser_count", "share_of_loss"]
 
 
 def aggregate(
@@ -38,3 +41,44 @@ def aggregate(
     if agg is Aggregation.SEQ_MEAN_TOKEN_MEAN:
         return (seq_sum[rows] / seq_len[rows]).mean()
     raise AssertionError(agg)  # unreachable: every Aggregation member is handled above
+
+
+# -- one loss computed in pieces (micro-batches x processes) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Normaliser:
+    """What a piece of a mini-batch needs to contribute its exact share of the mini-batch's aggregated loss.
+
+    count     the mini-batch's ``normaliser_count`` summed over every process (unused by seq-mean-token-sum-norm)
+    world     the number of processes (DDP averages their gradients, so each piece is scaled up by ``world``)
+    norm_len  seq-mean-token-sum-norm's constant horizon (``agg_norm_len``, else the rollout batch's padded T)
+    """
+
+    count: float
+    world: int
+    norm_len: int
+
+
+def normaliser_count(mask: Tensor, agg: Aggregation) -> Tensor:
+    """This piece's contribution to the global normaliser: valid tokens (token-mean) or sequences with a valid
+    token (the seq-mean modes); 1 for seq-mean-token-sum-norm, whose horizon is a constant."""
+    if agg is Aggregation.TOKEN_MEAN:
+        return mask.sum().float()
+    if agg is Aggregation.SEQ_MEAN_TOKEN_SUM_NORM:
+        return mask.new_ones((), dtype=torch.float32)
+    return (mask.sum(-1) > 0).sum().float()
+
+
+def share_of_loss(per_token: Tensor, mask: Tensor, agg: Aggregation, norm: Normaliser) -> Tensor:
+    """This piece's share of the global loss: ``aggregate`` over the piece, weighted by its share of the global
+    normaliser, times ``world``. Summed over the pieces of every process and averaged over processes (DDP), the
+    gradient is exactly that of ``aggregate`` over the whole mini-batch (not a mean of micro-batch means)."""
+    loss = aggregate(per_token, mask, agg, norm.norm_len)
+    if agg is Aggregation.SEQ_MEAN_TOKEN_SUM_NORM:
+        share = 1.0
+    elif agg is Aggregation.TOKEN_MEAN:
+        share = float(mask.sum()) / norm.count
+    else:
+        share = float((mask.sum(-1) > 0).sum()) / norm.count
+    return loss * share * norm.world

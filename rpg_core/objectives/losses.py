@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .aggregation import aggregate
+from .aggregation import Normaliser, aggregate, share_of_loss
 from .clipping import ClipResult, clip_ratio
 from .config import Clip, Form, ObjectiveConfig, ObjectiveConfigError
 from .estimators import kl_estimator_from_log_ratio, rpg_divergence
@@ -174,19 +174,25 @@ def policy_loss(
     ref_logp: Tensor | None,
     advantages: Tensor,
     mask: Tensor,
+    normaliser: Normaliser | None = None,
 ) -> LossOutput:
     """The policy loss of ``cfg`` on per-token log-probs ``[B, T]``.
 
     logp: log pi_theta of the sampled tokens (with gradient; need not be normalized). old_logp: the sampler's.
     ref_logp: the reference's; ``None`` or ``old_logp`` itself means iterative mode (pi_ref = pi_old, spec §5).
     advantages: ``[B]`` (broadcast to tokens) or ``[B, T]``. mask: 0/1 (bool, int or float), 1 on response tokens.
-    Any float dtype; computed in at least float32. Returns the aggregated loss, the per-token loss and metrics.
+    normaliser: when these rows are one piece of a larger mini-batch (micro-batches, processes), its global
+    normaliser; ``loss`` is then this piece's share of the mini-batch's loss (``aggregation.share_of_loss``), the
+    one to backpropagate. The metrics (``metrics["loss"]`` included) always describe these rows on their own.
+    Any float dtype; computed in at least float32. Returns the loss, the per-token loss and metrics.
     """
     x = _prepare(cfg, logp, old_logp, ref_logp, advantages, mask)
     res = LOSS_REGISTRY[cfg.form](cfg, x)
     per_token = torch.where(x.mask, res.per_token, 0.0)
-    loss = aggregate(per_token, x.mask, cfg.agg, cfg.agg_norm_len, n_tokens=x.n_tokens)
-    return LossOutput(loss=loss, per_token=per_token, metrics=_metrics(cfg, x, res, loss))
+    own = aggregate(per_token, x.mask, cfg.agg, cfg.agg_norm_len, n_tokens=x.n_tokens)
+    metrics = _metrics(cfg, x, res, own)
+    loss = own if normaliser is None else share_of_loss(per_token, x.mask, cfg.agg, normaliser)
+    return LossOutput(loss=loss, per_token=per_token, metrics=metrics)
 
 
 def reward_kl_penalty(cfg: ObjectiveConfig, old_logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:

@@ -182,14 +182,14 @@ def child_ours(a: argparse.Namespace) -> dict:
         gen_times: list[float] = []
         tr.generator.generate = _timed(tr.generator.generate, gen_times)
         drawn: list[str] = []
-        orig_next = tr._next_prompts
+        orig_next = tr.prompts.next
 
         def next_prompts(k):
             ps = orig_next(k)
             drawn.extend(p.problem.problem for p in ps)
             return ps
 
-        tr._next_prompts = next_prompts
+        tr.prompts.next = next_prompts
         rss_before = sampler.rss()
         steps, problems = [], []
         for i in range(n):

@@ -25,6 +25,7 @@ import torch
 
 __all__ = [
     "CONFIG",
+    "FOLDER",
     "MARKER",
     "MODEL",
     "OPTIMIZER",

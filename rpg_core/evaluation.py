@@ -44,10 +44,12 @@ from typing import Any
 
 import torch
 
+from rpg_core import checkpoints
 from rpg_core import data as data_mod
+from rpg_core import metrics as metrics_mod
 from rpg_core import rewards as rewards_mod
-from rpg_core.config import EvalConfig, RunConfig
-from rpg_core.rollout import PrefixSharingGenerator, SamplingParams, mix_seed
+from rpg_core.config import EvalConfig, GeneratorKind, RunConfig
+from rpg_core.rollout import Generator, SamplingParams, make_generator, mix_seed
 
 __all__ = [
     "BENCHMARKS",
@@ -382,7 +384,7 @@ def evaluate(
     *,
     max_new_tokens: int,
     autocast: torch.dtype | None = None,
-    generator_cls: type = PrefixSharingGenerator,
+    generator: Generator | None = None,
     rank: int = 0,
     world: int = 1,
     gather: Callable[[list[Any]], list[Any]] | None = None,
@@ -391,18 +393,21 @@ def evaluate(
 ) -> EvalResult:
     """Sample ``settings.k`` responses per problem of each benchmark, score them and compute the metrics. With
     ``world > 1`` each rank generates every ``world``-th call and ``gather`` (e.g. accelerate's gather_object)
-    collects the samples; the torch RNG state is restored afterwards."""
+    collects the samples. ``generator``: the engine to sample with (the trainer passes its own); by default the
+    prefix engine on ``model`` with ``settings.batch_size`` (``rollout.make_generator``). Each call's seed travels
+    in its ``SamplingParams``: the torch RNG is never touched."""
     from tqdm.auto import tqdm
 
     k = settings.k
     params = SamplingParams(k, settings.temperature, settings.top_p, settings.top_k, max_new_tokens)
-    gen = generator_cls(model, tokenizer, batch_size=settings.batch_size, autocast=autocast)
+    gen = generator if generator is not None else make_generator(
+        GeneratorKind.PREFIX, model, tokenizer, batch_size=settings.batch_size, autocast=autocast
+    )
     eos = tokenizer.eos_token_id
     plans = [(lb, _calls(len(lb.problems), k, settings.batch_size)) for lb in benchmarks]
     total = sum(n for _, calls in plans for i, c in enumerate(calls) if i % world == rank for _, n in c)
     rule_of = {lb.benchmark.name: rewards_mod.AnswerRule(settings.rule or lb.benchmark.rule) for lb in benchmarks}
     scorer = rewards_mod.MathVerifyScorer() if rewards_mod.AnswerRule.MATH_VERIFY in rule_of.values() else None
-    rng = torch.get_rng_state()
     bar = tqdm(total=total, desc="eval", unit="sample", disable=not progress, dynamic_ncols=True)
     t0, n_tokens, results = time.perf_counter(), 0, {}
     try:
@@ -419,8 +424,8 @@ def evaluate(
                         drawn[i] += n
                     continue
                 bar.set_postfix_str(f"{name} {lb.problems[call[0][0]].id}", refresh=False)
-                torch.manual_seed(mix_seed(settings.seed, bench_seed, c))
-                outs = gen.generate([ids[i] for i, _ in call], replace(params, n=n))
+                seed = mix_seed(settings.seed, bench_seed, c)
+                outs = gen.generate([ids[i] for i, _ in call], replace(params, n=n, seed=seed))
                 texts, gts, recs = [], [], []
                 for (i, _), rows in zip(call, outs, strict=True):
                     for row in rows:
@@ -446,7 +451,6 @@ def evaluate(
                                                          rule=rule.value)  # fmt: skip
     finally:
         bar.close()
-        torch.set_rng_state(rng)
         if scorer is not None:
             scorer.close()
     seconds = time.perf_counter() - t0
@@ -462,12 +466,10 @@ def evaluate(
 # -- MLflow ------------------------------------------------------------------------------------------------------------
 
 
-_HEADLINE = re.compile(r"/(mean|pass|maj|best)_at_\d+$")
-
-
 def is_headline(metric: str) -> bool:
-    """Metrics that get a "Best" (the accuracies: mean/pass/maj/best at k; not standard errors or lengths)."""
-    return bool(_HEADLINE.search(metric))
+    """Metrics that get a "Best" (declared ``best_last`` in rpg_core.metrics: the accuracies mean/pass/maj/best at
+    k; not standard errors or lengths)."""
+    return metrics_mod.best_last(metric)
 
 
 def update_best(best: dict[str, list[float]], metrics: dict[str, float], step: int) -> dict[str, float]:
@@ -532,19 +534,12 @@ class EvalTarget:
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:
-    from rpg_core.trainer import CHECKPOINT_MARKER
-
-    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / CHECKPOINT_MARKER).exists())
-    return ckpts[-1] if ckpts else None
+    return checkpoints.latest(run_dir)
 
 
 def _checkpoint_target(label: str, ckpt: Path) -> EvalTarget:
-    import json
-
-    import yaml
-
-    state = json.loads((ckpt / "state.json").read_text())
-    cfg = RunConfig.from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    state = checkpoints.read_state(ckpt)
+    cfg = checkpoints.read_config(ckpt)
     return EvalTarget(label, cfg.model.name, ckpt, state.get("run_id"), int(state["step"]), cfg)
 
 
@@ -554,9 +549,9 @@ def resolve_target(spec: str, *, tracking_uri: str | None = None) -> EvalTarget:
     ``smollm2-135m`` or ``tiny``. Checkpoints carry their MLflow run id, so the evaluation logs into that run."""
     path = Path(spec).expanduser()
     if path.is_dir():
-        if (path / "state.json").is_file() and (path / "model.pt").is_file():
+        if checkpoints.is_checkpoint(path):
             return _checkpoint_target(spec, path)
-        if (path / "checkpoints").is_dir():
+        if (path / checkpoints.FOLDER).is_dir():
             ckpt = _latest_checkpoint(path)
             if ckpt is None:
                 raise ValueError(f"--model {spec!r}: a run folder without a complete checkpoint")
@@ -590,8 +585,7 @@ def load_target(target: EvalTarget, *, device: str | torch.device = "cpu", seed:
 
     model = load_model(target.base, dtype=torch.float32, device="cpu", seed=seed)
     if target.checkpoint is not None:
-        state = torch.load(target.checkpoint / "model.pt", map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        model.load_state_dict(checkpoints.load_tensors(target.checkpoint, checkpoints.MODEL))
     model.config.use_cache = True
     return model.to(device).eval()
 

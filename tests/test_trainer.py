@@ -3,6 +3,7 @@ exact gradient accumulation, log-probs consistent with generate, every reference
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import torch
 import yaml
 
 from rpg_core.config import load_run_config
+from rpg_core.objectives import policy_loss
 from rpg_core.rollout import HFGenerator, SamplingParams, build_batch, token_logprobs
 from rpg_core.trainer import NonFiniteError, Trainer
 
@@ -141,13 +143,22 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
 
 
 class _PoisonedLoss(Trainer):
-    """Makes the loss NaN from the given step on (the guard itself is under test, not the poisoning)."""
+    """Makes the loss the update backpropagates NaN from the given step on (the guard itself is under test, not the
+    poisoning)."""
 
     poison_at = 2
 
-    def _micro_loss(self, per_token, mask, denom):
-        loss = super()._micro_loss(per_token, mask, denom)
-        return loss * float("nan") if self.step + 1 >= self.poison_at else loss
+    def train_step(self):
+        from unittest import mock
+
+        from rpg_core import update
+
+        def nan_loss(*args, **kw):
+            out = policy_loss(*args, **kw)
+            return dataclasses.replace(out, loss=out.loss * float("nan"))
+
+        with mock.patch.object(update, "policy_loss", nan_loss if self.step + 1 >= self.poison_at else policy_loss):
+            return super().train_step()
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
@@ -178,9 +189,9 @@ class _ParityReward(Trainer):
     def _rollout(self):
         from rpg_core.rewards import Score
 
-        prompts, responses, gids, texts, _, stats = super()._rollout()
-        scores = [Score(1.0, True, "") if sum(r) % 2 else Score(-1.0, False, "") for r in responses]
-        return prompts, responses, gids, texts, scores, stats
+        ro = super()._rollout()
+        scores = [Score(1.0, True, "") if sum(r) % 2 else Score(-1.0, False, "") for r in ro.responses]
+        return dataclasses.replace(ro, scores=scores)
 
 
 def test_micro_batch_accumulation_is_exact(tmp_path):

@@ -1,0 +1,63 @@
+"""Rollout (spec §2.8): sample ``n`` responses per prompt with an engine, then recompute per-token log-probs.
+
+    base.py       SamplingParams (seeds included), the Generator protocol, what the built-in engines share
+    prefix.py     GeneratorKind.PREFIX: the built-in group sampler (one prefill per prompt)
+    hf.py         GeneratorKind.HF: transformers generate
+    logprobs.py   RolloutBatch, build_batch, token_logprobs (the training side, never the engine's log-probs)
+    types.py      the typed Rollout a training step passes downstream
+
+``make_generator`` is the only door to an engine; its registry's keys are exactly ``config.GeneratorKind``.
+A new engine (vLLM) is a module here and one registry entry: it must return token ids, sample from its own
+seeded stream (``SamplingParams.seed``) and accept fresh weights in ``load_weights`` after each optimizer step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rpg_core.config import GeneratorKind
+
+from .base import Generator, GroupGenerator, SamplingParams, mix_seed
+from .hf import HFGenerator
+from .logprobs import RolloutBatch, batched_logprobs, build_batch, token_logprobs
+from .prefix import PrefixSharingGenerator, sample_next
+from .types import Prompt, Rollout, SamplingStats
+
+__all__ = [
+    "ENGINES",
+    "Generator",
+    "HFGenerator",
+    "PrefixSharingGenerator",
+    "Prompt",
+    "Rollout",
+    "RolloutBatch",
+    "SamplingParams",
+    "SamplingStats",
+    "batched_logprobs",
+    "build_batch",
+    "make_generator",
+    "mix_seed",
+    "sample_next",
+    "token_logprobs",
+]
+
+ENGINES: dict[GeneratorKind, type[GroupGenerator]] = {
+    GeneratorKind.PREFIX: PrefixSharingGenerator,
+    GeneratorKind.HF: HFGenerator,
+}
+if set(ENGINES) != set(GeneratorKind):  # the closed enum is the registry's keys, not a second list
+    raise ImportError(f"rollout.ENGINES {sorted(ENGINES)} must cover exactly GeneratorKind {sorted(GeneratorKind)}")
+
+
+def make_generator(
+    kind: GeneratorKind | str,
+    model: torch.nn.Module,
+    tokenizer,
+    *,
+    batch_size: int = 64,
+    autocast: torch.dtype | None = None,
+) -> Generator:
+    """The engine ``kind`` sampling from ``model``: ``batch_size`` sequences per chunk, forward passes under
+    ``autocast`` (a dtype, or None for none). The trainer passes ``rollout.generator`` / ``rollout.batch_size``;
+    ``rpg eval`` the prefix engine and ``evaluation.batch_size``."""
+    return ENGINES[GeneratorKind(kind)](model, tokenizer, batch_size=batch_size, autocast=autocast)

@@ -11,6 +11,7 @@
 
 A checkpoint is written into ``.tmp_step_NNNNNN`` and moved into place with ``os.replace``, so a run killed at
 any moment leaves either the previous checkpoints or the new complete one (the trainer resumes from the latest).
+Reading the layout and the loop state needs no torch (flows and plots may use it); only the tensors do.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any
-
-import torch
 
 __all__ = [
     "CONFIG",
@@ -88,6 +87,8 @@ def write(
     keep: int,
 ) -> Path:
     """Write the checkpoint of ``step`` atomically, then delete all but the newest ``keep`` complete ones."""
+    import torch
+
     path = checkpoint_dir(run_dir, step)
     tmp = path.parent / f".tmp_{path.name}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -123,6 +124,8 @@ def read_config(path: Path):
 
 def load_tensors(path: Path, name: str, map_location: Any = "cpu") -> dict[str, Any] | None:
     """A state dict of the checkpoint at ``path`` (``MODEL``, ``OPTIMIZER`` or ``REFERENCE``); None if absent."""
+    import torch
+
     f = Path(path) / name
     return torch.load(f, map_location=map_location, weights_only=True) if f.exists() else None
 

@@ -28,16 +28,15 @@ import torch
 from torch import Tensor
 
 from rpg_core import checkpoints
-from rpg_core import data as data_mod
 from rpg_core import evaluation
 from rpg_core import metrics as metrics_mod
 from rpg_core import rewards as rewards_mod
-from rpg_core.config import Device, Precision, RunConfig, Schedule, Task
+from rpg_core.config import Device, Precision, RunConfig, Schedule
 from rpg_core.models import load_model, load_tokenizer
+from rpg_core.prompts import PromptStream, load_problems
 from rpg_core.objectives import Overlong, ReferenceMode, compute_advantages, kl_in_reward, shape_rewards
 from rpg_core.rollout import (
     Generator,
-    Prompt,
     Rollout,
     RolloutBatch,
     SamplingParams,
@@ -85,7 +84,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / checkpoints.FOLDER
 
         # Data first: a bad dataset or benchmark fails before the model is loaded.
-        self.train_problems, self.eval_problems = _load_problems(cfg)
+        self.train_problems, self.eval_problems = load_problems(cfg)
         ev = cfg.evaluation
         self.benchmarks = [
             evaluation.load_benchmark(b, data_dir=ev.data_dir, limit=ev.limit) for b in ev.benchmarks
@@ -432,42 +431,7 @@ def _samples_table(step: int, ro: Rollout, reward: Tensor, n: int) -> list[dict]
              "completion": t, "pred": s.pred, "reward": float(rw), "acc": s.acc} for g, t, s, rw in rows]  # fmt: skip
 
 
-# -- the data and the schedule ----------------------------------------------------------------------------------
-
-
-class PromptStream:
-    """The training prompts in a seeded, per-epoch shuffled order (the same on every process), rendered with the
-    run's template and left-truncated (spec §8). ``cursor``: prompts consumed so far (saved in checkpoints)."""
-
-    def __init__(self, cfg: RunConfig, tokenizer, problems: list[data_mod.Problem]):
-        self.cfg, self.tok, self.problems = cfg, tokenizer, problems
-        self.example = data_mod.arithmetic_example(cfg.data.level) if cfg.data.task is Task.ARITHMETIC else None
-        self.cursor = 0
-        self._cache: dict[int, list[int]] = {}
-
-    def ids(self, problem: data_mod.Problem) -> list[int]:
-        msgs = data_mod.build_messages(
-            problem,
-            data_mod.PromptTemplate(self.cfg.data.template),
-            *((self.example[0], self.example[1]) if self.example else ()),
-        )
-        text = data_mod.render_prompt(self.tok, msgs, chat_template=self.cfg.data.chat_template)
-        ids = self.tok(text, add_special_tokens=not self.cfg.data.chat_template)["input_ids"]
-        return ids[-self.cfg.data.max_prompt_tokens :]  # left truncation (spec §8)
-
-    def next(self, k: int) -> list[Prompt]:
-        """The next ``k`` prompts."""
-        out = []
-        n = len(self.problems)
-        for _ in range(k):
-            epoch, i = divmod(self.cursor, n)
-            g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
-            idx = int(torch.randperm(n, generator=g)[i])
-            self.cursor += 1
-            if idx not in self._cache:
-                self._cache[idx] = self.ids(self.problems[idx])
-            out.append(Prompt(self.problems[idx], self._cache[idx]))
-        return out
+# -- the schedule ----------------------------------------------------------------------------------------------
 
 
 def lr_factor(cfg: RunConfig, step: int) -> float:
@@ -503,7 +467,7 @@ def heldout_eval(trainer: Trainer, step: int) -> dict[str, float]:
     return {
         "acc_strict": sum(s.acc for s in strict) / n,
         "acc_lenient": sum(s.acc for s in lenient) / n,
-        "format": sum(s.pred != "[INVALID]" for s in strict) / n,
+        "format": sum(s.pred != rewards_mod.INVALID for s in strict) / n,
         "response_length": sum(len(o[0]) for o in outs) / n,
     }
 
@@ -542,24 +506,6 @@ def _start_tracker(trainer: Trainer):
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------
-
-
-def _load_problems(cfg: RunConfig) -> tuple[list[data_mod.Problem], list[data_mod.Problem]]:
-    d = cfg.data
-    if d.task is Task.ARITHMETIC:
-        return data_mod.arithmetic_split(data_mod.ArithmeticLevel(d.level), d.n_train, d.n_eval, cfg.train.seed)
-    train = data_mod.load_problems(d.source, split=d.split, problem_key=d.problem_key, answer_key=d.answer_key, limit=d.limit)
-    if d.eval_source:
-        evals = data_mod.load_problems(d.eval_source, problem_key=d.problem_key, answer_key=d.answer_key, limit=d.n_eval)
-    elif d.n_eval:
-        if len(train) <= d.n_eval:
-            raise ValueError(f"data.n_eval={d.n_eval} leaves no training problems out of {len(train)}")
-        evals, train = train[-d.n_eval :], train[: -d.n_eval]
-    else:
-        evals = []
-    if not train:
-        raise ValueError(f"data.source={d.source!r} has no problems")
-    return train, evals
 
 
 def _seed_everything(seed: int) -> None:

@@ -252,6 +252,22 @@ def test_evaluate_is_reproducible_and_batch_split_exact(tokenizer, tiny_model_fa
         assert (sc.acc, sc.pred) == (x["acc"], x["pred"])
 
 
+def test_evaluate_with_the_trainers_engine_samples_what_rpg_eval_does(tokenizer, tiny_model_factory, tmp_path):
+    """Evaluation during training samples with the trainer's engine, whose own batch size (rollout.batch_size, here 2)
+    is smaller than evaluation.batch_size (4): the call's batch size wins, so the samples equal a standalone
+    evaluation's (the default engine built with evaluation.batch_size) token for token."""
+    from rpg_core.config import GeneratorKind
+    from rpg_core.rollout import make_generator
+
+    model = tiny_model_factory(0).eval()
+    lb = load_benchmark(str(_toy_file(tmp_path)))
+    s = EvalConfig(benchmarks=[str(tmp_path / "toy.jsonl")], k=5, batch_size=4)
+    alone = evaluate(model, tokenizer, [lb], s, max_new_tokens=6, progress=False)
+    trainers = make_generator(GeneratorKind.PREFIX, model, tokenizer, batch_size=2)
+    shared = evaluate(model, tokenizer, [lb], s, max_new_tokens=6, progress=False, generator=trainers)
+    assert [x["response"] for x in shared.results["toy"].samples] == [x["response"] for x in alone.results["toy"].samples]
+
+
 @needs_shared
 def test_amc23_clean_subset_metrics(tokenizer, tiny_model_factory):
     model = tiny_model_factory(0).eval()

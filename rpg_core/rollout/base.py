@@ -33,9 +33,13 @@ class SamplingParams:
 class Generator(Protocol):
     """Samples responses. ``generate`` returns, per prompt, ``n`` lists of response token ids (EOS included when
     the response finished). ``load_weights`` is called after every optimizer step (a no-op for the built-in
-    engines, which sample from the training model itself)."""
+    engines, which sample from the training model itself). ``batch_size``: at most this many sequences per forward
+    batch in this call (the engine's own setting when None); an engine that schedules its own batches may ignore
+    it. Evaluation during training passes ``evaluation.batch_size``, so it samples exactly what ``rpg eval`` does."""
 
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[list[int]]]: ...
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, batch_size: int | None = None
+    ) -> list[list[list[int]]]: ...
 
     def load_weights(self, model: torch.nn.Module) -> None: ...
 
@@ -60,10 +64,12 @@ class GroupGenerator:
         self.model = model
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> list[list[list[int]]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, batch_size: int | None = None
+    ) -> list[list[list[int]]]:
         was_training = self.model.training
         self.model.eval()
-        per_call = max(1, self.batch_size // params.n)
+        per_call = max(1, (batch_size or self.batch_size) // params.n)
         out: list[list[list[int]]] = []
         device = next(self.model.parameters()).device
         # One autocast context around every step: autocast caches its casts of the weights until the outermost

@@ -38,7 +38,6 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,8 @@ import torch
 
 from rpg_core import data as data_mod
 from rpg_core import rewards as rewards_mod
+from rpg_core.benchmarks import BENCHMARKS, Benchmark, BenchmarkName, check_benchmark
+from rpg_core.benchmarks import known_benchmarks as _known
 from rpg_core.config import EvalConfig, RunConfig
 from rpg_core.rollout import PrefixSharingGenerator, SamplingParams, mix_seed
 
@@ -74,62 +75,6 @@ PAPER_MAX_NEW_TOKENS = 2048  # max_response_length in the paper's scripts (spec 
 CONTAMINATION_FIELD = "dapo_10gram_overlap"
 CLEAN_BELOW = 0.5  # ../shared/data/README.md: report AMC23 also on the rows below this overlap
 CLEAN_SUFFIX = "_clean"
-
-
-class BenchmarkName(StrEnum):
-    AIME24 = "aime24"
-    AIME25 = "aime25"
-    AMC23 = "amc23"
-    GSM8K = "gsm8k"
-    MATH500 = "math500"
-
-
-@dataclass(frozen=True)
-class Benchmark:
-    name: str
-    file: str | None  # file name in the local data folder (or a full path for a custom benchmark)
-    hub: str | None  # Hugging Face dataset used when no local file is found
-    hub_split: str | None = None
-    hub_subdir: str | None = None
-    data_source: str | None = None  # verl's data_source in the paper's files (val-core/<data_source>/acc/mean@32)
-    rule: rewards_mod.AnswerRule = rewards_mod.AnswerRule.PAPER
-    report_clean: bool = False  # also report the <name>_clean subset (dapo_10gram_overlap < 0.5)
-
-
-BENCHMARKS: dict[BenchmarkName, Benchmark] = {
-    BenchmarkName.AIME24: Benchmark("aime24", "aime24.jsonl", "HuggingFaceH4/aime_2024", "train", None, "math_dapo"),
-    BenchmarkName.AIME25: Benchmark("aime25", "aime25.jsonl", "MathArena/aime_2025", "train", None, "aime2025"),
-    BenchmarkName.AMC23: Benchmark("amc23", "amc23.jsonl", "math-ai/amc23", "test", None, "amc_23", report_clean=True),
-    BenchmarkName.GSM8K: Benchmark("gsm8k", "gsm8k_test.jsonl", "openai/gsm8k", "test", "main"),
-    # MATH-500 answers are LaTeX expressions: string equality after normalisation undercounts, so it is scored with
-    # math-verify, as the RPG code routes its non-AIME sets (spec §8).
-    BenchmarkName.MATH500: Benchmark(
-        "math500", "math500.jsonl", "HuggingFaceH4/MATH-500", "test", rule=rewards_mod.AnswerRule.MATH_VERIFY,
-        report_clean=True,
-    ),
-}  # fmt: skip
-
-
-def _known() -> list[str]:
-    return [b.value for b in BenchmarkName]
-
-
-def _custom_path(spec: str) -> Path | None:
-    path = Path(spec).expanduser()
-    return path if path.suffix.lower() in data_mod.FILE_SUFFIXES else None
-
-
-def check_benchmark(spec: str, field_name: str = "benchmarks") -> None:
-    """Raise ValueError naming ``field_name`` unless ``spec`` is a known benchmark or an existing data file."""
-    if spec in _known():
-        return
-    path = _custom_path(spec)
-    if path is None:
-        raise ValueError(
-            f"{field_name}: {spec!r} is not allowed; allowed: {_known()} or a {'/'.join(data_mod.FILE_SUFFIXES)} file"
-        )
-    if not path.is_file():
-        raise ValueError(f"{field_name}: {spec!r}: no such file")
 
 
 def _data_dirs(data_dir: str | None) -> list[Path]:

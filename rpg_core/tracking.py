@@ -63,6 +63,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 __all__ = [
+    "AXIS_TAGS",
     "EXPERIMENT_KIND_TAG",
     "KIND_TAG",
     "RunKind",
@@ -87,6 +88,12 @@ EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 KIND_TAG = "rpg.kind"  # every run the platform writes carries it (rpg_core/runs.py finds runs by it)
+# The tags a training run carries per design axis (RunConfig.axis_tags() writes exactly these; rpg_core.runs reads
+# them as DataFrame columns). Tags, not params: MLflow groups and filters on them, and they hold canonical values.
+AXIS_TAGS = (
+    "method", "preset", "form", "direction", "normalized", "estimator", "kl_is_weight", "divergence", "clip", "agg",
+    "beta", "advantage", "reference", "objective_key", "config_key", "group", "model", "task", "seed",
+)  # fmt: skip
 
 
 class RunKind(enum.StrEnum):

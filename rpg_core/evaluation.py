@@ -508,19 +508,16 @@ def resolve_target(spec: str, *, tracking_uri: str | None = None) -> EvalTarget:
             return _checkpoint_target(spec, ckpt)
         return EvalTarget(spec, str(path))
     if _RUN_ID.match(spec):
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-
-        from rpg_core.tracking import default_tracking_uri
+        from rpg_core.runs import get_run
+        from rpg_core.tracking import RunKind, default_tracking_uri
 
         uri = tracking_uri or default_tracking_uri()
-        try:
-            run = MlflowClient(tracking_uri=uri).get_run(spec)
-        except MlflowException as e:
-            raise ValueError(f"--model {spec!r} looks like an MLflow run id but {uri} has no such run") from e
-        run_dir = run.data.tags.get("run_dir")
-        if not run_dir:
-            raise ValueError(f"--model {spec!r}: MLflow run has no run_dir tag (not a training run)")
+        run = get_run(spec, tracking_uri=uri)
+        if run is None:
+            raise ValueError(f"--model {spec!r} looks like an MLflow run id but {uri} has no such run")
+        if run["kind"] != RunKind.TRAIN or run.isna()["run_dir"]:
+            raise ValueError(f"--model {spec!r}: MLflow run is a {run['kind']} run, not a training run (no run_dir)")
+        run_dir = run["run_dir"]
         ckpt = _latest_checkpoint(Path(run_dir))
         if ckpt is None:
             raise ValueError(f"--model {spec!r}: no complete checkpoint under {run_dir}/checkpoints")
@@ -624,24 +621,19 @@ def run_eval(
 
 def _record(result: EvalResult, target: EvalTarget, settings: EvalConfig, tracking_uri: str | None,
             experiment: str, new_run: bool) -> EvalRun:  # fmt: skip
-    from mlflow.tracking import MlflowClient
-
-    from rpg_core.tracking import Tracker, default_tracking_uri, flatten_params
+    from rpg_core.runs import get_run
+    from rpg_core.tracking import RunKind, Tracker, default_tracking_uri, flatten_params
 
     uri = tracking_uri or default_tracking_uri()
     step = target.step or 0
     if target.run_id and not new_run:
-        from mlflow.exceptions import MlflowException
-
-        client = MlflowClient(tracking_uri=uri)
-        try:
-            run = client.get_run(target.run_id)
-            status, stage = run.info.status, run.info.lifecycle_stage
-        except MlflowException:  # the checkpoint's run lives in another store
-            run, status, stage = None, "not in this store", uri
+        run = get_run(target.run_id, tracking_uri=uri)
+        if run is None:  # the checkpoint's run lives in another store
+            status, stage = "not in this store", uri
+        else:
+            status, stage = run["status"], run["lifecycle"]
         if run is not None and stage == "active" and status in ("FINISHED", "FAILED", "KILLED"):
-            exp = client.get_experiment(run.info.experiment_id).name
-            tracker = Tracker(experiment=exp, run_id=target.run_id, tracking_uri=uri)
+            tracker = Tracker(experiment=run["experiment"], run_id=target.run_id, tracking_uri=uri)
             try:
                 log_eval(tracker, result, step=step, log_samples=settings.log_samples)
             finally:
@@ -651,11 +643,12 @@ def _record(result: EvalResult, target: EvalTarget, settings: EvalConfig, tracki
               "recording this evaluation in a new run", flush=True)  # fmt: skip
     params = flatten_params({"model": target.base, "checkpoint": str(target.checkpoint or ""),
                              "evaluation": result.settings})  # fmt: skip
-    tags = {"rpg.kind": "eval", "rpg.model": target.label, "benchmarks": ",".join(settings.benchmarks)}
+    tags = {"rpg.model": target.label, "benchmarks": ",".join(settings.benchmarks)}
     if target.run_id:
         tags["rpg.eval_of"] = target.run_id
     name = f"eval-{Path(target.base).name if target.checkpoint is None else target.run_id or target.base}"
-    tracker = Tracker(experiment=experiment, run_name=name, params=params, tags=tags, tracking_uri=uri)
+    tracker = Tracker(experiment=experiment, run_name=name, params=params, tags=tags, tracking_uri=uri,
+                      kind=RunKind.EVAL)
     try:
         log_eval(tracker, result, step=step, log_samples=settings.log_samples)
     except BaseException:

@@ -49,6 +49,7 @@ __all__ = [
     "HISTORY_COLUMNS",
     "INFO_COLUMNS",
     "RunStatus",
+    "final_metrics",
     "find_runs",
     "get_run",
     "get_runs",
@@ -118,7 +119,7 @@ def find_runs(
             where[name] = value
     clauses = [_tag_clause(k, v) for k, v in where.items()]
     if ended_after is not None:
-        ms = int(ended_after.timestamp() * 1000) if isinstance(ended_after, dt.datetime) else int(ended_after)
+        ms = round(ended_after.timestamp() * 1000) if isinstance(ended_after, dt.datetime) else int(ended_after)
         clauses.append(f"attributes.end_time > {ms}")
     if kind is None:
         variants = [clauses]
@@ -158,6 +159,18 @@ def get_run(run_id: str, *, params: Sequence[str] = (), tracking_uri: str | None
     """One run's row (see ``get_runs``), or None if the store has no such run."""
     frame = get_runs([run_id], params=params, tracking_uri=tracking_uri)
     return None if frame.empty else frame.iloc[0]
+
+
+def final_metrics(row: pd.Series) -> dict[str, float]:
+    """``{metric name: final value}`` of one row of a frame read without ``params`` (the metrics it has)."""
+    fixed = {*INFO_COLUMNS, *AXIS_TAGS}
+    out = {}
+    for col, value in row.items():
+        if col in fixed or pd.isna(value):
+            continue
+        name = col.removeprefix("metrics.") if col.removeprefix("metrics.") in fixed else col
+        out[name] = float(value)
+    return out
 
 
 # -- histories ---------------------------------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ __all__ = [
     "default_tracking_uri",
     "ensure_experiment",
     "flatten_params",
+    "set_run_tags",
 ]
 
 _log = logging.getLogger(__name__)
@@ -193,6 +194,18 @@ def _get_or_create_experiment(uri: str, name: str) -> str:
     if EXPERIMENT_KIND_TAG[0] not in exp.tags:
         client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND_TAG)
     return exp.experiment_id
+
+
+def set_run_tags(run_id: str, tags: Mapping[str, Any], tracking_uri: str | None = None) -> None:
+    """Tag an existing run without re-attaching to it (its status and end time stay as they are), e.g. a training run
+    marked as evaluated by a nightly. Keys and values are checked and cut as a Tracker's."""
+    from mlflow.entities import RunTag
+    from mlflow.tracking import MlflowClient
+
+    clean = Tracker._clean_tags(tags)
+    MlflowClient(tracking_uri=tracking_uri or default_tracking_uri()).log_batch(
+        run_id, tags=[RunTag(k, v) for k, v in clean.items()]
+    )
 
 
 # -- params ------------------------------------------------------------------------------------------------------------

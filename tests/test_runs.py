@@ -187,3 +187,18 @@ def test_histories_through_a_tracking_server_match_the_store(store, tmp_path, mo
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
 
+
+
+def test_plot_reads_its_curves_through_the_read_api(tmp_path):
+    from rpg_core.plots import plot_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    t = Tracker(run_name="p", tracking_uri=uri, kind=RunKind.TRAIN, tags={"method": "grpo", "model": "tiny"})
+    for s in (0, 2, 4):
+        t.log_metrics({"eval/acc_strict": s / 8, "acc/sampled": 0.5}, step=s)
+    t.finish()
+    curves = plot_run(t.run_id, tmp_path / "p.png", tracking_uri=uri)
+    assert curves == {"eval/acc_strict": [(0, 0.0), (2, 0.25), (4, 0.5)], "acc/sampled": [(0, 0.5), (2, 0.5), (4, 0.5)]}
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="no MLflow run"):
+        plot_run("0" * 32, tmp_path / "q.png", tracking_uri=uri)

@@ -29,6 +29,7 @@ from pydantic import Field
 
 from flows.core import GpuPool, finished_runs, gpus_of
 from flows.submit import child_config, parent_run, submit
+from rpg_core.benchmarks import BenchmarkName
 from rpg_core.config import RunConfig
 from rpg_core.runs import RunStatus, find_runs, get_runs
 from rpg_core.tracking import RunKind, default_tracking_uri, ensure_experiment, set_run_tags
@@ -197,13 +198,11 @@ def train(
     return {"key": cfg.key(), **out}
 
 
-Benchmark = Literal["aime24", "aime25", "amc23", "gsm8k", "math500"]
-
 
 @flow(name="evaluate", log_prints=True)
 def evaluate(
     model: Annotated[str, Field(description="smollm2-135m | Hub id | model dir | checkpoint or run dir | MLflow run id")],
-    benchmarks: Annotated[list[Benchmark], Field(min_length=1)] = ["aime24", "aime25", "amc23"],  # noqa: B006
+    benchmarks: Annotated[list[BenchmarkName], Field(min_length=1)] = ["aime24", "aime25", "amc23"],  # noqa: B006
     k: Annotated[int, Field(ge=1, le=1024, description="samples per problem (Mean@k)")] = 32,
     max_new_tokens: Annotated[int | None, Field(ge=1, description="default: the run's, else 2048")] = None,
     limit: Annotated[int | None, Field(ge=1, description="first N problems of each benchmark")] = None,
@@ -246,7 +245,7 @@ def eval_run(model: str, benchmarks: list[str], k: int, max_new_tokens: int | No
 @flow(name="nightly_eval", log_prints=True)
 def nightly_eval(
     model: Annotated[str, Field(description="evaluate this model; empty: runs finished since the last nightly")] = "",
-    benchmarks: Annotated[list[Benchmark], Field(min_length=1)] = ["aime24", "aime25", "amc23"],  # noqa: B006
+    benchmarks: Annotated[list[BenchmarkName], Field(min_length=1)] = ["aime24", "aime25", "amc23"],  # noqa: B006
     k: Annotated[int, Field(ge=1, le=1024)] = 32,
     max_new_tokens: Annotated[int | None, Field(ge=1)] = None,
     limit: Annotated[int | None, Field(ge=1)] = None,

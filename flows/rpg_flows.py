@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import pandas as pd
 from prefect import flow, get_run_logger, task
@@ -30,7 +30,7 @@ from pydantic import Field
 from flows.core import GpuPool, finished_runs, gpus_of
 from flows.submit import child_config, parent_run, submit
 from rpg_core.benchmarks import BenchmarkName
-from rpg_core.config import RunConfig
+from rpg_core.config import Precision, RunConfig
 from rpg_core.runs import RunStatus, find_runs, get_runs
 from rpg_core.tracking import RunKind, default_tracking_uri, ensure_experiment, set_run_tags
 
@@ -89,7 +89,8 @@ def train_run(index: int, key: str, config_yaml: str, workdir: str, gpus: str, f
     if not out.ok:
         tail = "".join(out.log.read_text().splitlines(keepends=True)[-15:])
         raise RuntimeError(f"run {key} exited with {out.returncode} (log {out.log}):\n{tail}")
-    logger.info("run %d %s %s: MLflow run %s, step %d, %.0f s", index, key, out.status, out.run_id, out.step, out.seconds)
+    logger.info("run %d %s %s: MLflow run %s, step %d, %.0f s", index, key, out.status, out.run_id, out.step,
+                out.seconds)
     return {"run_id": out.run_id, "seconds": round(out.seconds, 1), "gpu": gpu}
 
 
@@ -166,7 +167,9 @@ def sweep(
         parent.log_metrics({"runs_finished": sum(r["status"] == "finished" for r in rows), "runs_failed": failed,
                             "seconds": time.perf_counter() - t0})  # fmt: skip
         if failed:  # the parent run ends FAILED
-            raise RuntimeError(f"sweep {sw.name}: {failed} of {len(todo)} runs failed; re-run to complete the missing ones")
+            raise RuntimeError(
+                f"sweep {sw.name}: {failed} of {len(todo)} runs failed; re-run to complete the missing ones"
+            )
     return rows
 
 
@@ -206,7 +209,7 @@ def evaluate(
     k: Annotated[int, Field(ge=1, le=1024, description="samples per problem (Mean@k)")] = 32,
     max_new_tokens: Annotated[int | None, Field(ge=1, description="default: the run's, else 2048")] = None,
     limit: Annotated[int | None, Field(ge=1, description="first N problems of each benchmark")] = None,
-    precision: Literal["fp32", "bf16"] = "fp32",
+    precision: Precision = Precision.FP32,
     gpus: Annotated[str, Field(pattern=GPUS_PATTERN, description=GPUS_HELP)] = "",
     tracking_uri: Annotated[str | None, Field(description="default $MLFLOW_TRACKING_URI, else .rpg/mlflow.db")] = None,
     workdir: str = ".rpg/sweeps",
@@ -227,7 +230,8 @@ def eval_run(model: str, benchmarks: list[str], k: int, max_new_tokens: int | No
     from prefect.concurrency.sync import concurrency
 
     gpu_limit = ensure_gpu_limit()
-    args = ["--model", model, "--benchmarks", ",".join(benchmarks), "--k", str(k), "--precision", precision]
+    args = ["--model", model, "--benchmarks", ",".join(benchmarks), "--k", str(k),
+            "--precision", Precision(precision).value]  # fmt: skip
     for flag, value in (("--max-new-tokens", max_new_tokens), ("--limit", limit), ("--tracking-uri", tracking_uri)):
         if value is not None:
             args += [flag, str(value)]
@@ -249,7 +253,7 @@ def nightly_eval(
     k: Annotated[int, Field(ge=1, le=1024)] = 32,
     max_new_tokens: Annotated[int | None, Field(ge=1)] = None,
     limit: Annotated[int | None, Field(ge=1)] = None,
-    precision: Literal["fp32", "bf16"] = "fp32",
+    precision: Precision = Precision.FP32,
     experiment: Annotated[str, Field(description="MLflow experiment of the training runs")] = "rpg",
     tracking_uri: Annotated[str | None, Field(description="default $MLFLOW_TRACKING_URI, else .rpg/mlflow.db")] = None,
     gpus: Annotated[str, Field(pattern=GPUS_PATTERN, description=GPUS_HELP)] = "",

@@ -10,9 +10,9 @@ DataFrames. Writing goes through ``rpg_core.tracking``.
 * **One row per run.** ``run_id, name, experiment, kind, status, lifecycle, start_time, end_time`` (UTC timestamps),
   ``parent_run_id, sweep, run_dir``, one column per design axis (``rpg_core.tracking.AXIS_TAGS``: method, form,
   direction, normalized, estimator, clip, agg, beta, advantage, reference, config_key, group, model, task, seed, ...;
-  as strings, missing: NA, ``pd.isna``), the params asked for (column = param name, e.g. ``optim.lr``), then one column per
-  metric with its final value (MLflow's latest: the value at the largest step). A metric whose name is already a
-  column is ``metrics.<name>``.
+  as strings, missing: NA, ``pd.isna``), the params asked for (column = param name, e.g. ``optim.lr``), then one
+  column per metric with its final value (MLflow's latest: the value at the largest step). A metric whose name is
+  already a column is ``metrics.<name>``; ``final_metrics(row)`` gives them back by name.
 * **Histories** (``histories``): a long frame ``run_id, key, step, value, timestamp`` at full resolution, sorted by
   run, key, step, timestamp.
 
@@ -232,8 +232,8 @@ def _history_reader(client: Any):
         from mlflow.utils.rest_utils import http_request, verify_rest_response
 
         def ask(run_ids: list[str], key: str) -> list[tuple]:
-            resp = http_request(store.get_host_creds(), _BULK_ENDPOINT, "GET",
-                                params={"run_id": run_ids, "metric_key": key, "max_results": _HTTP_MAX_ROWS})  # fmt: skip
+            query = {"run_id": run_ids, "metric_key": key, "max_results": _HTTP_MAX_ROWS}
+            resp = http_request(store.get_host_creds(), _BULK_ENDPOINT, "GET", params=query)
             got = verify_rest_response(resp, _BULK_ENDPOINT).json().get("metrics", [])
             if len(got) < _HTTP_MAX_ROWS:
                 return [(m["run_id"], m["key"], int(m["step"]), float(m["value"]), int(m["timestamp"])) for m in got]
@@ -287,7 +287,8 @@ def _experiments(client: Any, names: str | Sequence[str] | None, view: Any = Non
     if names is None:
         out, token = {}, None
         while True:
-            page = client.search_experiments(view_type=view or ViewType.ACTIVE_ONLY, max_results=_PAGE, page_token=token)
+            page = client.search_experiments(view_type=view or ViewType.ACTIVE_ONLY, max_results=_PAGE,
+                                             page_token=token)  # fmt: skip
             out.update({e.experiment_id: e.name for e in page})
             token = page.token
             if not token:

@@ -21,30 +21,18 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from rpg_core.config import RunConfig
+from rpg_core.runs import RunStatus, find_runs
+from rpg_core.tracking import RunKind
 
 __all__ = ["GpuPool", "TrainOutcome", "finished_runs", "gpus_of", "run_training"]
 
 
 def finished_runs(tracking_uri: str, experiment: str) -> dict[str, str]:
-    """config key -> run id of every FINISHED training run in ``experiment`` (none if it does not exist yet)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return {}
-    out: dict[str, str] = {}
-    token = None
-    while True:
-        page = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'", max_results=1000,
-                                  page_token=token)  # fmt: skip
-        for run in page:
-            key = run.data.params.get("config_key")
-            if key and "run_dir" in run.data.tags:  # a training run (evaluation runs have no config_key)
-                out.setdefault(key, run.info.run_id)
-        token = page.token
-        if not token:
-            return out
+    """config key -> run id of the newest FINISHED training run of each key in ``experiment`` (none if it does not
+    exist yet)."""
+    done = find_runs(kind=RunKind.TRAIN, experiments=experiment, status=RunStatus.FINISHED, tracking_uri=tracking_uri)
+    done = done[done["config_key"].notna()]
+    return dict(zip(done["config_key"][::-1], done["run_id"][::-1], strict=True))  # newest first: the newest wins
 
 
 def gpus_of(spec: str) -> list[str]:
@@ -128,10 +116,10 @@ class TrainOutcome:
 
 
 def _checkpoint_state(cfg: RunConfig, cwd: Path) -> dict:
-    import json
+    from rpg_core import checkpoints
 
-    ckpts = sorted((cwd / cfg.train.output_dir / cfg.key() / "checkpoints").glob("step_*/COMPLETE"))
-    return json.loads((ckpts[-1].parent / "state.json").read_text()) if ckpts else {}
+    ckpt = checkpoints.latest(cwd / cfg.train.output_dir / cfg.key())
+    return checkpoints.read_state(ckpt) if ckpt is not None else {}
 
 
 def run_training(cfg: RunConfig, *, workdir: str | Path, gpu: str = "", fresh: bool = False,

@@ -18,17 +18,23 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
+import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.concurrency.sync import concurrency as concurrency_slots
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from flows.core import GpuPool, finished_runs, gpus_of, run_training
-from rpg_core.config import RunConfig
+from flows.core import GpuPool, finished_runs, gpus_of
+from flows.submit import child_config, parent_run, submit
+from rpg_core.benchmarks import BenchmarkName
+from rpg_core.config import Precision, RunConfig
+from rpg_core.runs import RunStatus, find_runs, get_runs
+from rpg_core.tracking import RunKind, default_tracking_uri, ensure_experiment, set_run_tags
 
+NIGHTLY_TAG = "rpg.nightly"  # on a training run: the nightly run that evaluated it
 SUMMARY_METRICS = ("eval/acc_strict", "acc/strict", "reward/mean")
 GPUS_PATTERN = r"^(cpu|[0-9, ]*)$"
 GPUS_HELP = "CUDA devices, e.g. 0,1,2,3; cpu: CPU; empty: the machine's GPUs ($RPG_GPUS, set by worker.sh), else CPU"
@@ -58,12 +64,6 @@ def ensure_gpu_limit(slots: int = 1) -> str:
     return name
 
 
-def _with_tracking(cfg: RunConfig, uri: str, parent: str | None, sweep: str) -> RunConfig:
-    tracking = cfg.tracking.model_copy(update={"tracking_uri": uri, "parent_run_id": parent,
-                                               "tags": {**cfg.tracking.tags, "sweep": sweep}})  # fmt: skip
-    return cfg.model_copy(update={"tracking": tracking})
-
-
 # A sweep takes its slots of its machine's rpg-gpu-<host> limit once, for its whole duration (min(concurrency, runs to
 # do)), and hands them to its tasks through a local semaphore: a task acquiring a server slot itself waits ~2 s
 # after the previous task released it (the client retries), which cost 24 % on the smoke sweep
@@ -74,7 +74,8 @@ _LOCAL_SLOTS: dict[str, threading.Semaphore] = {}
 @task(task_run_name="train-{index}-{key}")
 def train_run(index: int, key: str, config_yaml: str, workdir: str, gpus: str, fresh: bool,
               slots: str = "") -> dict[str, Any]:  # fmt: skip
-    """One training process, holding a slot of the ``rpg-gpu-<host>`` limit and one device for its whole life."""
+    """One training process (flows.submit.submit), holding a slot of the ``rpg-gpu-<host>`` limit and one device for
+    its whole life; a failed run raises (Prefect retries it, and the retry resumes)."""
     import yaml
     from prefect.concurrency.sync import concurrency
 
@@ -84,11 +85,12 @@ def train_run(index: int, key: str, config_yaml: str, workdir: str, gpus: str, f
     with local if local is not None else concurrency(gpu_limit_name(), occupy=1, strict=True):
         with GpuPool.parse(gpus, Path(workdir) / "locks").acquire() as gpu:
             logger.info("run %d %s on %s", index, key, f"GPU {gpu}" if gpu else "CPU")
-            out = run_training(cfg, workdir=workdir, gpu=gpu, fresh=fresh)
+            out = submit(cfg, workdir=workdir, gpu=gpu, fresh=fresh)
     if not out.ok:
         tail = "".join(out.log.read_text().splitlines(keepends=True)[-15:])
         raise RuntimeError(f"run {key} exited with {out.returncode} (log {out.log}):\n{tail}")
-    logger.info("run %d %s finished: MLflow run %s, step %d, %.0f s", index, key, out.run_id, out.step, out.seconds)
+    logger.info("run %d %s %s: MLflow run %s, step %d, %.0f s", index, key, out.status, out.run_id, out.step,
+                out.seconds)
     return {"run_id": out.run_id, "seconds": round(out.seconds, 1), "gpu": gpu}
 
 
@@ -103,7 +105,6 @@ def sweep(
     workdir: Annotated[str, Field(description="configs, logs and GPU locks of the runs")] = ".rpg/sweeps",
 ) -> list[dict[str, Any]]:
     from rpg_core.sweeps import expand, load_sweep
-    from rpg_core.tracking import Tracker, default_tracking_uri, ensure_experiment
 
     logger = get_run_logger()
     devices = gpus_of(gpus)
@@ -125,62 +126,62 @@ def sweep(
                 sw.name, len(exp.runs), len(exp.runs) - len(todo), len(todo), len(exp.dropped))  # fmt: skip
     gpu_limit = ensure_gpu_limit(concurrency)
     work = Path(workdir) / sw.name
-    parent = Tracker(experiment=experiment, run_name=f"sweep-{sw.name}", tracking_uri=uri,
-                     params={"sweep_file": sweep_file, "runs": len(exp.runs), "concurrency": concurrency,
-                             "overrides": " ".join(overrides), "force": force},
-                     tags={"rpg.kind": "sweep", "sweep": sw.name})  # fmt: skip
-    t0 = time.perf_counter()
-    slots = f"{parent.run_id}"
-    _LOCAL_SLOTS[slots] = threading.Semaphore(concurrency)
-    futures = {}
-    held = min(concurrency, len(todo))
-    with concurrency_slots(gpu_limit, occupy=held, strict=True) if held else contextlib.nullcontext():
-        for r in todo:
-            cfg = _with_tracking(r.config, uri, parent.run_id, sw.name)
-            futures[r.key] = train_run.with_options(retries=retries, retry_delay_seconds=2).submit(
-                r.index, r.key, cfg.to_yaml(), str(work), gpus, force, slots
-            )
-        for fut in futures.values():
-            fut.wait()
-    rows: list[dict[str, Any]] = []
-    failed = 0
-    for r in exp.runs:
-        row: dict[str, Any] = {"index": r.index, "key": r.key, "seed": r.seed, **r.axes, "method": r.config.method_name()}
-        if r.key in done:
-            row.update(status="skipped (finished)", run_id=done[r.key])
-        else:
-            futures[r.key].wait()
-            state = futures[r.key].state
-            if state.is_completed():
-                row.update(status="finished", **futures[r.key].result())
+    params = {"sweep_file": sweep_file, "runs": len(exp.runs), "concurrency": concurrency,
+              "overrides": " ".join(overrides), "force": force}  # fmt: skip
+    with parent_run(RunKind.SWEEP, experiment=experiment, name=f"sweep-{sw.name}", tracking_uri=uri, params=params,
+                    tags={"sweep": sw.name}) as parent:  # fmt: skip
+        t0 = time.perf_counter()
+        slots = f"{parent.run_id}"
+        _LOCAL_SLOTS[slots] = threading.Semaphore(concurrency)
+        futures = {}
+        held = min(concurrency, len(todo))
+        try:
+            with concurrency_slots(gpu_limit, occupy=held, strict=True) if held else contextlib.nullcontext():
+                for r in todo:
+                    cfg = child_config(r.config, parent, sweep=sw.name)
+                    futures[r.key] = train_run.with_options(retries=retries, retry_delay_seconds=2).submit(
+                        r.index, r.key, cfg.to_yaml(), str(work), gpus, force, slots
+                    )
+                for fut in futures.values():
+                    fut.wait()
+        finally:
+            _LOCAL_SLOTS.pop(slots, None)
+        rows: list[dict[str, Any]] = []
+        failed = 0
+        for r in exp.runs:
+            row: dict[str, Any] = {"index": r.index, "key": r.key, "seed": r.seed, **r.axes,
+                                   "method": r.config.method_name()}  # fmt: skip
+            if r.key in done:
+                row.update(status="skipped (finished)", run_id=done[r.key])
             else:
-                failed += 1
-                row.update(status=f"failed: {str(state.message or state.name)[:200]}")
-        rows.append(row)
-    _LOCAL_SLOTS.pop(slots, None)
-    _add_metrics(rows, uri)
-    create_table_artifact(rows, key=f"sweep-{sw.name.replace('_', '-')}", description=f"sweep {sw.name}")
-    parent.log_table(rows, "summary.json")
-    parent.log_metrics({"runs_finished": sum(r["status"] == "finished" for r in rows), "runs_failed": failed,
-                        "seconds": time.perf_counter() - t0})  # fmt: skip
-    parent.finish(status="FAILED" if failed else "FINISHED")
-    if failed:
-        raise RuntimeError(f"sweep {sw.name}: {failed} of {len(todo)} runs failed; re-run to complete the missing ones")
+                state = futures[r.key].state
+                if state.is_completed():
+                    row.update(status="finished", **futures[r.key].result())
+                else:
+                    failed += 1
+                    row.update(status=f"failed: {str(state.message or state.name)[:200]}")
+            rows.append(row)
+        _add_metrics(rows, uri)
+        create_table_artifact(rows, key=f"sweep-{sw.name.replace('_', '-')}", description=f"sweep {sw.name}")
+        parent.log_table(rows, "summary.json")
+        parent.log_metrics({"runs_finished": sum(r["status"] == "finished" for r in rows), "runs_failed": failed,
+                            "seconds": time.perf_counter() - t0})  # fmt: skip
+        if failed:  # the parent run ends FAILED
+            raise RuntimeError(
+                f"sweep {sw.name}: {failed} of {len(todo)} runs failed; re-run to complete the missing ones"
+            )
     return rows
 
 
 def _add_metrics(rows: list[dict[str, Any]], uri: str) -> None:
-    """The final value of a few headline metrics of each run (from MLflow), for the summary table."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
+    """The final value of a few headline metrics of each run (rpg_core.runs, one search), for the summary table."""
+    final = get_runs([r["run_id"] for r in rows if r.get("run_id")], tracking_uri=uri).set_index("run_id")
     for row in rows:
-        if not row.get("run_id"):
+        if row.get("run_id") not in final.index:
             continue
-        metrics = client.get_run(row["run_id"]).data.metrics
         for name in SUMMARY_METRICS:
-            if name in metrics:
-                row[name] = round(metrics[name], 4)
+            if name in final.columns and not pd.isna(value := final.at[row["run_id"], name]):
+                row[name] = round(float(value), 4)
 
 
 @flow(name="train", log_prints=True)
@@ -200,17 +201,15 @@ def train(
     return {"key": cfg.key(), **out}
 
 
-Benchmark = Literal["aime24", "aime25", "amc23", "gsm8k", "math500"]
-
 
 @flow(name="evaluate", log_prints=True)
 def evaluate(
     model: Annotated[str, Field(description="smollm2-135m | Hub id | model dir | checkpoint or run dir | MLflow run id")],
-    benchmarks: Annotated[list[Benchmark], Field(min_length=1)] = ["aime24", "aime25", "amc23"],  # noqa: B006
+    benchmarks: Annotated[list[BenchmarkName], Field(min_length=1)] = ["aime24", "aime25", "amc23"],  # noqa: B006
     k: Annotated[int, Field(ge=1, le=1024, description="samples per problem (Mean@k)")] = 32,
     max_new_tokens: Annotated[int | None, Field(ge=1, description="default: the run's, else 2048")] = None,
     limit: Annotated[int | None, Field(ge=1, description="first N problems of each benchmark")] = None,
-    precision: Literal["fp32", "bf16"] = "fp32",
+    precision: Precision = Precision.FP32,
     gpus: Annotated[str, Field(pattern=GPUS_PATTERN, description=GPUS_HELP)] = "",
     tracking_uri: Annotated[str | None, Field(description="default $MLFLOW_TRACKING_URI, else .rpg/mlflow.db")] = None,
     workdir: str = ".rpg/sweeps",
@@ -231,7 +230,8 @@ def eval_run(model: str, benchmarks: list[str], k: int, max_new_tokens: int | No
     from prefect.concurrency.sync import concurrency
 
     gpu_limit = ensure_gpu_limit()
-    args = ["--model", model, "--benchmarks", ",".join(benchmarks), "--k", str(k), "--precision", precision]
+    args = ["--model", model, "--benchmarks", ",".join(benchmarks), "--k", str(k),
+            "--precision", Precision(precision).value]  # fmt: skip
     for flag, value in (("--max-new-tokens", max_new_tokens), ("--limit", limit), ("--tracking-uri", tracking_uri)):
         if value is not None:
             args += [flag, str(value)]
@@ -249,11 +249,11 @@ def eval_run(model: str, benchmarks: list[str], k: int, max_new_tokens: int | No
 @flow(name="nightly_eval", log_prints=True)
 def nightly_eval(
     model: Annotated[str, Field(description="evaluate this model; empty: runs finished since the last nightly")] = "",
-    benchmarks: Annotated[list[Benchmark], Field(min_length=1)] = ["aime24", "aime25", "amc23"],  # noqa: B006
+    benchmarks: Annotated[list[BenchmarkName], Field(min_length=1)] = ["aime24", "aime25", "amc23"],  # noqa: B006
     k: Annotated[int, Field(ge=1, le=1024)] = 32,
     max_new_tokens: Annotated[int | None, Field(ge=1)] = None,
     limit: Annotated[int | None, Field(ge=1)] = None,
-    precision: Literal["fp32", "bf16"] = "fp32",
+    precision: Precision = Precision.FP32,
     experiment: Annotated[str, Field(description="MLflow experiment of the training runs")] = "rpg",
     tracking_uri: Annotated[str | None, Field(description="default $MLFLOW_TRACKING_URI, else .rpg/mlflow.db")] = None,
     gpus: Annotated[str, Field(pattern=GPUS_PATTERN, description=GPUS_HELP)] = "",
@@ -262,48 +262,40 @@ def nightly_eval(
     """Evaluate the newest checkpoints on AIME24/AIME25/AMC23: every training run finished since the previous
     nightly (recorded as a ``nightly`` run in the ``rpg-eval`` experiment), or the named ``model``. Each
     checkpoint's results land in its own training run."""
-    from mlflow.tracking import MlflowClient
-
     from rpg_core.evaluation import EVAL_EXPERIMENT
-    from rpg_core.tracking import Tracker, default_tracking_uri, ensure_experiment
 
     uri = tracking_uri or default_tracking_uri()
-    client = MlflowClient(tracking_uri=uri)
     ensure_experiment(uri, EVAL_EXPERIMENT)
-    eval_exp = client.get_experiment_by_name(EVAL_EXPERIMENT).experiment_id
-    previous = client.search_runs([eval_exp], "tags.`rpg.kind` = 'nightly' and attributes.status = 'FINISHED'",
-                                  order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
-    since = previous[0].info.start_time if previous else 0
-    nightly = Tracker(experiment=EVAL_EXPERIMENT, run_name=f"nightly-{time.strftime('%Y-%m-%d')}", tracking_uri=uri,
-                      tags={"rpg.kind": "nightly"}, params={"benchmarks": ",".join(benchmarks), "k": k})  # fmt: skip
+    previous = find_runs(kind=RunKind.NIGHTLY, experiments=EVAL_EXPERIMENT, status=RunStatus.FINISHED, limit=1,
+                         tracking_uri=uri)  # fmt: skip
+    since = 0 if previous.empty else round(previous["start_time"].iloc[0].timestamp() * 1000)
     if model:
         targets = [model]
-    else:
-        exp = client.get_experiment_by_name(experiment)
-        runs = client.search_runs([exp.experiment_id], f"attributes.status = 'FINISHED' and attributes.end_time > {since}",
-                                  max_results=1000) if exp else []  # fmt: skip
-        # training runs not yet evaluated by a nightly (evaluating re-opens a run, which moves its end time)
-        targets = [r.info.run_id for r in runs if "run_dir" in r.data.tags and "rpg.nightly" not in r.data.tags]
+    else:  # training runs not yet evaluated by a nightly (evaluating re-opens a run, which moves its end time)
+        todo = find_runs(kind=RunKind.TRAIN, experiments=experiment, status=RunStatus.FINISHED, ended_after=since,
+                         tags={NIGHTLY_TAG: None}, tracking_uri=uri)  # fmt: skip
+        targets = list(todo["run_id"])
     print(f"nightly_eval: {len(targets)} model(s) to evaluate (training runs finished since {since} ms)")
     rows = []
     failed = 0
-    for target in targets:
-        fut = eval_run.submit(target, list(benchmarks), k, max_new_tokens, limit, precision, gpus, uri, workdir)
-        fut.wait()
-        if fut.state.is_completed():
-            m = fut.result()
-            if not model:
-                client.set_tag(target, "rpg.nightly", nightly.run_id)
-            rows.append({"model": target, "status": "evaluated",
-                         **{n: round(v, 4) for n, v in m.items() if n.endswith(f"mean_at_{k}")}})  # fmt: skip
-        else:
-            failed += 1
-            rows.append({"model": target, "status": f"failed: {str(fut.state.message)[:200]}"})
-    if rows:
-        create_table_artifact(rows, key="nightly-eval", description="nightly evaluation")
-        nightly.log_table(rows, "summary.json")
-    nightly.log_metrics({"evaluated": len(rows) - failed, "failed": failed})
-    nightly.finish(status="FAILED" if failed else "FINISHED")
-    if failed:
-        raise RuntimeError(f"nightly_eval: {failed} of {len(targets)} evaluations failed")
+    with parent_run(RunKind.NIGHTLY, experiment=EVAL_EXPERIMENT, name=f"nightly-{time.strftime('%Y-%m-%d')}",
+                    tracking_uri=uri, params={"benchmarks": ",".join(benchmarks), "k": k}) as nightly:  # fmt: skip
+        for target in targets:
+            fut = eval_run.submit(target, list(benchmarks), k, max_new_tokens, limit, precision, gpus, uri, workdir)
+            fut.wait()
+            if fut.state.is_completed():
+                m = fut.result()
+                if not model:
+                    set_run_tags(target, {NIGHTLY_TAG: nightly.run_id}, tracking_uri=uri)
+                rows.append({"model": target, "status": "evaluated",
+                             **{n: round(v, 4) for n, v in m.items() if n.endswith(f"mean_at_{k}")}})  # fmt: skip
+            else:
+                failed += 1
+                rows.append({"model": target, "status": f"failed: {str(fut.state.message)[:200]}"})
+        if rows:
+            create_table_artifact(rows, key="nightly-eval", description="nightly evaluation")
+            nightly.log_table(rows, "summary.json")
+        nightly.log_metrics({"evaluated": len(rows) - failed, "failed": failed})
+        if failed:  # the nightly run ends FAILED
+            raise RuntimeError(f"nightly_eval: {failed} of {len(targets)} evaluations failed")
     return rows

@@ -184,7 +184,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from rpg_core.config import EvalConfig
+    from rpg_core.config import EvalConfig, field_errors
     from rpg_core.models import ModelNotFoundError
 
     fields = dict(benchmarks=[b.strip() for b in args.benchmarks.split(",") if b.strip()], k=args.k,
@@ -194,9 +194,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         settings = EvalConfig(**{k: v for k, v in fields.items() if v is not None})
         settings.check(section=None)  # errors name the flags
-    except ValidationError as e:
-        err = e.errors()[0]
-        print(f"rpg eval: --{str(err['loc'][0]).replace('_', '-')}: {err['msg']}", file=sys.stderr)
+    except ValidationError as e:  # errors name the flags
+        print(f"rpg eval: {field_errors(e, lambda loc: '--' + str(loc[0]).replace('_', '-'))[0]}", file=sys.stderr)
         return 2
     except ValueError as e:
         print(f"rpg eval: {e}", file=sys.stderr)

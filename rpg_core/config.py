@@ -17,12 +17,17 @@ import json
 import re
 from enum import StrEnum
 from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rpg_core.objectives import AdvantageEstimator, ObjectiveConfig, ReferenceMode, get_preset
+from rpg_core.benchmarks import check_benchmark
+from rpg_core.data import ArithmeticLevel, PromptTemplate
+from rpg_core.objectives import PRESETS, AdvantageEstimator, ObjectiveConfig, ReferenceMode, get_preset
+from rpg_core.rewards import AnswerRule
+from rpg_core.tracking import AXIS_TAGS
 
 __all__ = [
     "AlgorithmConfig",
@@ -88,14 +93,14 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     task: Task = Field(Task.ARITHMETIC, description="arithmetic | dataset")
-    level: str = Field("add2", description="arithmetic difficulty level (rpg_core.data.ArithmeticLevel)")
+    level: ArithmeticLevel = Field(ArithmeticLevel.ADD2, description="arithmetic difficulty level")
     source: str | None = Field(None, description="dataset: a .jsonl/.parquet path or a Hugging Face dataset name")
     split: str | None = Field(None, description="dataset split (Hub datasets)")
     eval_source: str | None = Field(None, description="held-out set for the periodic evaluation (default: split off)")
     problem_key: str | None = None
     answer_key: str | None = None
     limit: int | None = Field(None, ge=1, description="use at most this many training problems")
-    template: str = Field("paper_oneshot", description="prompt template (rpg_core.data.PromptTemplate)")
+    template: PromptTemplate = Field(PromptTemplate.PAPER_ONESHOT, description="prompt template")
     chat_template: bool = Field(True, description="render prompts with the model's chat template")
     n_train: int = Field(4096, ge=1, description="arithmetic: number of training problems")
     n_eval: int = Field(128, ge=0, description="held-out problems for the periodic evaluation")
@@ -114,7 +119,7 @@ class RolloutConfig(_Section):
 
 
 class RewardConfig(_Section):
-    rule: str = Field("paper", description="answer rule (rpg_core.rewards.AnswerRule): paper | lenient | math_verify")
+    rule: AnswerRule = Field(AnswerRule.PAPER, description="answer rule: paper | lenient | math_verify")
     overlong_shaping: bool = Field(False, description="DAPO overlong reward shaping (spec §6.2)")
     overlong_buffer: int | None = Field(None, ge=1, description="overlong buffer length; default max_new_tokens/4")
     overlong_factor: float = Field(1.0, ge=0, description="overlong penalty factor")
@@ -175,8 +180,8 @@ class EvalConfig(_Section):
         None, ge=1, description="response budget; default: the run's rollout.max_new_tokens (rpg eval: 2048)"
     )
     max_prompt_tokens: int = Field(2048, ge=8, description="prompts are left-truncated to this length (spec §8)")
-    template: str = Field("paper", description="prompt template (rpg_core.data.PromptTemplate); the paper's: paper")
-    rule: str | None = Field(None, description="answer rule for every benchmark; default: each benchmark's own")
+    template: PromptTemplate = Field(PromptTemplate.PAPER, description="prompt template; the paper's: paper")
+    rule: AnswerRule | None = Field(None, description="answer rule for every benchmark; default: each benchmark's own")
     limit: int | None = Field(None, ge=1, description="evaluate the first N problems of each benchmark")
     data_dir: str | None = Field(
         None, description="folder with aime24.jsonl etc.; default $RPG_EVAL_DATA, else the Hugging Face Hub"
@@ -186,20 +191,13 @@ class EvalConfig(_Section):
     log_samples: int = Field(4, ge=0, description="responses per problem kept in the samples artifact")
 
     def check(self, section: str | None = "evaluation") -> None:
-        """Names that live in other modules (benchmarks, template, rule), checked before any compute starts.
-        Errors name ``section.field``, or the command-line flag (``--field``) when ``section`` is None."""
-        from rpg_core.data import PromptTemplate
-        from rpg_core.evaluation import check_benchmark
-        from rpg_core.rewards import AnswerRule
+        """The benchmarks (a name or an existing data file, each once), checked before any compute starts: a file
+        must exist when the run starts, not when the config is written. Errors name ``section.field``, or the
+        command-line flag (``--field``) when ``section`` is None. Template and rule are enums (checked by pydantic)."""
 
         def name(f: str) -> str:
             return f"{section}.{f}" if section else f"--{f.replace('_', '-')}"
 
-        templates, rules = [e.value for e in PromptTemplate], [e.value for e in AnswerRule]
-        if self.template not in templates:
-            raise ValueError(f"{name('template')}: {self.template!r} is not allowed; allowed: {templates}")
-        if self.rule is not None and self.rule not in rules:
-            raise ValueError(f"{name('rule')}: {self.rule!r} is not allowed; allowed: {rules} or null")
         if len(set(self.benchmarks)) != len(self.benchmarks):
             raise ValueError(f"{name('benchmarks')}: {self.benchmarks} lists a benchmark twice")
         for b in self.benchmarks:
@@ -238,20 +236,15 @@ class RunConfig(_Section):
     evaluation: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
 
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, name: str | None) -> str | None:
+        if name is not None and name not in PRESETS:
+            raise ValueError(f"preset: {name!r} is unknown; allowed: {sorted(PRESETS)}")
+        return name
+
     @model_validator(mode="after")
     def _cross_check(self) -> RunConfig:
-        # Names of the string-valued choices that live in other modules are checked here, so a bad value fails
-        # before any model is loaded.
-        from rpg_core.data import ArithmeticLevel, PromptTemplate
-        from rpg_core.rewards import AnswerRule
-
-        for path, value, enum in (
-            ("data.level", self.data.level, ArithmeticLevel),
-            ("data.template", self.data.template, PromptTemplate),
-            ("reward.rule", self.reward.rule, AnswerRule),
-        ):
-            if value not in {e.value for e in enum}:
-                raise ValueError(f"{path}: {value!r} is not allowed; allowed: {[e.value for e in enum]}")
         self.evaluation.check("evaluation")
         if self.data.task is Task.DATASET and not self.data.source:
             raise ValueError("data.source: task='dataset' needs a .jsonl/.parquet path or a Hub dataset name")
@@ -286,6 +279,17 @@ class RunConfig(_Section):
 
     def key(self) -> str:
         """12-hex content hash of everything that changes the computation (objective in canonical form)."""
+        return _hash({"schema": "rpg.run/v1", **self._computed()})
+
+    def group_key(self) -> str:
+        """12-hex hash of the configuration without its seed: the seeds of one configuration share it (MLflow tag
+        ``group``; dashboards and the tuner aggregate over a group)."""
+        d = self._computed()
+        d["train"].pop("seed")
+        return _hash({"schema": "rpg.group/v1", **d})
+
+    def _computed(self) -> dict[str, Any]:
+        """The fields that change what a run computes, as JSON-ready data (the content of ``key()``)."""
         d = self.model_dump(mode="json")
         d["objective"] = self.objective.canonical().model_dump(mode="json")
         for section, fields in _BOOKKEEPING.items():
@@ -296,8 +300,7 @@ class RunConfig(_Section):
                     d[section].pop(f, None)
         if not self.evaluation.benchmarks:  # no benchmark evaluation: the section has no effect (keys stay stable)
             d.pop("evaluation")
-        blob = json.dumps({"schema": "rpg.run/v1", **d}, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return d
 
     @staticmethod
     def is_bookkeeping(param: str) -> bool:
@@ -322,9 +325,10 @@ class RunConfig(_Section):
         return p.name if same else "custom"
 
     def axis_tags(self) -> dict[str, str]:
-        """One tag per design axis (MLflow groups and filters on these)."""
+        """One tag per design axis (MLflow groups and filters on these; rpg_core.runs makes them columns). The names
+        are ``rpg_core.tracking.AXIS_TAGS``, in that order."""
         o = self.objective.canonical()
-        return {
+        tags = {
             "method": self.method_name(),
             "preset": self.preset or "none",
             "form": o.form.value,
@@ -340,9 +344,12 @@ class RunConfig(_Section):
             "reference": self.algorithm.reference.value,
             "objective_key": self.objective.key(),
             "config_key": self.key(),
+            "group": self.group_key(),
             "model": self.model.name,
-            "task": self.data.task.value if self.data.task is Task.DATASET else f"arithmetic:{self.data.level}",
+            "task": self.data.task.value if self.data.task is Task.DATASET else f"arithmetic:{self.data.level.value}",
+            "seed": str(self.train.seed),
         }
+        return {name: tags[name] for name in AXIS_TAGS}  # a missing name fails here; an extra one is dropped
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
@@ -353,6 +360,26 @@ class RunConfig(_Section):
             raise RunConfigError(_format(e)) from None
         except ValueError as e:  # raised by a nested section's own validator
             raise RunConfigError(f"invalid run config: {e}") from None
+
+    def with_overrides(self, overrides: Mapping[str, Any] | Sequence[str]) -> RunConfig:
+        """This config with ``overrides`` applied, validated again like any other input (RunConfigError naming the
+        field). ``overrides``: ``section.field=value`` strings (as ``--set``) or a mapping, nested
+        (``{"tracking": {"tags": {...}}}``) or with dotted top-level keys (``{"tracking.parent_run_id": id}``).
+        The only way to change a config: ``model_copy(update=...)`` would skip validation."""
+        if isinstance(overrides, Mapping):
+            over: dict[str, Any] = {}
+            for path, value in overrides.items():
+                *sections, name = str(path).split(".")
+                node = over
+                for sec in sections:
+                    node = node.setdefault(sec, {})
+                node[name] = deep_merge(node[name], value) if isinstance(node.get(name), dict) else value
+        else:
+            over = parse_overrides(list(overrides))
+        if "preset" in over and over["preset"] != self.preset:  # a preset is resolved below a file, not on top of it
+            raise RunConfigError(f"preset: cannot change {self.preset!r} to {over['preset']!r} by an override; "
+                                 "load_run_config(preset=...) resolves a preset below the file")  # fmt: skip
+        return RunConfig.from_dict(deep_merge(self.model_dump(mode="json"), over))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -442,6 +469,11 @@ def load_run_config(
     return RunConfig.from_dict(deep_merge(deep_merge(base, file_dict), over))
 
 
+def _hash(d: dict[str, Any]) -> str:
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
 def _allowed_fields(loc: tuple[Any, ...]) -> list[str]:
     model: Any = RunConfig
     for part in loc[:-1]:
@@ -452,6 +484,25 @@ def _allowed_fields(loc: tuple[Any, ...]) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
+def _not_allowed(where: str, err: Mapping[str, Any]) -> str:
+    """A pydantic ``enum`` error in the words of every other choice: the value and the allowed values (from its
+    ``expected`` context, "'a', 'b' or 'c'")."""
+    allowed = re.findall(r"'([^']*)'", str(err.get("ctx", {}).get("expected", "")))
+    return f"{where}: {err.get('input')!r} is not allowed; allowed: {allowed}"
+
+
+def field_errors(e: ValidationError, name: Callable[[tuple[Any, ...]], str]) -> list[str]:
+    """One line per error of ``e``: ``name(loc)``, the value and what is allowed (enums list their values)."""
+    out = []
+    for err in e.errors():
+        where = name(tuple(err["loc"]))
+        if err["type"] == "enum":
+            out.append(_not_allowed(where, err))
+        else:
+            out.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
+    return out
+
+
 def _format(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
@@ -460,6 +511,9 @@ def _format(e: ValidationError) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = f"unknown field; allowed: {', '.join(_allowed_fields(loc))}"
+        if err["type"] == "enum":
+            lines.append(_not_allowed(where, err))
+            continue
         if loc == ("objective",) and msg.startswith("invalid objective config: "):  # ObjectiveConfig's own message
             lines += [f"objective.{part}" for part in msg.removeprefix("invalid objective config: ").split("; ")]
             continue

@@ -38,7 +38,6 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,8 @@ from rpg_core import checkpoints
 from rpg_core import data as data_mod
 from rpg_core import metrics as metrics_mod
 from rpg_core import rewards as rewards_mod
+from rpg_core.benchmarks import BENCHMARKS, Benchmark, BenchmarkName, check_benchmark
+from rpg_core.benchmarks import known_benchmarks as _known
 from rpg_core.config import EvalConfig, GeneratorKind, RunConfig
 from rpg_core.rollout import Generator, SamplingParams, make_generator, mix_seed
 
@@ -76,62 +77,6 @@ PAPER_MAX_NEW_TOKENS = 2048  # max_response_length in the paper's scripts (spec 
 CONTAMINATION_FIELD = "dapo_10gram_overlap"
 CLEAN_BELOW = 0.5  # ../shared/data/README.md: report AMC23 also on the rows below this overlap
 CLEAN_SUFFIX = "_clean"
-
-
-class BenchmarkName(StrEnum):
-    AIME24 = "aime24"
-    AIME25 = "aime25"
-    AMC23 = "amc23"
-    GSM8K = "gsm8k"
-    MATH500 = "math500"
-
-
-@dataclass(frozen=True)
-class Benchmark:
-    name: str
-    file: str | None  # file name in the local data folder (or a full path for a custom benchmark)
-    hub: str | None  # Hugging Face dataset used when no local file is found
-    hub_split: str | None = None
-    hub_subdir: str | None = None
-    data_source: str | None = None  # verl's data_source in the paper's files (val-core/<data_source>/acc/mean@32)
-    rule: rewards_mod.AnswerRule = rewards_mod.AnswerRule.PAPER
-    report_clean: bool = False  # also report the <name>_clean subset (dapo_10gram_overlap < 0.5)
-
-
-BENCHMARKS: dict[BenchmarkName, Benchmark] = {
-    BenchmarkName.AIME24: Benchmark("aime24", "aime24.jsonl", "HuggingFaceH4/aime_2024", "train", None, "math_dapo"),
-    BenchmarkName.AIME25: Benchmark("aime25", "aime25.jsonl", "MathArena/aime_2025", "train", None, "aime2025"),
-    BenchmarkName.AMC23: Benchmark("amc23", "amc23.jsonl", "math-ai/amc23", "test", None, "amc_23", report_clean=True),
-    BenchmarkName.GSM8K: Benchmark("gsm8k", "gsm8k_test.jsonl", "openai/gsm8k", "test", "main"),
-    # MATH-500 answers are LaTeX expressions: string equality after normalisation undercounts, so it is scored with
-    # math-verify, as the RPG code routes its non-AIME sets (spec §8).
-    BenchmarkName.MATH500: Benchmark(
-        "math500", "math500.jsonl", "HuggingFaceH4/MATH-500", "test", rule=rewards_mod.AnswerRule.MATH_VERIFY,
-        report_clean=True,
-    ),
-}  # fmt: skip
-
-
-def _known() -> list[str]:
-    return [b.value for b in BenchmarkName]
-
-
-def _custom_path(spec: str) -> Path | None:
-    path = Path(spec).expanduser()
-    return path if path.suffix.lower() in data_mod.FILE_SUFFIXES else None
-
-
-def check_benchmark(spec: str, field_name: str = "benchmarks") -> None:
-    """Raise ValueError naming ``field_name`` unless ``spec`` is a known benchmark or an existing data file."""
-    if spec in _known():
-        return
-    path = _custom_path(spec)
-    if path is None:
-        raise ValueError(
-            f"{field_name}: {spec!r} is not allowed; allowed: {_known()} or a {'/'.join(data_mod.FILE_SUFFIXES)} file"
-        )
-    if not path.is_file():
-        raise ValueError(f"{field_name}: {spec!r}: no such file")
 
 
 def _data_dirs(data_dir: str | None) -> list[Path]:
@@ -558,19 +503,16 @@ def resolve_target(spec: str, *, tracking_uri: str | None = None) -> EvalTarget:
             return _checkpoint_target(spec, ckpt)
         return EvalTarget(spec, str(path))
     if _RUN_ID.match(spec):
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-
-        from rpg_core.tracking import default_tracking_uri
+        from rpg_core.runs import get_run
+        from rpg_core.tracking import RunKind, default_tracking_uri
 
         uri = tracking_uri or default_tracking_uri()
-        try:
-            run = MlflowClient(tracking_uri=uri).get_run(spec)
-        except MlflowException as e:
-            raise ValueError(f"--model {spec!r} looks like an MLflow run id but {uri} has no such run") from e
-        run_dir = run.data.tags.get("run_dir")
-        if not run_dir:
-            raise ValueError(f"--model {spec!r}: MLflow run has no run_dir tag (not a training run)")
+        run = get_run(spec, tracking_uri=uri)
+        if run is None:
+            raise ValueError(f"--model {spec!r} looks like an MLflow run id but {uri} has no such run")
+        if run["kind"] != RunKind.TRAIN or run.isna()["run_dir"]:
+            raise ValueError(f"--model {spec!r}: MLflow run is a {run['kind']} run, not a training run (no run_dir)")
+        run_dir = run["run_dir"]
         ckpt = _latest_checkpoint(Path(run_dir))
         if ckpt is None:
             raise ValueError(f"--model {spec!r}: no complete checkpoint under {run_dir}/checkpoints")
@@ -673,24 +615,19 @@ def run_eval(
 
 def _record(result: EvalResult, target: EvalTarget, settings: EvalConfig, tracking_uri: str | None,
             experiment: str, new_run: bool) -> EvalRun:  # fmt: skip
-    from mlflow.tracking import MlflowClient
-
-    from rpg_core.tracking import Tracker, default_tracking_uri, flatten_params
+    from rpg_core.runs import get_run
+    from rpg_core.tracking import RunKind, Tracker, default_tracking_uri, flatten_params
 
     uri = tracking_uri or default_tracking_uri()
     step = target.step or 0
     if target.run_id and not new_run:
-        from mlflow.exceptions import MlflowException
-
-        client = MlflowClient(tracking_uri=uri)
-        try:
-            run = client.get_run(target.run_id)
-            status, stage = run.info.status, run.info.lifecycle_stage
-        except MlflowException:  # the checkpoint's run lives in another store
-            run, status, stage = None, "not in this store", uri
+        run = get_run(target.run_id, tracking_uri=uri)
+        if run is None:  # the checkpoint's run lives in another store
+            status, stage = "not in this store", uri
+        else:
+            status, stage = run["status"], run["lifecycle"]
         if run is not None and stage == "active" and status in ("FINISHED", "FAILED", "KILLED"):
-            exp = client.get_experiment(run.info.experiment_id).name
-            tracker = Tracker(experiment=exp, run_id=target.run_id, tracking_uri=uri)
+            tracker = Tracker(experiment=run["experiment"], run_id=target.run_id, tracking_uri=uri)
             try:
                 log_eval(tracker, result, step=step, log_samples=settings.log_samples)
             finally:
@@ -700,11 +637,12 @@ def _record(result: EvalResult, target: EvalTarget, settings: EvalConfig, tracki
               "recording this evaluation in a new run", flush=True)  # fmt: skip
     params = flatten_params({"model": target.base, "checkpoint": str(target.checkpoint or ""),
                              "evaluation": result.settings})  # fmt: skip
-    tags = {"rpg.kind": "eval", "rpg.model": target.label, "benchmarks": ",".join(settings.benchmarks)}
+    tags = {"rpg.model": target.label, "benchmarks": ",".join(settings.benchmarks)}
     if target.run_id:
         tags["rpg.eval_of"] = target.run_id
     name = f"eval-{Path(target.base).name if target.checkpoint is None else target.run_id or target.base}"
-    tracker = Tracker(experiment=experiment, run_name=name, params=params, tags=tags, tracking_uri=uri)
+    tracker = Tracker(experiment=experiment, run_name=name, params=params, tags=tags, tracking_uri=uri,
+                      kind=RunKind.EVAL)
     try:
         log_eval(tracker, result, step=step, log_samples=settings.log_samples)
     except BaseException:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from rpg_core import checkpoints
 from pathlib import Path
 
 __all__ = ["plot_run", "resolve_run_id"]
@@ -18,10 +18,10 @@ def resolve_run_id(run: str) -> str:
     """A run directory (its newest checkpoint records the MLflow run id) or a run id."""
     p = Path(run)
     if p.is_dir():
-        states = sorted(p.glob("checkpoints/step_*/state.json"))
-        if not states:
-            raise ValueError(f"{run}: no checkpoint with a state.json")
-        return json.loads(states[-1].read_text())["run_id"]
+        ckpt = checkpoints.latest(p)
+        if ckpt is None:
+            raise ValueError(f"{run}: no complete checkpoint under {p / checkpoints.FOLDER}")
+        return checkpoints.read_state(ckpt)["run_id"]
     return run
 
 
@@ -31,17 +31,19 @@ def plot_run(run: str, out: str | Path, *, tracking_uri: str | None = None, titl
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from mlflow.tracking import MlflowClient
 
-    from rpg_core.tracking import default_tracking_uri
+    from rpg_core.runs import get_run, histories
 
-    client = MlflowClient(tracking_uri or default_tracking_uri())
     run_id = resolve_run_id(run)
-    info = client.get_run(run_id)
+    info = get_run(run_id, tracking_uri=tracking_uri)
+    if info is None:
+        raise ValueError(f"{run}: no MLflow run {run_id} in {tracking_uri or 'the default store'}")
+    points = histories([run_id], [key for key, _, _ in CURVES], tracking_uri=tracking_uri)
     curves = {}
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     for key, label, style in CURVES:
-        hist = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        h = points[points["key"] == key]
+        hist = sorted(zip(h["step"].tolist(), h["value"].tolist(), strict=True))
         if hist:
             curves[key] = hist
             ax.plot([s for s, _ in hist], [v for _, v in hist], style, label=label)
@@ -50,8 +52,8 @@ def plot_run(run: str, out: str | Path, *, tracking_uri: str | None = None, titl
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
-    tags = info.data.tags
-    ax.set_title(title or f"{tags.get('method', '')} on {tags.get('model', '')}, {tags.get('task', '')}", fontsize=10)
+    axes = {a: "" if info.isna()[a] else info[a] for a in ("method", "model", "task")}
+    ax.set_title(title or f"{axes['method']} on {axes['model']}, {axes['task']}", fontsize=10)
     fig.tight_layout()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

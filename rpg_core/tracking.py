@@ -63,6 +63,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 __all__ = [
+    "AXIS_TAGS",
     "EXPERIMENT_KIND_TAG",
     "KIND_TAG",
     "RunKind",
@@ -71,6 +72,7 @@ __all__ = [
     "default_tracking_uri",
     "ensure_experiment",
     "flatten_params",
+    "set_run_tags",
 ]
 
 _log = logging.getLogger(__name__)
@@ -87,6 +89,12 @@ EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 KIND_TAG = "rpg.kind"  # every run the platform writes carries it (rpg_core/runs.py finds runs by it)
+# The tags a training run carries per design axis (RunConfig.axis_tags() writes exactly these; rpg_core.runs reads
+# them as DataFrame columns). Tags, not params: MLflow groups and filters on them, and they hold canonical values.
+AXIS_TAGS = (
+    "method", "preset", "form", "direction", "normalized", "estimator", "kl_is_weight", "divergence", "clip", "agg",
+    "beta", "advantage", "reference", "objective_key", "config_key", "group", "model", "task", "seed",
+)  # fmt: skip
 
 
 class RunKind(enum.StrEnum):
@@ -186,6 +194,18 @@ def _get_or_create_experiment(uri: str, name: str) -> str:
     if EXPERIMENT_KIND_TAG[0] not in exp.tags:
         client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND_TAG)
     return exp.experiment_id
+
+
+def set_run_tags(run_id: str, tags: Mapping[str, Any], tracking_uri: str | None = None) -> None:
+    """Tag an existing run without re-attaching to it (its status and end time stay as they are), e.g. a training run
+    marked as evaluated by a nightly. Keys and values are checked and cut as a Tracker's."""
+    from mlflow.entities import RunTag
+    from mlflow.tracking import MlflowClient
+
+    clean = Tracker._clean_tags(tags)
+    MlflowClient(tracking_uri=tracking_uri or default_tracking_uri()).log_batch(
+        run_id, tags=[RunTag(k, v) for k, v in clean.items()]
+    )
 
 
 # -- params ------------------------------------------------------------------------------------------------------------

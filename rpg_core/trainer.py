@@ -477,7 +477,7 @@ def heldout_eval(trainer: Trainer, step: int) -> dict[str, float]:
 
 def _start_tracker(trainer: Trainer):
     """The run's MLflow run (re-attached on resume; only the main process writes)."""
-    from rpg_core.tracking import Tracker, flatten_params
+    from rpg_core.tracking import RunKind, Tracker, flatten_params
 
     cfg = trainer.cfg
     t = cfg.tracking
@@ -498,6 +498,7 @@ def _start_tracker(trainer: Trainer):
         tracking_uri=t.tracking_uri,
         enabled=enabled,
         mutable=RunConfig.is_bookkeeping,
+        kind=RunKind.TRAIN,
     )
     if enabled:
         trainer.run_id = tracker.run_id

@@ -200,8 +200,19 @@ def test_eval_config_errors_name_the_field():
         load_run_config(overrides=["evaluation.k=0"])
     with pytest.raises(RunConfigError, match=r"evaluation.rule: 'exact' is not allowed; allowed: \['paper'"):
         load_run_config(overrides=["evaluation.rule=exact"])
-    with pytest.raises(ValueError, match=r"--template: 'chat' is not allowed"):
-        EvalConfig(template="chat").check(section=None)
+    with pytest.raises(RunConfigError, match=r"evaluation.template: 'chat' is not allowed; allowed: \['paper'"):
+        load_run_config(overrides=["evaluation.template=chat"])
+    with pytest.raises(ValueError, match=r"--benchmarks: 'aime23' is not allowed"):
+        EvalConfig(benchmarks=["aime23"]).check(section=None)  # the command line's words: flags
+
+
+def test_rpg_eval_names_the_flag_and_the_allowed_values(capsys):
+    from rpg_core.cli import main
+
+    assert main(["eval", "--model", "tiny", "--template", "chat"]) == 2
+    assert "rpg eval: --template: 'chat' is not allowed; allowed: ['paper', 'paper_oneshot', 'raw']" in capsys.readouterr().err
+    assert main(["eval", "--model", "tiny", "--rule", "exact"]) == 2
+    assert "--rule: 'exact' is not allowed; allowed: ['paper', 'lenient', 'math_verify']" in capsys.readouterr().err
 
 
 def test_config_key_unchanged_without_benchmarks():

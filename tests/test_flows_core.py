@@ -118,3 +118,31 @@ def test_killed_training_process_is_not_finished_and_a_rerun_completes(tmp_path)
     done = run_training(cfg, workdir=tmp_path / "work", cwd=ROOT)
     assert done.ok and done.step == 8 and finished_runs(uri, "rpg") == {cfg.key(): done.run_id}
     assert f"resumed {cfg.key()}" in done.log.read_text()
+
+
+def test_submission_unit_parent_lifecycle_and_outcome(tmp_path):
+    """flows.submit: a training run submitted under a parent run comes back with its MLflow run, status, step and
+    final metrics (read through rpg_core.runs), nested under the parent and tagged with the sweep; the parent
+    ends FINISHED, FAILED on an exception and KILLED on an interrupt, each tagged with its kind."""
+    from flows.submit import child_config, parent_run, submit
+    from rpg_core.runs import find_runs, get_run
+    from rpg_core.tracking import RunKind
+
+    cfg, uri = _smoke_config(tmp_path, 3)
+    with parent_run(RunKind.SWEEP, experiment="rpg", name="sweep-t", tracking_uri=uri, tags={"sweep": "t"}) as parent:
+        child = child_config(cfg, parent, sweep="t")
+        assert child.key() == cfg.key() and child.tracking.parent_run_id == parent.run_id
+        out = submit(child, workdir=tmp_path / "work", cwd=ROOT)
+    assert out.ok and out.status == "FINISHED" and out.step == 2 and out.key == cfg.key()
+    row = get_run(out.run_id, tracking_uri=uri)
+    assert (row["parent_run_id"], row["sweep"], row["kind"], row["config_key"]) == (parent.run_id, "t", "train", cfg.key())
+    assert out.metrics["reward/mean"] == row["reward/mean"] and "eval/acc_strict" in out.metrics
+    for exc, status in ((RuntimeError("some runs failed"), "FAILED"), (KeyboardInterrupt(), "KILLED")):
+        with pytest.raises(type(exc)):
+            with parent_run(RunKind.TUNE, experiment="rpg", name=f"p-{status}", tracking_uri=uri):
+                raise exc
+    untagged = find_runs(tags={"rpg.kind": None}, tracking_uri=uri)  # legacy training runs only (read as train)
+    assert list(untagged["run_id"]) in ([], [out.run_id])  # [] once the trainer writes kind=train (branch core)
+    statuses = {r.name: r.status for r in find_runs(tracking_uri=uri).itertuples()}
+    assert statuses == {"sweep-t": "FINISHED", "p-FAILED": "FAILED", "p-KILLED": "KILLED", row["name"]: "FINISHED"}
+    assert set(find_runs(kind=RunKind.TUNE, tracking_uri=uri)["name"]) == {"p-FAILED", "p-KILLED"}

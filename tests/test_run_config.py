@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from rpg_core.config import RunConfig, RunConfigError, load_run_config, parse_overrides
+from rpg_core.data import ArithmeticLevel, PromptTemplate
+from rpg_core.rewards import AnswerRule
+from rpg_core.tracking import AXIS_TAGS
+
+ROOT = Path(__file__).resolve().parents[1]
 from rpg_core.objectives import PRESETS, AdvantageEstimator, Form, ReferenceMode
 
 
@@ -96,3 +103,30 @@ def test_yaml_round_trip(tmp_path):
     f = tmp_path / "r.yaml"
     f.write_text(cfg.to_yaml())
     assert load_run_config(f) == cfg
+
+
+def test_with_overrides_is_validated_and_keeps_the_key():
+    cfg = load_run_config(ROOT / "configs" / "demo_add2_urkl.yaml")
+    assert cfg.with_overrides({}).key() == cfg.key() == "e9241dc34eeb"  # a round trip changes nothing
+    tracked = cfg.with_overrides({"tracking.parent_run_id": "abc", "tracking": {"tags": {"sweep": "s"}}})
+    assert (tracked.tracking.parent_run_id, tracked.tracking.tags, tracked.key()) == ("abc", {"sweep": "s"}, cfg.key())
+    lr = cfg.with_overrides(["optim.lr=1e-5", "data.level=add1"])
+    assert (lr.optim.lr, lr.data.level, cfg.optim.lr) == (1e-5, ArithmeticLevel.ADD1, 4e-5) and lr.key() != cfg.key()
+    with pytest.raises(RunConfigError, match=r"data.level: 'add9' is not allowed; allowed: \['add1'"):
+        cfg.with_overrides({"data": {"level": "add9"}})
+    with pytest.raises(RunConfigError, match="train.steps"):
+        cfg.with_overrides(["train.steps=0"])
+    with pytest.raises(RunConfigError, match="preset: cannot change"):
+        cfg.with_overrides({"preset": "grpo"})
+
+
+def test_enum_fields_are_enums_and_seeds_share_a_group():
+    cfg = load_run_config(ROOT / "configs" / "demo_add2_urkl.yaml")
+    assert cfg.data.level is ArithmeticLevel.ADD2 and cfg.data.template is PromptTemplate.PAPER_ONESHOT
+    assert cfg.reward.rule is AnswerRule.PAPER and cfg.evaluation.template is PromptTemplate.PAPER
+    assert cfg.evaluation.rule is None
+    seed1 = cfg.with_overrides(["train.seed=1"])
+    assert seed1.group_key() == cfg.group_key() and seed1.key() != cfg.key()
+    assert cfg.with_overrides(["objective.beta=0.5"]).group_key() != cfg.group_key()
+    assert list(cfg.axis_tags()) == list(AXIS_TAGS)
+    assert (cfg.axis_tags()["group"], cfg.axis_tags()["seed"], seed1.axis_tags()["seed"]) == (cfg.group_key(), "0", "1")

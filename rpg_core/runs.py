@@ -1,0 +1,351 @@
+"""The read API: everything that reads results from MLflow (the flows' dedupe and summaries, the nightly evaluation,
+``rpg eval``'s target lookup, plots, dashboards, a tuner) finds runs and loads their values here, as pandas
+DataFrames. Writing goes through ``rpg_core.tracking``.
+
+* **Which runs.** ``find_runs`` filters in MLflow's own search (one query per 1000 runs) on what a run says it is:
+  its ``rpg.kind`` tag (``RunKind``: train | eval | sweep | tune | nightly), experiment, sweep (tag ``sweep``),
+  config key and group (the axis tags ``config_key``/``group``), any tags, status, parent run and end time.
+  A training run written before the ``rpg.kind`` tag existed is recognised by its ``run_dir`` tag without an
+  ``rpg.kind`` (legacy runs): ``kind=TRAIN`` finds both, and both read ``kind == "train"``.
+* **One row per run.** ``run_id, name, experiment, kind, status, lifecycle, start_time, end_time`` (UTC timestamps),
+  ``parent_run_id, sweep, run_dir``, one column per design axis (``rpg_core.tracking.AXIS_TAGS``: method, form,
+  direction, normalized, estimator, clip, agg, beta, advantage, reference, config_key, group, model, task, seed, ...;
+  as strings, missing: NA, ``pd.isna``), the params asked for (column = param name, e.g. ``optim.lr``), then one
+  column per metric with its final value (MLflow's latest: the value at the largest step). A metric whose name is
+  already a column is ``metrics.<name>``; ``final_metrics(row)`` gives them back by name.
+* **Histories** (``histories``): a long frame ``run_id, key, step, value, timestamp`` at full resolution, sorted by
+  run, key, step, timestamp.
+
+Batched histories, measured in ``benchmarks/bench_runs.py`` (20 runs x 10 metrics x 50 steps, SQLite):
+
+* ``MlflowClient.get_metric_history`` is one call per run per metric (200 calls for 20 x 10).
+* ``MlflowClient`` has no bulk history in MLflow 3.17. The stores' ``get_metric_history_bulk_interval`` (the UI's
+  chart endpoint) *samples* each run to ``max_results`` points (the server allows at most 2500 per run) and the SQL
+  store still queries run by run: not full resolution, not batched.
+* Chosen: one query per metric over up to 500 runs at once. For SQL stores (sqlite/postgresql/mysql URIs),
+  ``SqlAlchemyStore.get_metric_history_bulk(run_ids, key, max_results)``, the store method behind the server's
+  ``get-history-bulk`` endpoint: full resolution, one ``SELECT ... WHERE key = ? AND run_uuid IN (...)``. For a
+  tracking server (http/https URIs), that endpoint, ``/ajax-api/2.0/mlflow/metrics/get-history-bulk``: at most 100
+  runs and 25000 points a request, so a full answer may be cut: the chunk of runs is halved and asked again, and one
+  run with more points than that is read page by page (``get_metric_history``). Other stores (file store): the
+  per-run loop. Round trips grow with the number of metric names (x runs/500 or runs/100), not runs x metrics.
+  Measured (benchmarks/bench_runs.py, 10000 points, loaded 2-core machine): SQLite 200 queries 654 ms (naive) vs
+  10 queries 510 ms: locally the per-point cost (MLflow builds an ORM object per point) dominates, not the trips;
+  tracking server 400 requests 5.5 s vs 10 requests 0.98 s (5.6x), where each trip costs a request.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
+from enum import StrEnum
+from typing import Any
+
+import pandas as pd
+
+from rpg_core.tracking import AXIS_TAGS, KIND_TAG, RunKind, default_tracking_uri
+
+__all__ = [
+    "HISTORY_COLUMNS",
+    "INFO_COLUMNS",
+    "RunStatus",
+    "final_metrics",
+    "find_runs",
+    "get_run",
+    "get_runs",
+    "histories",
+]
+
+LEGACY_TRAIN_TAG = "run_dir"  # the trainer's run folder; before rpg.kind, the only mark of a training run
+SWEEP_TAG = "sweep"
+PARENT_TAG = "mlflow.parentRunId"
+INFO_COLUMNS = ("run_id", "name", "experiment", "kind", "status", "lifecycle", "start_time", "end_time",
+                "parent_run_id", "sweep", "run_dir")  # fmt: skip
+HISTORY_COLUMNS = ("run_id", "key", "step", "value", "timestamp")
+
+_PAGE = 1000  # runs per search page (MLflow's default page size)
+_SQL_RUNS = 500  # run ids per bulk-history query (an IN list; far below SQLite's 32766 variables)
+_HTTP_RUNS = 100  # the server's limit of run ids per get-history-bulk request (MAX_RUN_IDS_PER_REQUEST)
+_HTTP_MAX_ROWS = 25000  # the server's limit of points per get-history-bulk answer (MAX_HISTORY_RESULTS)
+_BULK_ENDPOINT = "/ajax-api/2.0/mlflow/metrics/get-history-bulk"
+
+
+class RunStatus(StrEnum):
+    """An MLflow run's status (``mlflow.entities.RunStatus`` names)."""
+
+    RUNNING = "RUNNING"
+    SCHEDULED = "SCHEDULED"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    KILLED = "KILLED"
+
+
+# -- finding runs ------------------------------------------------------------------------------------------------------
+
+
+def find_runs(
+    *,
+    kind: RunKind | str | None = None,
+    experiments: str | Sequence[str] | None = None,
+    sweep: str | None = None,
+    config_key: str | None = None,
+    group: str | None = None,
+    status: RunStatus | str | Sequence[RunStatus | str] | None = None,
+    tags: Mapping[str, str | None] | None = None,
+    parent_run_id: str | None = None,
+    ended_after: int | dt.datetime | None = None,
+    limit: int | None = None,
+    params: Sequence[str] = (),
+    tracking_uri: str | None = None,
+) -> pd.DataFrame:
+    """The active runs matching every filter given, newest first, one row each (columns: module docstring).
+
+    ``experiments``: names (None: every active experiment; an unknown name matches nothing). ``tags``:
+    ``{name: value}``, a None value meaning "has no such tag". ``status``: one or several. ``ended_after``: end
+    time strictly after (epoch ms or a datetime). ``limit``: at most this many (the newest). ``params``: param
+    names to add as columns. Bad filter values raise ValueError naming the argument.
+    """
+    kind = _enum(RunKind, kind, "kind")
+    statuses = [_enum(RunStatus, s, "status") for s in ([status] if isinstance(status, str) else status or [])]
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit: {limit} must be >= 1")
+    client = _client(tracking_uri)
+    exps = _experiments(client, experiments)
+    if not exps:
+        return _frame([], {}, params)
+    where: dict[str, str | None] = dict(tags or {})
+    for name, value in ((SWEEP_TAG, sweep), ("config_key", config_key), ("group", group), (PARENT_TAG, parent_run_id)):
+        if value is not None:
+            where[name] = value
+    clauses = [_tag_clause(k, v) for k, v in where.items()]
+    if ended_after is not None:
+        ms = round(ended_after.timestamp() * 1000) if isinstance(ended_after, dt.datetime) else int(ended_after)
+        clauses.append(f"attributes.end_time > {ms}")
+    if kind is None:
+        variants = [clauses]
+    else:
+        variants = [[*clauses, _tag_clause(KIND_TAG, kind.value)]]
+        if kind is RunKind.TRAIN:  # legacy training runs: a run_dir tag, no rpg.kind
+            variants.append([*clauses, _tag_clause(KIND_TAG, None), f"tags.`{LEGACY_TRAIN_TAG}` IS NOT NULL"])
+    # MLflow's filter has no OR, and IN only for run ids: one search per kind variant and status
+    by_status = [[f"attributes.status = {_quote(s.value, 'status')}"] for s in statuses] or [[]]
+    runs: dict[str, Any] = {}
+    for variant in variants:
+        for st in by_status:
+            for run in _search(client, list(exps), " and ".join([*variant, *st]), limit):
+                runs.setdefault(run.info.run_id, run)
+    ordered = sorted(runs.values(), key=lambda r: (-(r.info.start_time or 0), r.info.run_id))
+    return _frame(ordered[:limit] if limit else ordered, exps, params)
+
+
+def get_runs(run_ids: Iterable[str], *, params: Sequence[str] = (), tracking_uri: str | None = None) -> pd.DataFrame:
+    """The runs with these ids, in the order given (unknown ids are left out; deleted runs are included, their
+    ``lifecycle`` is "deleted"). One search per 100 ids."""
+    from mlflow.entities import ViewType
+
+    ids = list(dict.fromkeys(run_ids))
+    client = _client(tracking_uri)
+    exps = _experiments(client, None, view=ViewType.ALL)
+    found: dict[str, Any] = {}
+    for i in range(0, len(ids), 100):
+        chunk = ids[i : i + 100]
+        where = f"attributes.run_id IN ({', '.join(_quote(r, 'run_ids') for r in chunk)})"
+        for run in _search(client, list(exps), where, None, view=ViewType.ALL):
+            found[run.info.run_id] = run
+    return _frame([found[r] for r in ids if r in found], exps, params)
+
+
+def get_run(run_id: str, *, params: Sequence[str] = (), tracking_uri: str | None = None) -> pd.Series | None:
+    """One run's row (see ``get_runs``), or None if the store has no such run."""
+    frame = get_runs([run_id], params=params, tracking_uri=tracking_uri)
+    return None if frame.empty else frame.iloc[0]
+
+
+def final_metrics(row: pd.Series) -> dict[str, float]:
+    """``{metric name: final value}`` of one row of a frame read without ``params`` (the metrics it has)."""
+    fixed = {*INFO_COLUMNS, *AXIS_TAGS}
+    out = {}
+    for col, value in row.items():
+        if col in fixed or pd.isna(value):
+            continue
+        name = col.removeprefix("metrics.") if col.removeprefix("metrics.") in fixed else col
+        out[name] = float(value)
+    return out
+
+
+# -- histories ---------------------------------------------------------------------------------------------------------
+
+
+def histories(
+    runs: Iterable[str] | pd.DataFrame, keys: Sequence[str] | None = None, *, tracking_uri: str | None = None
+) -> pd.DataFrame:
+    """Every logged point of the metrics ``keys`` (None: every metric each run has) of ``runs`` (run ids, or a frame
+    with a ``run_id`` column), as a long frame ``run_id, key, step, value, timestamp`` sorted by run, key, step
+    and timestamp. Batched per metric name (module docstring)."""
+    ids = list(dict.fromkeys(runs["run_id"] if isinstance(runs, pd.DataFrame) else runs))
+    client = _client(tracking_uri)
+    if keys is None:  # which runs have which metric: one search per 100 runs
+        from mlflow.entities import ViewType
+
+        exps = _experiments(client, None, view=ViewType.ALL)
+        by_key: dict[str, list[str]] = {}
+        for i in range(0, len(ids), 100):
+            where = f"attributes.run_id IN ({', '.join(_quote(r, 'runs') for r in ids[i : i + 100])})"
+            for run in _search(client, list(exps), where, None, view=ViewType.ALL):
+                for k in run.data.metrics:
+                    by_key.setdefault(k, []).append(run.info.run_id)
+    else:
+        by_key = {k: ids for k in dict.fromkeys(keys)}
+    rows: list[tuple[str, str, int, float, int]] = []
+    fetch = _history_reader(client)
+    for key, key_ids in by_key.items():
+        rows += fetch(key_ids, key)
+    frame = pd.DataFrame(rows, columns=list(HISTORY_COLUMNS))
+    frame = frame.astype({"run_id": object, "key": object, "step": "int64", "value": "float64", "timestamp": "int64"})
+    return frame.sort_values(["run_id", "key", "step", "timestamp"], kind="stable", ignore_index=True)
+
+
+def _history_reader(client: Any):
+    """``fetch(run_ids, key) -> [(run_id, key, step, value, timestamp), ...]`` for the client's store."""
+    from mlflow.store.tracking.rest_store import RestStore
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    # The store behind the client: MlflowClient exposes no bulk history (private attribute, stable since MLflow 2).
+    store = client._tracking_client.store
+
+    def row(run_id: str, m: Any) -> tuple[str, str, int, float, int]:
+        return (run_id, m.key, int(m.step), float(m.value), int(m.timestamp))
+
+    def per_run(run_ids: list[str], key: str) -> list[tuple]:
+        return [row(r, m) for r in run_ids for m in client.get_metric_history(r, key)]  # pages through a run
+
+    if isinstance(store, SqlAlchemyStore):
+
+        def sql(run_ids: list[str], key: str) -> list[tuple]:
+            out = []
+            for i in range(0, len(run_ids), _SQL_RUNS):  # max_results=None: no LIMIT, every point
+                out += [row(m.run_id, m) for m in store.get_metric_history_bulk(run_ids[i : i + _SQL_RUNS], key, None)]
+            return out
+
+        return sql
+    if isinstance(store, RestStore):
+        from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+        def ask(run_ids: list[str], key: str) -> list[tuple]:
+            query = {"run_id": run_ids, "metric_key": key, "max_results": _HTTP_MAX_ROWS}
+            resp = http_request(store.get_host_creds(), _BULK_ENDPOINT, "GET", params=query)
+            got = verify_rest_response(resp, _BULK_ENDPOINT).json().get("metrics", [])
+            if len(got) < _HTTP_MAX_ROWS:
+                return [(m["run_id"], m["key"], int(m["step"]), float(m["value"]), int(m["timestamp"])) for m in got]
+            if len(run_ids) == 1:  # one run with more points than an answer holds
+                return per_run(run_ids, key)
+            half = len(run_ids) // 2  # the answer may be cut: ask for fewer runs at once
+            return ask(run_ids[:half], key) + ask(run_ids[half:], key)
+
+        def http(run_ids: list[str], key: str) -> list[tuple]:
+            return [r for i in range(0, len(run_ids), _HTTP_RUNS) for r in ask(run_ids[i : i + _HTTP_RUNS], key)]
+
+        return http
+    return per_run
+
+
+# -- internals ---------------------------------------------------------------------------------------------------------
+
+
+def _client(tracking_uri: str | None) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+
+
+def _enum(enum: type[StrEnum], value: Any, name: str) -> Any:
+    if value is None or isinstance(value, enum):
+        return value
+    try:
+        return enum(value)
+    except ValueError:
+        raise ValueError(f"{name}: {value!r} is not allowed; allowed: {[e.value for e in enum]}") from None
+
+
+def _quote(value: Any, name: str) -> str:
+    text = str(value.value if isinstance(value, StrEnum) else value)
+    if "'" in text:  # MLflow's filter grammar has no escape for a quote inside a string
+        raise ValueError(f"{name}: {text!r} contains a single quote, which an MLflow filter cannot hold")
+    return f"'{text}'"
+
+
+def _tag_clause(name: str, value: str | None) -> str:
+    if "`" in name:
+        raise ValueError(f"tags: {name!r} contains a backtick, which an MLflow filter cannot hold")
+    return f"tags.`{name}` IS NULL" if value is None else f"tags.`{name}` = {_quote(value, f'tags[{name!r}]')}"
+
+
+def _experiments(client: Any, names: str | Sequence[str] | None, view: Any = None) -> dict[str, str]:
+    """experiment id -> name: the named ones that exist, or all (active ones unless ``view`` says otherwise)."""
+    from mlflow.entities import ViewType
+
+    if names is None:
+        out, token = {}, None
+        while True:
+            page = client.search_experiments(view_type=view or ViewType.ACTIVE_ONLY, max_results=_PAGE,
+                                             page_token=token)  # fmt: skip
+            out.update({e.experiment_id: e.name for e in page})
+            token = page.token
+            if not token:
+                return out
+    out = {}
+    for name in [names] if isinstance(names, str) else names:
+        exp = client.get_experiment_by_name(name)
+        if exp is not None and exp.lifecycle_stage == "active":
+            out[exp.experiment_id] = exp.name
+    return out
+
+
+def _search(client: Any, exp_ids: list[str], where: str, limit: int | None, view: Any = None) -> list[Any]:
+    from mlflow.entities import ViewType
+
+    out: list[Any] = []
+    token = None
+    while True:
+        page = client.search_runs(exp_ids, where, run_view_type=view or ViewType.ACTIVE_ONLY,
+                                  max_results=min(_PAGE, limit or _PAGE), order_by=["attributes.start_time DESC"],
+                                  page_token=token)  # fmt: skip
+        out += page
+        token = page.token
+        if not token or (limit and len(out) >= limit):
+            return out[:limit] if limit else out
+
+
+def _kind(tags: Mapping[str, str]) -> str | None:
+    if KIND_TAG in tags:
+        return tags[KIND_TAG]
+    return RunKind.TRAIN.value if LEGACY_TRAIN_TAG in tags else None
+
+
+def _time(ms: int | None) -> pd.Timestamp | None:
+    return pd.Timestamp(ms, unit="ms", tz="UTC") if ms else None
+
+
+def _frame(runs: list[Any], exps: Mapping[str, str], params: Sequence[str]) -> pd.DataFrame:
+    fixed = [*INFO_COLUMNS, *AXIS_TAGS, *[p for p in params if p not in INFO_COLUMNS and p not in AXIS_TAGS]]
+    taken = set(fixed)
+    names = sorted({k for r in runs for k in r.data.metrics})
+    metric_col = {k: f"metrics.{k}" if k in taken else k for k in names}
+    rows = []
+    for r in runs:
+        tags, info = r.data.tags, r.info
+        row: dict[str, Any] = {
+            "run_id": info.run_id, "name": info.run_name, "experiment": exps.get(info.experiment_id),
+            "kind": _kind(tags), "status": info.status, "lifecycle": info.lifecycle_stage,
+            "start_time": _time(info.start_time), "end_time": _time(info.end_time),
+            "parent_run_id": tags.get(PARENT_TAG), "sweep": tags.get(SWEEP_TAG), "run_dir": tags.get(LEGACY_TRAIN_TAG),
+        }  # fmt: skip
+        row.update({t: tags.get(t) for t in AXIS_TAGS})
+        row.update({p: r.data.params.get(p) for p in fixed[len(INFO_COLUMNS) + len(AXIS_TAGS) :]})
+        row.update({metric_col[k]: v for k, v in r.data.metrics.items()})
+        rows.append(row)
+    columns = [*fixed, *metric_col.values()]
+    frame = pd.DataFrame(rows, columns=columns)
+    for col in ("start_time", "end_time"):
+        frame[col] = pd.to_datetime(frame[col], utc=True)
+    return frame.astype({metric_col[k]: "float64" for k in names})

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from rpg_core import checkpoints
 from pathlib import Path
+
+from rpg_core import checkpoints
 
 __all__ = ["plot_run", "resolve_run_id"]
 

@@ -147,3 +147,55 @@ def test_only_the_read_api_and_the_writer_build_an_mlflow_client():
                 if called in names:
                     offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert offenders == [], f"MlflowClient built outside runs.py/tracking.py: {offenders}"
+
+
+# Who may import whom (docs/architecture.md, "Seams"): data flows one way, so a room never imports a room downstream
+# of it. Each entry: a module prefix -> the module prefixes it must not import (anywhere in its file).
+FORBIDDEN = {
+    # pure tensor math: no model, engine, loop, tracker or orchestration
+    "rpg_core.objectives": ("rpg_core.models", "rpg_core.rollout", "rpg_core.trainer", "rpg_core.update",
+                            "rpg_core.tracking", "rpg_core.runs", "rpg_core.evaluation", "flows"),
+    # engines know models and sampling, nothing of the loss, the loop or the tracker
+    "rpg_core.rollout": ("rpg_core.objectives", "rpg_core.trainer", "rpg_core.update", "rpg_core.tracking",
+                         "rpg_core.runs", "rpg_core.evaluation", "flows"),
+    "rpg_core.rewards": ("rpg_core.",),  # answer rules are a leaf
+    "rpg_core.data": ("rpg_core.",),
+    "rpg_core.metrics": ("rpg_core.",),  # the schema is a leaf every room may read
+    "rpg_core.update": ("rpg_core.trainer", "rpg_core.tracking", "rpg_core.runs", "rpg_core.evaluation", "flows"),
+    # the read API and the writer know MLflow, never the trainer or an engine
+    "rpg_core.runs": ("rpg_core.trainer", "rpg_core.rollout", "rpg_core.objectives", "rpg_core.evaluation", "flows"),
+    "rpg_core.tracking": ("rpg_core.",),
+    # the trainer is a process of its own: only the CLI starts it, nothing of the library imports it
+    "rpg_core.evaluation": ("rpg_core.trainer", "rpg_core.update", "flows"),
+    "rpg_core.config": ("rpg_core.trainer", "rpg_core.evaluation", "rpg_core.rollout", "flows"),
+    "rpg_core.sweeps": ("rpg_core.trainer", "flows"),
+    # flows schedule processes: they never import the trainer's internals
+    "flows": ("rpg_core.trainer", "rpg_core.update", "rpg_core.rollout", "rpg_core.objectives.losses"),
+}
+
+
+def _violations(graph: dict[str, set[str]]) -> list[str]:
+    bad = []
+    for mod, deps in graph.items():
+        for prefix, forbidden in FORBIDDEN.items():
+            if mod == prefix or mod.startswith(prefix + "."):
+                bad += [f"{mod} -> {d}" for d in deps if any(d == f or d.startswith(f) for f in forbidden)
+                        and not d.startswith(prefix)]  # fmt: skip
+        if "rpg_core.trainer" in deps and mod != "rpg_core.cli":
+            bad.append(f"{mod} -> rpg_core.trainer (only rpg_core.cli starts a training run)")
+    return sorted(set(bad))
+
+
+def test_rooms_import_only_upstream():
+    """Each room imports only what lies upstream of it on the one path (config -> model -> rollout -> rewards ->
+    advantages -> loss -> update -> log), and only the CLI imports the trainer."""
+    graph = _graph()
+    assert _violations(graph) == [], "imports against the one-way path:\n" + "\n".join(_violations(graph))
+    # the check sees a violation when one is planted: the loss reaching for a model, flows for the trainer
+    planted = {**graph, "rpg_core.objectives.losses": graph["rpg_core.objectives.losses"] | {"rpg_core.models"},
+               "flows.core": graph["flows.core"] | {"rpg_core.trainer"}}  # fmt: skip
+    assert _violations(planted) == [
+        "flows.core -> rpg_core.trainer",
+        "flows.core -> rpg_core.trainer (only rpg_core.cli starts a training run)",
+        "rpg_core.objectives.losses -> rpg_core.models",
+    ]

@@ -7,6 +7,8 @@ import pytest
 from rpg_core.config import RunConfig, RunConfigError, load_run_config, parse_overrides
 from rpg_core.objectives import PRESETS, AdvantageEstimator, Form, ReferenceMode
 
+pytestmark = pytest.mark.unit
+
 
 def test_defaults_are_valid_and_key_is_stable():
     a, b = RunConfig(), RunConfig.from_dict({})

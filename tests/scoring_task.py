@@ -5,8 +5,8 @@ policy-gradient term is non-zero (on the arithmetic task a random model gets eve
 How it works (investigated on ``rpg_core.models.tiny_model``): a random model with tied embeddings mostly repeats
 its last input token (the residual stream carries that token's embedding, and the tied output head scores it
 highest), and its next few candidates depend on the seed and the context. With ``train.seed=23`` (the tiny model
-of seed 23) and the raw prompt ``"Compute k * 0.\\n\\n"`` the digit token ``0`` ranks 2nd-5th after the final
-``\\n\\n``; with ``rollout.top_k=3`` about 8% of 8-token responses contain a run of zeros as their last number,
+of seed 23) and the raw prompt ``"Compute k * 0.\\n\\n"`` the digit token ``0`` ranks 2nd to 7th of 49,152 after
+the final ``\\n\\n``; with ``rollout.top_k=3`` about 8% of 8-token responses contain a run of zeros as their last number,
 which the lenient rule (last integer, compared as ints: ``00`` == 0) scores correct against the answer ``0``.
 Anything that changes the tiny model, the tokenizer, the prompt rendering or sampling changes that rate: the
 tests using this task assert that some samples scored, so such a change shows as a failure, not as silence.

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import pprint
 from pathlib import Path
 
 import pytest
@@ -109,7 +108,7 @@ def one_thread():
 def _table(name: str, rows: list[dict[str, float]], sums: dict[str, float]) -> str:
     """The GOLDEN entry of one design point, as Python: each metric's values at steps 1..STEPS, then the checksums."""
     lines = [f"    {name!r}: {{"]
-    lines += [f"        {k!r}: ({', '.join(repr(r[k]) for r in rows)}),".replace(",)", ")") for k in METRICS if k in rows[0]]
+    lines += [f"        {k!r}: ({', '.join(repr(r[k]) for r in rows)})," for k in METRICS if k in rows[0]]
     lines += [f"        {k!r}: {v!r}," for k, v in sums.items()]
     return "\n".join([*lines, "    },"])
 

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install demo test test-all bench bench-trainer bench-eval up down clean
+.PHONY: install demo test test-fast test-all bench bench-trainer bench-eval up down clean
 
 install: $(STAMP)
 
@@ -22,6 +22,9 @@ demo: install            ## the main job: a real RL run on the embedded default 
 
 test: install            ## the default test run (slow tests excluded)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+test-fast: install       ## the inner loop: unit tests + in-process tiny-model runs (no server, subprocess, 135M model)
+	$(BIN)/python -m pytest -q -m "not slow and not system and not server and not subprocess and not embedded"
 
 test-all: install        ## everything, slow tests included
 	$(BIN)/python -m pytest -q

@@ -43,3 +43,42 @@ def embedded_default_dir() -> Path:
         return models.embedded_default_dir()
     except ModuleNotFoundError as e:
         pytest.skip(str(e))
+
+
+# -- test kinds: every test is exactly one of unit / integration / system (pyproject.toml says what each means) ------
+
+KINDS = ("unit", "integration", "system")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: selection sees the resolved kind
+def pytest_collection_modifyitems(config, items):
+    """A module's ``pytestmark`` gives its tests' kind; a kind marked on a test itself overrides it (the closest
+    marker wins, so ``-m unit`` never selects a test marked integration in a unit module). Collection fails if a
+    test ends up without a kind or with two on the same level."""
+    problems = []
+    modules = {}
+    for item in items:
+        own = [m for m in item.own_markers if m.name in KINDS]
+        if len(own) > 1:
+            problems.append(f"{item.nodeid}: marked {[m.name for m in own]}")
+            continue
+        if own:
+            continue
+        inherited = [m for node in item.listchain()[:-1] for m in node.own_markers if m.name in KINDS]
+        if len({m.name for m in inherited}) != 1:
+            problems.append(f"{item.nodeid}: {'no kind' if not inherited else [m.name for m in inherited]}")
+            continue
+        item.add_marker(inherited[0].name)
+    # The module-level kind now lives on each test that did not override it: drop it from the modules, or an
+    # overriding test would carry both.
+    for item in items:
+        for node in item.listchain()[:-1]:
+            if any(m.name in KINDS for m in node.own_markers):
+                modules[id(node)] = node
+    for node in modules.values():
+        node.own_markers[:] = [m for m in node.own_markers if m.name not in KINDS]
+    if problems:
+        raise pytest.UsageError(
+            "every test needs exactly one of @pytest.mark." + " / ".join(KINDS) + " (module pytestmark or its own):\n  "
+            + "\n  ".join(problems)
+        )

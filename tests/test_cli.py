@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+pytestmark = [pytest.mark.integration, pytest.mark.subprocess]
+
 
 def run_rpg(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("rpg") or shutil.which("rpg", path=str(__import__("pathlib").Path(sys.executable).parent))

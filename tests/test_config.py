@@ -21,6 +21,8 @@ from rpg_core.objectives import (
     policy_loss,
 )
 
+pytestmark = pytest.mark.unit
+
 # -- construction and validation -----------------------------------------------------------------------------
 
 
@@ -86,6 +88,8 @@ def full_grid(**fixed):
             continue  # penalty + forward + kl_is_weight
 
 
+@pytest.mark.integration
+@pytest.mark.subprocess
 def test_key_is_a_stable_content_hash():
     # Pinned: a change here silently breaks de-duplication against every run already in MLflow.
     assert ObjectiveConfig().key() == "661827973cd3"

@@ -30,6 +30,8 @@ from rpg_core.data import (
     shared_data_dir,
 )
 
+pytestmark = pytest.mark.unit
+
 torch.set_num_threads(1)
 
 SHARED = shared_data_dir()
@@ -201,6 +203,8 @@ for split, subdir in ((None, "main"), ("test", "main"), ("train", "main"), ("val
 """
 
 
+@pytest.mark.integration
+@pytest.mark.subprocess
 def test_hub_dataset_from_the_local_cache(tmp_path: Path) -> None:
     """The real snapshot_download path, offline, against a Hub cache laid out as huggingface_hub writes it, with
     two configs (folders) like openai/gsm8k: hub_subdir picks one."""

@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from rpg_core.config import load_run_config
+
+pytestmark = [pytest.mark.system, pytest.mark.subprocess]
 
 ROOT = Path(__file__).resolve().parents[1]
 

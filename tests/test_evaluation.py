@@ -5,7 +5,6 @@ the embedded default into a real MLflow store, and evaluating a training checkpo
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -34,6 +33,8 @@ from rpg_core.evaluation import (
     update_best,
 )
 from rpg_core.rewards import INVALID, AnswerRule, score_responses
+
+pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = shared_data_dir()
@@ -239,6 +240,7 @@ def _toy_file(tmp_path: Path, n: int = 3) -> Path:
     return path
 
 
+@pytest.mark.integration
 def test_evaluate_is_reproducible_and_batch_split_exact(tokenizer, tiny_model_factory, tmp_path):
     """Same seed and batch size: identical samples; the torch RNG is left as it was; every problem gets k samples
     with k > batch_size too (a problem's samples split over calls)."""
@@ -263,6 +265,7 @@ def test_evaluate_is_reproducible_and_batch_split_exact(tokenizer, tiny_model_fa
         assert (sc.acc, sc.pred) == (x["acc"], x["pred"])
 
 
+@pytest.mark.integration
 def test_evaluate_with_the_trainers_engine_samples_what_rpg_eval_does(tokenizer, tiny_model_factory, tmp_path):
     """Evaluation during training samples with the trainer's engine, whose own batch size (rollout.batch_size, here 2)
     is smaller than evaluation.batch_size (4): the call's batch size wins, so the samples equal a standalone
@@ -279,6 +282,7 @@ def test_evaluate_with_the_trainers_engine_samples_what_rpg_eval_does(tokenizer,
     assert [x["response"] for x in shared.results["toy"].samples] == [x["response"] for x in alone.results["toy"].samples]
 
 
+@pytest.mark.integration
 @needs_shared
 def test_amc23_clean_subset_metrics(tokenizer, tiny_model_factory):
     model = tiny_model_factory(0).eval()
@@ -299,6 +303,8 @@ def _rpg(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return r
 
 
+@pytest.mark.integration
+@pytest.mark.subprocess
 def test_rpg_eval_rejects_bad_input_before_loading(tmp_path):
     r = subprocess.run([sys.executable, "-m", "rpg_core.cli", "eval", "--model", "tiny", "--benchmarks", "aime24,foo"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -308,6 +314,9 @@ def test_rpg_eval_rejects_bad_input_before_loading(tmp_path):
     assert r.returncode == 2 and "--k:" in r.stderr
 
 
+@pytest.mark.integration
+@pytest.mark.subprocess
+@pytest.mark.embedded
 @needs_shared
 def test_rpg_eval_embedded_default_end_to_end(tmp_path, embedded_default_dir):
     """The embedded default on 2 AIME24 + 2 AMC23 problems, k=4, 48 new tokens, into a fresh MLflow store: the
@@ -327,8 +336,19 @@ def test_rpg_eval_embedded_default_end_to_end(tmp_path, embedded_default_dir):
     assert run.info.status == "FINISHED" and run.data.tags["rpg.kind"] == "eval"
     assert run.data.params["evaluation.k"] == "4"
     m = run.data.metrics
-    assert m["eval/aime24/n_problems"] == 2 and 0 <= m["eval/aime24/mean_at_4"] <= 1
-    assert m["eval/aime24/mean_at_4"] == pytest.approx(res["metrics"]["aime24/mean_at_4"])
+    assert m["eval/aime24/n_problems"] == 2
+    # Mean@4 recomputed from the logged samples: each response re-scored with AIME24's rule (math_dapo, the paper
+    # rule) against its problem's answer, the mean over each problem's 4 samples, then over the 2 problems.
+    answers = {p["id"]: p["answer"] for p in res["problems"]["aime24"]}
+    samples = res["samples"]["aime24"]
+    assert sorted(s["problem_id"] for s in samples) == sorted([*answers] * 4)
+    rescored = score_responses(AnswerRule.PAPER, [s["response"] for s in samples],
+                               [answers[s["problem_id"]] for s in samples])  # fmt: skip
+    assert [bool(s["acc"]) for s in samples] == [r.acc for r in rescored]
+    per_problem = [sum(r.acc for s, r in zip(samples, rescored, strict=True) if s["problem_id"] == pid) / 4
+                   for pid in answers]  # fmt: skip
+    expected = sum(per_problem) / 2  # a multiple of 1/8: exact in floating point
+    assert m["eval/aime24/mean_at_4"] == expected and res["metrics"]["aime24/mean_at_4"] == expected
     assert m["eval/perf/tokens_per_s"] > 0
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "eval/step_000000")}
     assert {"eval/step_000000/aime24_problems.json", "eval/step_000000/amc23_clean_problems.json",
@@ -341,6 +361,8 @@ def test_rpg_eval_embedded_default_end_to_end(tmp_path, embedded_default_dir):
     assert list(table["id"]) == ["aime2024-I-1", "aime2024-I-2"] and set(table["k"]) == {4}
 
 
+@pytest.mark.integration
+@pytest.mark.subprocess
 def test_eval_of_a_checkpoint_logs_into_its_training_run(tmp_path):
     """A 2-step tiny training run, then `rpg eval --model <MLflow run id>`: the checkpoint's weights (not the base
     model's) are evaluated, and the results land in the training run at the checkpoint's step; the run stays
@@ -377,6 +399,7 @@ def test_eval_of_a_checkpoint_logs_into_its_training_run(tmp_path):
     assert len(client.search_runs([client.get_experiment_by_name("rpg").experiment_id])) == 1  # no new run
 
 
+@pytest.mark.integration
 def test_trainer_periodic_benchmark_eval(tmp_path):
     """train.eval_every with evaluation.benchmarks: the benchmark is evaluated at steps 0, 1, 2 with Best/Last,
     logged with the step's metrics, the per-problem tables per step and best_last.json."""
@@ -399,4 +422,5 @@ def test_trainer_periodic_benchmark_eval(tmp_path):
     assert {"eval/step_000000", "eval/step_000002", "eval/best_last.json"} <= arts
     state = json.loads((res.run_dir / "checkpoints" / "step_000002" / "state.json").read_text())
     assert set(state["best_metrics"]) >= {"eval/toy/mean_at_2", "eval/toy/pass_at_2", "eval/toy/maj_at_2"}
-    assert math.isfinite(res.history[-1]["eval/toy/response_length"])
+    # The random tiny model never emits EOS within the run's budget of 8 new tokens: every response is cut at 8.
+    assert res.history[-1]["eval/toy/response_length"] == 8.0 and res.history[-1]["eval/toy/truncated"] == 1.0

@@ -17,6 +17,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from servers import free_port, listening
 
+pytestmark = [pytest.mark.system, pytest.mark.server]
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -292,6 +294,7 @@ def test_nightly_eval_evaluates_runs_finished_since_the_last_nightly(prefect_ser
     assert len(nightlies) == 3 and all(n.info.status == "FINISHED" for n in nightlies)
 
 
+@pytest.mark.integration
 def test_deploy_registers_the_flows_on_a_work_pool(prefect_server):
     """For GPU machines: `python -m flows.deploy --pool P` puts the four deployments on a process work pool (a
     `prefect worker start --pool P` per machine then runs them; infra/team/worker.sh)."""
@@ -314,6 +317,7 @@ def test_deploy_registers_the_flows_on_a_work_pool(prefect_server):
         ensure_pool("test-k8s-pool")
 
 
+@pytest.mark.integration
 def test_gpu_limit_is_per_machine_and_never_shrinks(prefect_server, monkeypatch):
     """A team's machines share one Prefect server: each has its own `rpg-gpu-<host>` limit. A smaller sweep must not
     shrink the limit under a bigger one that is still running."""
@@ -332,6 +336,7 @@ def test_gpu_limit_is_per_machine_and_never_shrinks(prefect_server, monkeypatch)
         assert client.read_global_concurrency_limit_by_name("rpg-gpu-node-b").limit == 1
 
 
+@pytest.mark.integration
 def test_sweep_rejects_bad_input_before_compute(prefect_server, tmp_path, monkeypatch):
     from flows.rpg_flows import sweep
     from rpg_core.sweeps import SweepError

@@ -14,9 +14,12 @@ import pytest
 from flows.core import GpuPool, finished_runs, run_training
 from rpg_core.sweeps import expand, load_sweep
 
+pytestmark = pytest.mark.system
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.unit
 def test_gpus_field_names_devices_cpu_or_the_machines(monkeypatch):
     from flows.core import gpus_of
 
@@ -29,6 +32,7 @@ def test_gpus_field_names_devices_cpu_or_the_machines(monkeypatch):
         gpus_of("")
 
 
+@pytest.mark.subprocess
 def test_gpu_pool_hands_each_device_to_one_holder(tmp_path):
     pool = GpuPool.parse("0,1", tmp_path / "locks")
     holders: dict[str, int] = {"0": 0, "1": 0}
@@ -81,6 +85,8 @@ def _smoke_config(tmp_path: Path, index: int = 0, *extra: str):
     return expand(sweep).runs[index].config, uri
 
 
+@pytest.mark.integration
+@pytest.mark.subprocess
 def test_training_process_finishes_resumes_and_fails(tmp_path):
     cfg, uri = _smoke_config(tmp_path)
     assert finished_runs(uri, "rpg") == {}  # no experiment yet
@@ -98,6 +104,7 @@ def test_training_process_finishes_resumes_and_fails(tmp_path):
     assert set(finished_runs(uri, "rpg")) == {cfg.key()}
 
 
+@pytest.mark.subprocess
 def test_killed_training_process_is_not_finished_and_a_rerun_completes(tmp_path):
     """A run killed mid-way is not finished; running it again resumes from its last checkpoint into the same
     MLflow run and finishes it. The timeout kills too (1 s: still importing)."""

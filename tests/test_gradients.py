@@ -13,6 +13,8 @@ import torch
 
 from rpg_core.objectives import ObjectiveConfig, policy_loss
 
+pytestmark = pytest.mark.unit
+
 F64 = torch.float64
 DIVERGENCES = ["FKL", "RKL", "UFKL", "URKL"]
 _AXES = {"FKL": ("forward", True), "RKL": ("reverse", True), "UFKL": ("forward", False), "URKL": ("reverse", False)}

@@ -27,6 +27,8 @@ from rpg_core.objectives import (
     masked_whiten,
 )
 
+pytestmark = pytest.mark.unit
+
 LN2 = math.log(2.0)  # 0.6931471805599453
 GRPO_EPS = 1e-6  # spec §6.1: (R - mean) / (std + 1e-6)
 WHITEN_EPS = 1e-8  # spec §6.3: (x - mean) / sqrt(var_unbiased + 1e-8)

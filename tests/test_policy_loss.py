@@ -15,6 +15,8 @@ from rpg_core.objectives import (
     reward_kl_penalty,
 )
 
+pytestmark = pytest.mark.unit
+
 LN2 = math.log(2.0)
 # One token throughout: logp = -1, old_logp = -1 - ln 2, so log w = ln 2 and w = 2; A = 1, beta = 0.5, and the
 # reference is pi_old (iterative), so r = w.

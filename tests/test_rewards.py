@@ -20,6 +20,8 @@ from rpg_core.rewards import (
     score_responses,
 )
 
+pytestmark = pytest.mark.unit
+
 torch.set_num_threads(1)
 
 # -- spec §8: the paper's rule ------------------------------------------------------------------------------------
@@ -140,6 +142,8 @@ def scorer():
         yield s
 
 
+@pytest.mark.integration
+@pytest.mark.subprocess
 def test_math_verify_accepts_what_the_paper_rule_rejects(scorer: MathVerifyScorer) -> None:
     responses = ["Answer: \\frac{1}{2}", "Answer: 1/2", "Answer: 042", "so \\boxed{42}", "Answer: $3\\sqrt{13}$"]
     responses.append("Answer: 41")
@@ -154,6 +158,8 @@ def test_math_verify_accepts_what_the_paper_rule_rejects(scorer: MathVerifyScore
     ]
 
 
+@pytest.mark.integration
+@pytest.mark.subprocess
 def test_math_verify_survives_bad_input(scorer: MathVerifyScorer) -> None:
     # None as the ground truth raises inside the worker ("\\boxed{" + None); None as the response parses to [].
     got = scorer.score([None, "Answer: 7", "Answer: 7"], ["7", None, "7"])  # type: ignore[list-item]
@@ -168,6 +174,8 @@ class _KillsWorker:
         return (os._exit, (1,))
 
 
+@pytest.mark.integration
+@pytest.mark.subprocess
 def test_math_verify_pool_recovers_from_a_dead_worker(scorer: MathVerifyScorer) -> None:
     t0 = time.monotonic()
     assert scorer.score([_KillsWorker()], ["1"]) == [Score(-1.0, False, INVALID)]  # type: ignore[list-item]

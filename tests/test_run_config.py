@@ -14,6 +14,8 @@ from rpg_core.tracking import AXIS_TAGS
 ROOT = Path(__file__).resolve().parents[1]
 from rpg_core.objectives import PRESETS, AdvantageEstimator, Form, ReferenceMode
 
+pytestmark = pytest.mark.unit
+
 
 def test_defaults_are_valid_and_key_is_stable():
     a, b = RunConfig(), RunConfig.from_dict({})

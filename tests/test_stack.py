@@ -9,11 +9,17 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from servers import alive, free_port, listening
+
+pytestmark = pytest.mark.subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.system
+@pytest.mark.server
 def test_stack_up_and_down(tmp_path):
     home = tmp_path / "stack"
     pp, mp = free_port(), free_port()
@@ -49,6 +55,7 @@ def test_stack_up_and_down(tmp_path):
     assert not any(alive(pid) for pid in pids.values())
 
 
+@pytest.mark.integration
 def test_stack_refuses_a_non_postgres_url_before_starting_anything(tmp_path):
     r = subprocess.run([sys.executable, "infra/stack.py", "--home", str(tmp_path), "--pg-url", "mysql://u:p@h:3306",
                         "up"], cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip

@@ -14,6 +14,8 @@ from rpg_core.cli import design_space
 from rpg_core.objectives import PRESETS
 from rpg_core.sweeps import SweepError, expand, load_sweep
 
+pytestmark = pytest.mark.unit
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -119,6 +121,8 @@ def test_invalid_values_are_dropped_with_the_config_error(tmp_path):
     assert len(exp.runs) == 1 and "objective.clip" in exp.dropped[0].reason and "triple" in exp.dropped[0].reason
 
 
+@pytest.mark.integration
+@pytest.mark.subprocess
 def test_rpg_sweep_expand_cli():
     r = subprocess.run([sys.executable, "-m", "rpg_core.cli", "sweep", "expand", "sweeps/smoke.yaml", "--json"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip

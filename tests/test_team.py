@@ -20,6 +20,8 @@ import pytest
 import yaml
 from servers import alive, free_port, listening
 
+pytestmark = [pytest.mark.system, pytest.mark.server, pytest.mark.subprocess]
+
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("rpg_stack", ROOT / "infra" / "stack.py")
 stack = importlib.util.module_from_spec(_spec)

@@ -17,6 +17,8 @@ import pytest
 from rpg_core import tracking
 from rpg_core.tracking import Tracker, TrackingError, default_tracking_uri, ensure_experiment, flatten_params
 
+pytestmark = pytest.mark.integration
+
 mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking import MlflowClient  # noqa: E402
 
@@ -47,6 +49,7 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, flo
 # -- flatten_params, default_tracking_uri: no store needed -------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_flatten_params_nested_dicts_lists_enums_none():
     cfg = {
         "model": {"name": "tiny", "dtype": None, "lora": {"r": 8, "alpha": 16.0}},
@@ -79,6 +82,7 @@ def test_flatten_params_nested_dicts_lists_enums_none():
         flatten_params([1, 2])
 
 
+@pytest.mark.unit
 def test_flatten_params_truncates_past_mlflow_param_limit():
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
@@ -88,6 +92,7 @@ def test_flatten_params_truncates_past_mlflow_param_limit():
     assert out["ok"] == "y" * 6000
 
 
+@pytest.mark.unit
 def test_default_tracking_uri_env_and_rpg_home(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert default_tracking_uri() == "http://127.0.0.1:5000"
@@ -104,6 +109,7 @@ def test_default_tracking_uri_env_and_rpg_home(tmp_path, monkeypatch):
     assert not (tmp_path / ".rpg" / "mlflow.db").exists()  # only the directory; the DB comes with the first use
 
 
+@pytest.mark.unit
 def test_disabled_tracker_is_a_noop_and_touches_no_files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -412,6 +418,8 @@ def test_background_failure_surfaces_on_the_next_call(tmp_path):
     assert "must be in the 'active' state" in str(e.value.__cause__)
 
 
+@pytest.mark.system
+@pytest.mark.subprocess
 @pytest.mark.slow
 def test_processes_racing_on_a_fresh_db_all_succeed(tmp_path):
     # Without the lock in ensure_experiment, 3 of 4 processes die in MLflow's first-use migration (stack.md §3a).

@@ -17,10 +17,13 @@ import pytest
 import torch
 import yaml
 
+import scoring_task
 from rpg_core.config import load_run_config
 from rpg_core.objectives import policy_loss
 from rpg_core.rollout import HFGenerator, SamplingParams, build_batch, token_logprobs
 from rpg_core.trainer import NonFiniteError, Trainer
+
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,6 +99,8 @@ def _write(cfg, path: Path) -> Path:
     return path
 
 
+@pytest.mark.system
+@pytest.mark.subprocess
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     """A run killed with SIGKILL mid-way and restarted with the same command ends with exactly the metrics and the
     weights of an uninterrupted run, in the same MLflow run."""
@@ -173,13 +178,21 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_nan_gradient_stops(tmp_path):
-    cfg = tiny_cfg(tmp_path, steps=2)
+    cfg = tiny_cfg(tmp_path, "train.checkpoint_every=1", steps=2)
     tr = Trainer(cfg)
     p = next(tr.model.parameters())
     p.register_hook(lambda g: g * float("inf"))
-    with pytest.raises(NonFiniteError, match="gradient norm"):
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    # inf times the gradient's zero entries (embedding rows of tokens not in the batch) is nan: the norm is nan.
+    with pytest.raises(NonFiniteError, match="step 0: the gradient norm is nan"):
         tr.fit()
-    assert not list(tr.ckpt_dir.glob("step_*")) if tr.ckpt_dir.exists() else True
+    # The guard stops before the optimizer step of step 0: no step is recorded, no weight moved (AdamW's weight
+    # decay alone would have changed every matrix), nothing was saved, the MLflow run is marked FAILED.
+    assert tr.step == 0 and tr.history == []
+    assert all(torch.equal(before[k], v) for k, v in tr.model.state_dict().items())
+    assert not tr.ckpt_dir.exists()
+    run = _mlflow_run(cfg, tr.run_id)
+    assert run.info.status == "FAILED" and "gradient norm is nan" in run.data.tags["error"]
 
 
 class _ParityReward(Trainer):
@@ -207,29 +220,91 @@ def test_micro_batch_accumulation_is_exact(tmp_path):
         assert norms[1] == pytest.approx(norms[0], rel=1e-4) and norms[2] == pytest.approx(norms[0], rel=1e-4), agg
 
 
-@pytest.mark.parametrize(
-    "extra",
-    [
-        ["algorithm.reference=fixed", "objective.beta=0.1", "algorithm.epochs=2"],
-        ["algorithm.ref_refresh_every=2", "objective.beta=0.1"],
-        ["objective.form=reward", "objective.beta=0.1", "algorithm.advantage=reinforce_pp"],
-        ["objective.form=penalty", "objective.estimator=k3", "algorithm.advantage=grpo", "reward.overlong_shaping=true"],
-        ["reward.dynamic_sampling=true", "reward.max_gen_rounds=2"],
-        ["model.precision=bf16"],
-    ],
-    ids=["fixed-ref", "lagged-ref", "kl-in-reward", "grpo-overlong", "dynamic-sampling", "bf16"],
-)
-def test_design_points_run(tmp_path, extra):
-    cfg = tiny_cfg(tmp_path, "tracking.enabled=false", *extra, steps=2)
+def _scoring_cfg(tmp_path: Path, *extra: str, steps: int = 2):
+    """tiny_cfg on the task where the random tiny model scores now and then (tests/scoring_task.py): 2 prompts x 8
+    samples, so some groups have mixed rewards and the advantages are non-zero."""
+    source = scoring_task.write_zero_task(tmp_path / "data")
+    return tiny_cfg(tmp_path, *scoring_task.overrides(source), "rollout.n=8", "algorithm.micro_batch_size=8",
+                    "tracking.enabled=false", *extra, steps=steps)  # fmt: skip
+
+
+def _weights(tr: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
+
+
+DESIGN_POINTS = {
+    "fixed-ref": ["algorithm.reference=fixed", "objective.beta=0.1", "algorithm.epochs=2"],
+    "lagged-ref": ["algorithm.ref_refresh_every=2", "objective.beta=0.1"],
+    "kl-in-reward": ["objective.form=reward", "objective.beta=0.1", "algorithm.advantage=reinforce_pp"],
+    "grpo-overlong": ["objective.form=penalty", "objective.estimator=k3", "algorithm.advantage=grpo",
+                      "reward.overlong_shaping=true"],
+    "dynamic-sampling": ["reward.dynamic_sampling=true", "reward.max_gen_rounds=3"],
+    "bf16": ["model.precision=bf16"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(DESIGN_POINTS))
+def test_design_points_update(tmp_path, name):
+    """Each design point on the scoring task: it trains on non-zero advantages, makes the optimizer steps it
+    should, and its reference / KL / reward behave as the design point says."""
+    extra = DESIGN_POINTS[name]
+    cfg = _scoring_cfg(tmp_path, *extra)
     tr = Trainer(cfg)
-    assert (tr.ref_model is not None) == cfg.uses_reference
+    assert (tr.ref_model is not None) == (name in ("fixed-ref", "lagged-ref"))
     hist = tr.fit().history
     assert len(hist) == 2
     for m in hist:
         assert all(math.isfinite(v) for v in m.values()), m
-    if cfg.uses_reference and "algorithm.reference=fixed" in extra:
-        # After the first update pi_theta != pi_ref, so the KL monitor is non-zero at step 2.
-        assert hist[1]["actor/kl_k3"] > 0
+        assert m["actor/updates"] == cfg.algorithm.epochs * cfg.algorithm.mini_batches
+        assert m["response_length/mean"] == 8  # the random model never emits EOS in 8 tokens
+    # Some group has mixed rewards, so the policy-gradient term is non-zero: a non-zero advantage and gradient.
+    assert any(m["reward/std"] > 0 and m["adv/abs_mean"] > 0 and m["actor/grad_norm"] > 0 for m in hist), hist
+    single = cfg.algorithm.epochs * cfg.algorithm.mini_batches == 1
+    for m in hist:
+        if single:  # the update runs at theta = theta_old: w = 1 exactly (spec §5)
+            assert m["actor/ratio_max"] == m["actor/ratio_min"] == 1.0
+        if not cfg.reward.overlong_shaping:  # reward = +1 / -1
+            assert m["reward/mean"] == pytest.approx(2 * m["acc/strict"] - 1, abs=1e-6)
+    if name == "fixed-ref":
+        # The second epoch runs at theta != theta_old, and pi_ref stays the initial model: KL > 0 from step 1.
+        assert hist[0]["actor/ratio_max"] > 1.0 or hist[0]["actor/ratio_min"] < 1.0
+        assert hist[0]["actor/kl_k3"] > 0 and hist[1]["actor/kl_k3"] > hist[0]["actor/kl_k3"]
+    elif name == "lagged-ref":
+        # Step 1: pi_ref = the initial model = pi_theta, so the KL is 0; it is refreshed only after step 2, so at
+        # step 2 pi_theta (moved by step 1's update) differs from it.
+        assert hist[0]["actor/kl_k3"] == pytest.approx(0, abs=1e-7) and hist[1]["actor/kl_k3"] > 1e-4
+    elif name == "kl-in-reward":
+        # REINFORCE++ whitens the returns over the batch's valid tokens: mean 0 (the one update sees the batch).
+        # The in-reward KL itself is 0 here (iterative reference refreshed every step: pi_ref = pi_old); this
+        # point checks the token-level reward path, not the KL's size.
+        for m in hist:
+            assert m["actor/adv_mean"] == pytest.approx(0, abs=1e-6)
+            assert "actor/kl_loss" not in m  # the KL went into the reward, not the loss
+    elif name == "grpo-overlong":
+        # Every response has max_new_tokens = 8 tokens: DAPO's penalty is -(8 - (8 - 2)) / 2 * 1.0 = -1 on each
+        # (buffer 8 // 4 = 2), so reward = (+1 | -1) - 1.
+        for m in hist:
+            assert m["reward/mean"] == pytest.approx(2 * m["acc/strict"] - 2, abs=1e-6)
+    elif name == "dynamic-sampling":
+        # Only groups with mixed accuracy are trained on.
+        for m in hist:
+            assert m["ds/kept_groups"] >= 1 and m["ds/groups_mixed"] > 0 and m["reward/std"] > 0
+
+
+def test_dynamic_sampling_without_a_mixed_group_does_not_update(tmp_path):
+    """On the arithmetic task the random model gets every answer wrong: no group is mixed, none is kept after
+    max_gen_rounds rounds, and the step makes no optimizer step at all (not even AdamW's weight decay)."""
+    cfg = tiny_cfg(tmp_path, "tracking.enabled=false", "reward.dynamic_sampling=true", "reward.max_gen_rounds=2")
+    tr = Trainer(cfg)
+    before = _weights(tr)
+    hist = tr.fit().history
+    assert len(hist) == 2
+    for m in hist:
+        assert m["ds/kept_groups"] == 0 and m["ds/rounds"] == 2 and m["ds/groups_mixed"] == 0
+        assert m["acc/sampled"] == 0
+        assert not any(k.startswith("actor/") for k in m), m
+    after = _weights(tr)
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_logprobs_match_generate(tokenizer, tiny_model_factory):
@@ -254,6 +329,7 @@ def test_logprobs_match_generate(tokenizer, tiny_model_factory):
     assert torch.all(ent[batch.response_mask] > 0)
 
 
+@pytest.mark.subprocess
 def test_cli_rejects_bad_config_before_compute(tmp_path):
     env = {**os.environ}
     t0 = time.perf_counter()
@@ -293,6 +369,7 @@ def test_shared_prefix_logprobs_and_gradients_are_exact(tokenizer, tiny_model_fa
     assert sum(float(g.abs().sum()) for g in g0) > 0
 
 
+@pytest.mark.embedded
 def test_embedded_default_one_step(tmp_path, embedded_default_dir):
     """The embedded default SmolLM2-135M end to end: the one-shot paper prompt makes it write "Answer:" lines."""
     cfg = load_run_config(
@@ -307,7 +384,10 @@ def test_embedded_default_one_step(tmp_path, embedded_default_dir):
     res = Trainer(cfg).fit()
     m = res.history[0]
     assert m["acc/format"] > 0  # at least one of 8 samples writes the paper's Answer line
-    assert m["actor/grad_norm"] > 0 or m["reward/std"] == 0
+    # One update with the reference refreshed every step: w = r = 1, so the KL term's gradient vanishes and the
+    # gradient is non-zero exactly when some advantage is (a group with mixed rewards).
+    assert m["actor/ratio_max"] == m["actor/ratio_min"] == 1.0 and m["actor/updates"] == 1
+    assert (m["actor/grad_norm"] > 0) == (m["adv/abs_mean"] > 0) == (m["reward/std"] > 0)
     assert _mlflow_run(cfg, res.run_id).info.status == "FINISHED"
 
 
@@ -324,6 +404,7 @@ def test_prefix_sharing_generator_matches_hf_greedy(tokenizer, tiny_model_factor
     assert [len(g) for g in ours] == [2, 2, 2]
 
 
+@pytest.mark.unit
 def test_sample_next_follows_softmax_topk_topp():
     from rpg_core.rollout import sample_next
 

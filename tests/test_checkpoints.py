@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rpg_core import checkpoints as ck
+
+pytestmark = pytest.mark.unit
 
 
 def _write(run_dir, step, keep=2):

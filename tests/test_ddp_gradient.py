@@ -24,6 +24,8 @@ from rpg_core.update import UpdateBatch, update
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 PAD = 2
 
+pytestmark = [pytest.mark.system, pytest.mark.subprocess]
+
 
 class _Backend:
     """What the trainer's Accelerator provides to the update, with plain torch (DDP's no_sync for accumulation)."""

@@ -12,6 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("rpg_core", "flows")
 
+pytestmark = pytest.mark.unit
+
 
 def _modules() -> dict[str, Path]:
     """module name -> file, for every module of the packages (a package is its __init__.py)."""

@@ -16,6 +16,8 @@ from rpg_core import metrics
 from rpg_core.evaluation import is_headline
 from rpg_core.metrics import Reduce, UndeclaredMetric
 
+pytestmark = pytest.mark.unit
+
 
 def test_lookup_exact_and_templates():
     assert metrics.lookup("actor/ratio_max").reduce is Reduce.MAX
@@ -76,6 +78,7 @@ def test_reduce_metrics_over_two_processes():
         Trainer._reduce_metrics(stub, {"acc/unknown": 1.0})
 
 
+@pytest.mark.integration
 def test_every_metric_a_tiny_run_logs_is_declared(tmp_path):
     """A tiny run with every family of training metrics (KL term in the loss, clipping, a fixed reference, the
     held-out and a benchmark evaluation with Best/Last): each name it logs to MLflow is declared."""

@@ -11,6 +11,8 @@ import torch
 from rpg_core.config import GeneratorKind
 from rpg_core.rollout import ENGINES, HFGenerator, PrefixSharingGenerator, SamplingParams, make_generator
 
+pytestmark = pytest.mark.integration
+
 
 def test_registry_is_the_enum(tokenizer, tiny_model_factory):
     assert set(ENGINES) == set(GeneratorKind)

@@ -25,6 +25,8 @@ from servers import free_port  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
 
+pytestmark = pytest.mark.integration
+
 
 def _value(i: int, key: str, step: int) -> float:
     return {"reward/mean": i + step / 10, "loss": -step - i / 100}[key]
@@ -156,6 +158,8 @@ def test_histories_full_resolution_in_one_query_per_metric(store, monkeypatch):
     assert histories([], tracking_uri=uri).empty
 
 
+@pytest.mark.server
+@pytest.mark.subprocess
 def test_histories_through_a_tracking_server_match_the_store(store, tmp_path, monkeypatch):
     """The same runs read over HTTP (the server's get-history-bulk endpoint): the same frames. With the per-answer
     cap lowered, answers count as cut: the runs are asked in halves, then one run page by page, still exact."""

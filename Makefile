@@ -24,7 +24,7 @@ test: install            ## the default test run (slow tests excluded)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-fast: install       ## the inner loop: unit tests + in-process tiny-model runs (no server, subprocess, 135M model)
-	$(BIN)/python -m pytest -q -m "not slow and not system and not server and not subprocess and not embedded"
+	$(BIN)/python -m pytest -q -n auto -m "not slow and not system and not server and not subprocess and not embedded"
 
 test-all: install        ## everything, slow tests included
 	$(BIN)/python -m pytest -q

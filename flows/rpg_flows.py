@@ -29,6 +29,7 @@ from pydantic import Field
 
 from flows.core import GpuPool, finished_runs, gpus_of
 from flows.submit import child_config, parent_run, submit
+from rpg_core import metrics as metrics_mod
 from rpg_core.benchmarks import BenchmarkName
 from rpg_core.config import Precision, RunConfig
 from rpg_core.runs import RunStatus, find_runs, get_runs
@@ -288,7 +289,7 @@ def nightly_eval(
                 if not model:
                     set_run_tags(target, {NIGHTLY_TAG: nightly.run_id}, tracking_uri=uri)
                 rows.append({"model": target, "status": "evaluated",
-                             **{n: round(v, 4) for n, v in m.items() if n.endswith(f"mean_at_{k}")}})  # fmt: skip
+                             **{n: round(v, 4) for n, v in m.items() if _is_mean_at_k(n)}})  # fmt: skip
             else:
                 failed += 1
                 rows.append({"model": target, "status": f"failed: {str(fut.state.message)[:200]}"})
@@ -299,3 +300,8 @@ def nightly_eval(
         if failed:  # the nightly run ends FAILED
             raise RuntimeError(f"nightly_eval: {failed} of {len(targets)} evaluations failed")
     return rows
+
+
+def _is_mean_at_k(name: str) -> bool:
+    """Whether ``name`` (an `rpg eval` metric, ``<bench>/<metric>``) is a Mean@k, by its declaration in the schema."""
+    return metrics_mod.lookup(f"eval/{name}").name == metrics_mod.MEAN_AT_K

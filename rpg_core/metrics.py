@@ -56,6 +56,9 @@ class Metric:
     doc: str = ""
 
 
+MEAN_AT_K = "eval/{bench}/mean_at_{k}"  # the paper's headline (spec §8): summaries pick it by this declaration
+
+
 def _m(family: Family, name: str, reduce: Reduce = Reduce.MEAN, best_last: bool = False, doc: str = "") -> Metric:
     return Metric(name, family, reduce, best_last, doc)
 
@@ -109,7 +112,7 @@ SCHEMA: tuple[Metric, ...] = (
     _m(E, "eval/response_length"),
     _m(E, "eval/best_acc_strict", Reduce.MAX, doc="the best eval/acc_strict so far, step 0 included"),
     _m(E, "eval/{bench}/n_problems"),
-    _m(E, "eval/{bench}/mean_at_{k}", best_last=True, doc="Mean@k (spec §8)"),
+    _m(E, MEAN_AT_K, best_last=True, doc="Mean@k (spec §8)"),
     _m(E, "eval/{bench}/mean_at_{k}_se", doc="the standard error of Mean@k"),
     _m(E, "eval/{bench}/pass_at_{k}", best_last=True, doc="Pass@k, the unbiased estimator"),
     _m(E, "eval/{bench}/maj_at_{k}", best_last=True, doc="Maj@k"),

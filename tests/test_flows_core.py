@@ -153,3 +153,14 @@ def test_submission_unit_parent_lifecycle_and_outcome(tmp_path):
     statuses = {r.name: r.status for r in find_runs(tracking_uri=uri).itertuples()}
     assert statuses == {"sweep-t": "FINISHED", "p-FAILED": "FAILED", "p-KILLED": "KILLED", row["name"]: "FINISHED"}
     assert set(find_runs(kind=RunKind.TUNE, tracking_uri=uri)["name"]) == {"p-FAILED", "p-KILLED"}
+
+
+@pytest.mark.unit
+def test_nightly_summary_picks_mean_at_k_by_its_declaration():
+    """The nightly table shows each benchmark's Mean@k, chosen by the metric schema's declaration (not by a name
+    suffix): its standard error, Pass@k, the perf numbers and the clean subset's other metrics are left out."""
+    from flows.rpg_flows import _is_mean_at_k
+
+    names = ["aime24/mean_at_32", "amc23_clean/mean_at_32", "aime24/mean_at_32_se", "aime24/pass_at_32",
+             "aime24/n_problems", "perf/seconds", "perf/tokens_per_s"]  # fmt: skip
+    assert [n for n in names if _is_mean_at_k(n)] == ["aime24/mean_at_32", "amc23_clean/mean_at_32"]

@@ -65,6 +65,8 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 __all__ = [
     "AXIS_TAGS",
     "EXPERIMENT_KIND_TAG",
+    "GPU_TAG",
+    "HOST_TAG",
     "KIND_TAG",
     "RunKind",
     "TrackingError",
@@ -72,6 +74,7 @@ __all__ = [
     "default_tracking_uri",
     "ensure_experiment",
     "flatten_params",
+    "host_name",
     "set_run_tags",
 ]
 
@@ -89,6 +92,9 @@ EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 KIND_TAG = "rpg.kind"  # every run the platform writes carries it (rpg_core/runs.py finds runs by it)
+# The machine (host_name()) and the device (e.g. "cuda:0 NVIDIA H200", or "cpu") a training run last (re)started on.
+HOST_TAG = "rpg.host"
+GPU_TAG = "rpg.gpu"
 # The tags a training run carries per design axis (RunConfig.axis_tags() writes exactly these; rpg_core.runs reads
 # them as DataFrame columns). Tags, not params: MLflow groups and filters on them, and they hold canonical values.
 AXIS_TAGS = (
@@ -111,6 +117,14 @@ _KEY_RE = re.compile(r"[/\w.\- ]+")
 
 class TrackingError(RuntimeError):
     """The background MLflow writer failed, or a run cannot be attached to; ``__cause__`` holds MLflow's error."""
+
+
+def host_name() -> str:
+    """This machine's name as the platform records it (tag ``rpg.host``): ``$RPG_HOST`` if set (a team names its
+    machines there), else ``socket.gethostname()``. The one place that decides it."""
+    import socket
+
+    return os.environ.get("RPG_HOST", "").strip() or socket.gethostname()
 
 
 # -- URIs and experiments ----------------------------------------------------------------------------------------------

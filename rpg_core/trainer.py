@@ -46,7 +46,7 @@ from rpg_core.rollout import (
 )
 from rpg_core.update import NonFiniteError, UpdateBatch, update
 
-__all__ = ["NonFiniteError", "Trainer", "TrainResult", "heldout_eval"]
+__all__ = ["NonFiniteError", "Trainer", "TrainResult", "device_label", "heldout_eval"]
 
 EvalHook = Callable[["Trainer", int], dict[str, float]]
 
@@ -477,7 +477,7 @@ def heldout_eval(trainer: Trainer, step: int) -> dict[str, float]:
 
 def _start_tracker(trainer: Trainer):
     """The run's MLflow run (re-attached on resume; only the main process writes)."""
-    from rpg_core.tracking import RunKind, Tracker, flatten_params
+    from rpg_core.tracking import GPU_TAG, HOST_TAG, RunKind, Tracker, flatten_params, host_name
 
     cfg = trainer.cfg
     t = cfg.tracking
@@ -485,6 +485,8 @@ def _start_tracker(trainer: Trainer):
     params = flatten_params(cfg.model_dump(mode="json"))
     params["config_key"] = trainer.key
     tags = cfg.axis_tags()
+    # The machine and device of this (re)start: a resume on another machine overwrites them.
+    tags.update({HOST_TAG: host_name(), GPU_TAG: device_label(trainer.acc.device)})
     tags.update({"run_dir": str(trainer.run_dir.resolve()), "world_size": str(trainer.world), **t.tags})
     if t.parent_run_id and not trainer.run_id:  # a resumed run stays under the sweep run that started it
         tags["mlflow.parentRunId"] = t.parent_run_id  # shown nested under the sweep's run in the MLflow UI
@@ -504,6 +506,19 @@ def _start_tracker(trainer: Trainer):
         trainer.run_id = tracker.run_id
         tracker.log_dict(cfg.model_dump(mode="json"), "config.yaml")
     return tracker
+
+
+def device_label(device: torch.device | str) -> str:
+    """The device a run trains on, as tag ``rpg.gpu``: ``"cpu"``, or ``"cuda:<id> <name>"`` (e.g.
+    ``"cuda:3 NVIDIA H200"``) where ``<id>`` is the GPU's entry in ``$CUDA_VISIBLE_DEVICES`` (the machine's index or
+    UUID that a GPU pool handed out), else the device index. Under several processes: the main process's device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    ident = visible[index] if index < len(visible) else str(index)
+    return f"cuda:{ident} {torch.cuda.get_device_name(index)}"
 
 
 # -- helpers ----------------------------------------------------------------------------------------------------

@@ -110,6 +110,21 @@ def test_default_tracking_uri_env_and_rpg_home(tmp_path, monkeypatch):
 
 
 @pytest.mark.unit
+def test_host_name_is_rpg_host_else_the_hostname(monkeypatch):
+    import socket
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "node-a.cluster")
+    monkeypatch.setenv("RPG_HOST", " gpu-box-3 ")
+    assert tracking.host_name() == "gpu-box-3"
+    for unset in ("", "  "):
+        monkeypatch.setenv("RPG_HOST", unset)
+        assert tracking.host_name() == "node-a.cluster"
+    monkeypatch.delenv("RPG_HOST")
+    assert tracking.host_name() == "node-a.cluster"
+    assert (tracking.HOST_TAG, tracking.GPU_TAG) == ("rpg.host", "rpg.gpu")
+
+
+@pytest.mark.unit
 def test_disabled_tracker_is_a_noop_and_touches_no_files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

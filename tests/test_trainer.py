@@ -62,8 +62,9 @@ def _mlflow_run(cfg, run_id):
     return MlflowClient(cfg.tracking.tracking_uri).get_run(run_id)
 
 
-def test_tiny_run_end_to_end(tmp_path):
-    cfg = tiny_cfg(tmp_path, "train.eval_every=1", "algorithm.epochs=2", "algorithm.mini_batches=2")
+def test_tiny_run_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("RPG_HOST", "bench-07")
+    cfg = tiny_cfg(tmp_path, "train.eval_every=1", "algorithm.epochs=2", "algorithm.mini_batches=2", "train.device=cpu")
     res = Trainer(cfg).fit()
     assert res.step == 2 and len(res.history) == 2
     m = res.history[-1]
@@ -79,6 +80,7 @@ def test_tiny_run_end_to_end(tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params["config_key"] == cfg.key() and run.data.params["objective.form"] == "reinforce"
     assert run.data.tags["divergence"] == "URKL" and run.data.tags["method"] == "rpg_reinforce_urkl"
+    assert (run.data.tags["rpg.host"], run.data.tags["rpg.gpu"]) == ("bench-07", "cpu")  # $RPG_HOST, the device
     assert run.data.metrics["acc/strict"] == pytest.approx(m["acc/strict"])
     from mlflow.tracking import MlflowClient
 
@@ -145,6 +147,19 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     wb = torch.load(final(b) / "model.pt", weights_only=True)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert _mlflow_run(b, killed_run_id).info.status == "FINISHED"
+
+
+@pytest.mark.unit
+def test_device_label(monkeypatch):
+    from rpg_core.trainer import device_label
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: f"NVIDIA H200 #{i}")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert device_label("cpu") == device_label(torch.device("cpu")) == "cpu"
+    assert (device_label("cuda:1"), device_label("cuda")) == ("cuda:1 NVIDIA H200 #1", "cuda:0 NVIDIA H200 #0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # a GPU pool's pick: the machine's index, not the process's
+    assert (device_label("cuda:0"), device_label("cuda:1")) == ("cuda:3 NVIDIA H200 #0", "cuda:5 NVIDIA H200 #1")
 
 
 class _PoisonedLoss(Trainer):

@@ -5,7 +5,7 @@
         model.pt                             the policy's state dict
         optimizer.pt                         the optimizer's state dict
         ref_model.pt                         the lagged reference's state dict (iterative reference only)
-        state.json                           the loop state (step, cursor, run_id, config_key, history, ...)
+        state.json                           the loop state (step, cursor, run_id, run_key, history, ...)
         config.yaml                          the run's config
         COMPLETE                             written last: a folder without it is not a checkpoint
 

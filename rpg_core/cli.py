@@ -158,12 +158,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"rpg train: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        print(f"# config key {cfg.key()}  method {cfg.method_name()}")
+        print(f"# config key {cfg.key()}  seed {cfg.train.seed}  run key {cfg.run_key()}  method {cfg.method_name()}")
         print(cfg.to_yaml(), end="")
         return 0
     from rpg_core.trainer import NonFiniteError, Trainer
 
-    print(f"rpg train: {cfg.method_name()} ({cfg.objective.summary()}) on {cfg.model.name}, key {cfg.key()}", flush=True)
+    print(f"rpg train: {cfg.method_name()} ({cfg.objective.summary()}) on {cfg.model.name}, run {cfg.run_key()} "
+          f"(config {cfg.key()}, seed {cfg.train.seed})", flush=True)  # fmt: skip
     try:
         trainer = Trainer(cfg, resume=not args.fresh)
     except ValueError as e:  # bad data source, unknown model, ...: before any training compute

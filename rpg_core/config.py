@@ -5,8 +5,10 @@ Configs come from YAML (``rpg train --config FILE``), a preset (``--preset NAME`
 ``rpg_core.objectives.presets``) and ``--set section.field=value`` overrides, resolved in that order:
 preset < file < overrides. Every error names the field and the allowed values.
 
-``key()`` names the run everywhere (MLflow param, checkpoint folder, sweep de-duplication): a hash of every field
-that changes what is computed (bookkeeping such as output paths, logging and tracking is left out).
+``key()`` names the configuration (MLflow param and tag ``config_key``, tag ``rpg.group``): a hash of every field
+that changes what is computed except the seed (bookkeeping such as output paths, logging and tracking is left out),
+so the seeds of one configuration share it and a comparison groups them by it. ``run_key()`` = ``<key>-s<seed>``
+names one run (its folder ``<train.output_dir>/<run key>/``, its checkpoints, a sweep's de-duplication).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ __all__ = [
     "deep_merge",
     "load_run_config",
     "parse_overrides",
+    "run_key",
 ]
 
 
@@ -153,7 +156,7 @@ class TrainConfig(_Section):
     steps: int = Field(100, ge=1, description="training steps (one rollout batch each)")
     seed: int = Field(0, description="seeds data order, sampling and initialisation")
     device: Device = Device.AUTO
-    output_dir: str = Field(".rpg/runs", description="checkpoints go to <output_dir>/<run key>/")
+    output_dir: str = Field(".rpg/runs", description="checkpoints go to <output_dir>/<run key>/ (<key>-s<seed>)")
     checkpoint_every: int = Field(10, ge=0, description="save every N steps (0: only at the end)")
     keep_checkpoints: int = Field(2, ge=1)
     eval_every: int = Field(0, ge=0, description="evaluate on the held-out problems every N steps (0: off)")
@@ -278,18 +281,20 @@ class RunConfig(_Section):
         return self.algorithm.reference is ReferenceMode.FIXED or self.algorithm.ref_refresh_every > 1
 
     def key(self) -> str:
-        """12-hex content hash of everything that changes the computation (objective in canonical form)."""
-        return _hash({"schema": "rpg.run/v1", **self._computed()})
-
-    def group_key(self) -> str:
-        """12-hex hash of the configuration without its seed: the seeds of one configuration share it (MLflow tag
-        ``group``; dashboards and the tuner aggregate over a group)."""
+        """The configuration key: a 12-hex content hash of everything that changes the computation (objective in
+        canonical form) except ``train.seed``. The seeds of one configuration share it (MLflow param and tag
+        ``config_key``, tag ``rpg.group``: comparisons aggregate over it); ``run_key()`` adds the seed."""
         d = self._computed()
         d["train"].pop("seed")
-        return _hash({"schema": "rpg.group/v1", **d})
+        return _hash({"schema": "rpg.run/v2", **d})
+
+    def run_key(self) -> str:
+        """The identity of one run, ``<key()>-s<train.seed>``: its folder under ``train.output_dir``, the identity
+        its checkpoints carry, a sweep's de-duplication (by configuration and seed)."""
+        return run_key(self.key(), self.train.seed)
 
     def _computed(self) -> dict[str, Any]:
-        """The fields that change what a run computes, as JSON-ready data (the content of ``key()``)."""
+        """The fields that change what a run computes, as JSON-ready data (``key()`` hashes them less the seed)."""
         d = self.model_dump(mode="json")
         d["objective"] = self.objective.canonical().model_dump(mode="json")
         for section, fields in _BOOKKEEPING.items():
@@ -304,7 +309,7 @@ class RunConfig(_Section):
 
     @staticmethod
     def is_bookkeeping(param: str) -> bool:
-        """Whether the flattened field ``param`` (``"train.max_minutes"``) is bookkeeping: left out of ``key()``, so
+        """Whether the flattened field ``param`` (``"train.max_minutes"``) is bookkeeping: left out of ``run_key()``, so
         it may change between attempts of one run (a resume under another sweep, a new time limit)."""
         section, _, field = param.partition(".")
         if section not in _BOOKKEEPING:
@@ -344,7 +349,6 @@ class RunConfig(_Section):
             "reference": self.algorithm.reference.value,
             "objective_key": self.objective.key(),
             "config_key": self.key(),
-            "group": self.group_key(),
             "model": self.model.name,
             "task": self.data.task.value if self.data.task is Task.DATASET else f"arithmetic:{self.data.level.value}",
             "seed": str(self.train.seed),
@@ -467,6 +471,12 @@ def load_run_config(
     name = over.get("preset") or preset or file_dict.get("preset")
     base = preset_dict(name) if name else {}
     return RunConfig.from_dict(deep_merge(deep_merge(base, file_dict), over))
+
+
+def run_key(config_key: str, seed: int | str) -> str:
+    """``<config_key>-s<seed>``: the run key of seed ``seed`` of the configuration ``config_key``
+    (``RunConfig.run_key()``; readers that have a run's ``config_key`` and ``seed`` tags, not its config, use this)."""
+    return f"{config_key}-s{seed}"
 
 
 def _hash(d: dict[str, Any]) -> str:

@@ -4,12 +4,16 @@ DataFrames. Writing goes through ``rpg_core.tracking``.
 
 * **Which runs.** ``find_runs`` filters in MLflow's own search (one query per 1000 runs) on what a run says it is:
   its ``rpg.kind`` tag (``RunKind``: train | eval | sweep | tune | nightly), experiment, sweep (tag ``sweep``),
-  config key and group (the axis tags ``config_key``/``group``), any tags, status, parent run and end time.
+  config key (tag ``config_key``), group (tag ``rpg.group``: the config key, which the seeds of one configuration
+  share), seed (tag ``seed``), any tags, status, parent run and end time. One run of a sweep is its config key and
+  its seed.
   A training run written before the ``rpg.kind`` tag existed is recognised by its ``run_dir`` tag without an
   ``rpg.kind`` (legacy runs): ``kind=TRAIN`` finds both, and both read ``kind == "train"``.
 * **One row per run.** ``run_id, name, experiment, kind, status, lifecycle, start_time, end_time`` (UTC timestamps),
-  ``parent_run_id, sweep, run_dir``, one column per design axis (``rpg_core.tracking.AXIS_TAGS``: method, form,
-  direction, normalized, estimator, clip, agg, beta, advantage, reference, config_key, group, model, task, seed, ...;
+  ``parent_run_id, sweep, run_dir, group, host, gpu`` (tags ``mlflow.parentRunId``, ``sweep``, ``run_dir``,
+  ``rpg.group``, ``rpg.host``: the machine, ``rpg.gpu``: e.g. ``cuda:0 NVIDIA H200`` or ``cpu``; host and gpu are
+  where the run last (re)started), one column per design axis (``rpg_core.tracking.AXIS_TAGS``: method, form,
+  direction, normalized, estimator, clip, agg, beta, advantage, reference, config_key, model, task, seed, ...;
   as strings, missing: NA, ``pd.isna``), the params asked for (column = param name, e.g. ``optim.lr``), then one
   column per metric with its final value (MLflow's latest: the value at the largest step). A metric whose name is
   already a column is ``metrics.<name>``; ``final_metrics(row)`` gives them back by name.
@@ -37,13 +41,14 @@ Batched histories, measured in ``benchmarks/bench_runs.py`` (20 runs x 10 metric
 from __future__ import annotations
 
 import datetime as dt
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
 import pandas as pd
 
-from rpg_core.tracking import AXIS_TAGS, KIND_TAG, RunKind, default_tracking_uri
+from rpg_core.tracking import AXIS_TAGS, GPU_TAG, GROUP_TAG, HOST_TAG, KIND_TAG, RunKind, default_tracking_uri
 
 __all__ = [
     "HISTORY_COLUMNS",
@@ -59,8 +64,9 @@ __all__ = [
 LEGACY_TRAIN_TAG = "run_dir"  # the trainer's run folder; before rpg.kind, the only mark of a training run
 SWEEP_TAG = "sweep"
 PARENT_TAG = "mlflow.parentRunId"
+SEED_TAG = "seed"  # an axis tag (RunConfig.axis_tags())
 INFO_COLUMNS = ("run_id", "name", "experiment", "kind", "status", "lifecycle", "start_time", "end_time",
-                "parent_run_id", "sweep", "run_dir")  # fmt: skip
+                "parent_run_id", "sweep", "run_dir", "group", "host", "gpu")  # fmt: skip
 HISTORY_COLUMNS = ("run_id", "key", "step", "value", "timestamp")
 
 _PAGE = 1000  # runs per search page (MLflow's default page size)
@@ -90,6 +96,7 @@ def find_runs(
     sweep: str | None = None,
     config_key: str | None = None,
     group: str | None = None,
+    seed: int | None = None,
     status: RunStatus | str | Sequence[RunStatus | str] | None = None,
     tags: Mapping[str, str | None] | None = None,
     parent_run_id: str | None = None,
@@ -100,10 +107,12 @@ def find_runs(
 ) -> pd.DataFrame:
     """The active runs matching every filter given, newest first, one row each (columns: module docstring).
 
-    ``experiments``: names (None: every active experiment; an unknown name matches nothing). ``tags``:
-    ``{name: value}``, a None value meaning "has no such tag". ``status``: one or several. ``ended_after``: end
-    time strictly after (epoch ms or a datetime). ``limit``: at most this many (the newest). ``params``: param
-    names to add as columns. Bad filter values raise ValueError naming the argument.
+    ``config_key`` and ``group`` (a training run's ``RunConfig.key()``, tags ``config_key`` and ``rpg.group``)
+    find every seed of a configuration; ``seed`` (tag ``seed``) one of them. ``experiments``: names (None: every
+    active experiment; an unknown name matches nothing). ``tags``: ``{name: value}``, a None value meaning "has no
+    such tag". ``status``: one or several. ``ended_after``: end time strictly after (epoch ms or a datetime).
+    ``limit``: at most this many (the newest). ``params``: param names to add as columns. Bad filter values raise
+    ValueError naming the argument.
     """
     kind = _enum(RunKind, kind, "kind")
     statuses = [_enum(RunStatus, s, "status") for s in ([status] if isinstance(status, str) else status or [])]
@@ -114,9 +123,15 @@ def find_runs(
     if not exps:
         return _frame([], {}, params)
     where: dict[str, str | None] = dict(tags or {})
-    for name, value in ((SWEEP_TAG, sweep), ("config_key", config_key), ("group", group), (PARENT_TAG, parent_run_id)):
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"seed: {seed!r} must be an int")
+        seed = int(seed)
+    filters = ((SWEEP_TAG, sweep), ("config_key", config_key), (GROUP_TAG, group), (SEED_TAG, seed),
+               (PARENT_TAG, parent_run_id))  # fmt: skip
+    for name, value in filters:
         if value is not None:
-            where[name] = value
+            where[name] = str(value)
     clauses = [_tag_clause(k, v) for k, v in where.items()]
     if ended_after is not None:
         ms = round(ended_after.timestamp() * 1000) if isinstance(ended_after, dt.datetime) else int(ended_after)
@@ -339,6 +354,7 @@ def _frame(runs: list[Any], exps: Mapping[str, str], params: Sequence[str]) -> p
             "kind": _kind(tags), "status": info.status, "lifecycle": info.lifecycle_stage,
             "start_time": _time(info.start_time), "end_time": _time(info.end_time),
             "parent_run_id": tags.get(PARENT_TAG), "sweep": tags.get(SWEEP_TAG), "run_dir": tags.get(LEGACY_TRAIN_TAG),
+            "group": tags.get(GROUP_TAG), "host": tags.get(HOST_TAG), "gpu": tags.get(GPU_TAG),
         }  # fmt: skip
         row.update({t: tags.get(t) for t in AXIS_TAGS})
         row.update({p: r.data.params.get(p) for p in fixed[len(INFO_COLUMNS) + len(AXIS_TAGS) :]})

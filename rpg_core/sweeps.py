@@ -15,12 +15,15 @@ A sweep file (``sweeps/*.yaml``)::
         - {label: reinforce-k3, objective.form: reinforce, objective.estimator: k3}
     exclude:                                 # a combination matching every entry of one item is dropped
       - {objective.direction: forward, form_estimator: reinforce-k3}
-    seeds: [0, 1]
+    seeds: [0, 1]                            # every combination runs once per seed (train.seed)
 
-Every combination is validated as ``rpg train`` would validate it: an invalid one is dropped with the config
-error as its reason (e.g. the objective rejects a penalty-form forward KL as an importance weight). Runs are
-identified by ``RunConfig.key()``; a combination that computes the same run as an earlier one (the objective is
-compared in canonical form) is dropped as a duplicate of it.
+The seeds multiply every combination: the runs of one configuration share its config key (``RunConfig.key()``,
+the seed left out; MLflow tags ``config_key`` and ``rpg.group``) and differ in their run key
+(``RunConfig.run_key()``, ``<key>-s<seed>``). ``train.seed`` is set only by ``seeds`` (not by ``base`` or a grid
+axis). Every combination is validated as ``rpg train`` would validate it: an invalid one is dropped with the config
+error as its reason (e.g. the objective rejects a penalty-form forward KL as an importance weight). A combination
+that computes the same run as an earlier one (same config key and seed; the objective is compared in canonical
+form) is dropped as a duplicate of it.
 """
 
 from __future__ import annotations
@@ -32,11 +35,20 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from rpg_core.config import RunConfig, RunConfigError, deep_merge, load_run_config, parse_overrides, read_yaml_mapping
+from rpg_core.config import (
+    RunConfig,
+    RunConfigError,
+    deep_merge,
+    load_run_config,
+    parse_overrides,
+    read_yaml_mapping,
+    run_key,
+)
 
 __all__ = ["Dropped", "Expansion", "Sweep", "SweepError", "SweepRun", "expand", "load_sweep"]
 
 PRESET_AXIS = "preset"
+SEED_FIELD = "train.seed"  # set by `seeds` only
 LABEL = "label"  # the name of a bundle value (what tables show and exclude entries match)
 
 
@@ -94,6 +106,18 @@ class Sweep(BaseModel):
                     )
         if len(set(self.seeds)) != len(self.seeds):
             raise SweepError(f"seeds: {self.seeds} repeat")
+        if _sets_seed(self.base):
+            raise SweepError(f"base.{SEED_FIELD}: the seeds are set by `seeds:` (they multiply every combination)")
+        for axis, values in self.grid.items():
+            if axis == SEED_FIELD or any(isinstance(v, dict) and _sets_seed(v) for v in values):
+                raise SweepError(f"grid.{axis}: sets {SEED_FIELD}; the seeds are set by `seeds:` (they multiply "
+                                 "every combination)")  # fmt: skip
+
+
+def _sets_seed(overrides: dict[str, Any]) -> bool:
+    """Whether overrides (dotted or nested) set ``train.seed``."""
+    train = _nested(overrides).get("train")
+    return isinstance(train, dict) and "seed" in train
 
 
 def _label(value: Any) -> str:
@@ -138,11 +162,16 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
 @dataclass(frozen=True)
 class SweepRun:
     index: int  # 1-based position in the expansion
-    key: str  # RunConfig.key(): the run's identity (checkpoint folder, MLflow param)
+    key: str  # RunConfig.key(): the configuration, shared by its seeds (MLflow config_key and rpg.group)
     seed: int
     axes: dict[str, str]  # axis -> value label
     overrides: dict[str, Any]  # nested overrides applied on top of the base config (seed included)
     config: RunConfig
+
+    @property
+    def run_key(self) -> str:
+        """RunConfig.run_key(), ``<key>-s<seed>``: the run's identity (its folder, its checkpoints)."""
+        return run_key(self.key, self.seed)
 
 
 @dataclass(frozen=True)
@@ -183,8 +212,8 @@ class Expansion:
         return "\n".join(out)
 
     def as_dicts(self) -> list[dict[str, Any]]:
-        return [{"index": r.index, "key": r.key, "seed": r.seed, "axes": r.axes, "overrides": r.overrides,
-                 "method": r.config.method_name()} for r in self.runs]  # fmt: skip
+        return [{"index": r.index, "key": r.key, "seed": r.seed, "run_key": r.run_key, "axes": r.axes,
+                 "overrides": r.overrides, "method": r.config.method_name()} for r in self.runs]  # fmt: skip
 
 
 def _excluded(sweep: Sweep, labels: dict[str, str]) -> bool:
@@ -193,7 +222,7 @@ def _excluded(sweep: Sweep, labels: dict[str, str]) -> bool:
 
 def expand(sweep: Sweep) -> Expansion:
     """Every seed x combination of the grid (seeds outermost, axes in file order), excluded ones skipped,
-    validated into a RunConfig (invalid: dropped with the error), de-duplicated by key."""
+    validated into a RunConfig (invalid: dropped with the error), de-duplicated by run key (config key and seed)."""
     config_path = (sweep.root / sweep.config) if sweep.config else None
     if config_path is not None and not config_path.is_file():
         raise SweepError(f"{sweep.name}: config: {str(config_path)!r} does not exist")
@@ -221,12 +250,12 @@ def expand(sweep: Sweep) -> Expansion:
             except (RunConfigError, ValueError) as e:
                 out.dropped.append(Dropped(seed, labels, f"invalid: {e}"))
                 continue
-            key = cfg.key()
-            if key in seen:
-                out.dropped.append(Dropped(seed, labels, f"duplicate of run #{seen[key]} (same key {key})"))
+            rk = cfg.run_key()
+            if rk in seen:
+                out.dropped.append(Dropped(seed, labels, f"duplicate of run #{seen[rk]} (same run key {rk})"))
                 continue
-            seen[key] = len(out.runs) + 1
+            seen[rk] = len(out.runs) + 1
             if preset:
                 over = {"preset": preset, **over}
-            out.runs.append(SweepRun(len(out.runs) + 1, key, seed, labels, over, cfg))
+            out.runs.append(SweepRun(len(out.runs) + 1, cfg.key(), seed, labels, over, cfg))
     return out

@@ -66,6 +66,7 @@ __all__ = [
     "AXIS_TAGS",
     "EXPERIMENT_KIND_TAG",
     "GPU_TAG",
+    "GROUP_TAG",
     "HOST_TAG",
     "KIND_TAG",
     "RunKind",
@@ -92,6 +93,9 @@ EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 KIND_TAG = "rpg.kind"  # every run the platform writes carries it (rpg_core/runs.py finds runs by it)
+# A training run's configuration key (RunConfig.key(), the seed left out): the seeds of one configuration share it, so
+# a comparison groups runs by it (rpg_core.runs: column ``group``, ``find_runs(group=...)``).
+GROUP_TAG = "rpg.group"
 # The machine (host_name()) and the device (e.g. "cuda:0 NVIDIA H200", or "cpu") a training run last (re)started on.
 HOST_TAG = "rpg.host"
 GPU_TAG = "rpg.gpu"
@@ -99,7 +103,7 @@ GPU_TAG = "rpg.gpu"
 # them as DataFrame columns). Tags, not params: MLflow groups and filters on them, and they hold canonical values.
 AXIS_TAGS = (
     "method", "preset", "form", "direction", "normalized", "estimator", "kl_is_weight", "divergence", "clip", "agg",
-    "beta", "advantage", "reference", "objective_key", "config_key", "group", "model", "task", "seed",
+    "beta", "advantage", "reference", "objective_key", "config_key", "model", "task", "seed",
 )  # fmt: skip
 
 

@@ -66,7 +66,8 @@ class Trainer:
         from accelerate import Accelerator
 
         self.cfg = cfg
-        self.key = cfg.key()
+        self.key = cfg.key()  # the configuration (shared by its seeds)
+        self.run_key = cfg.run_key()  # this run: the configuration and its seed
         # cpu=True without a GPU selects gloo under `accelerate launch` (infra/accelerate/cpu_2proc.yaml).
         self.acc = Accelerator(cpu=cfg.train.device is Device.CPU or not torch.cuda.is_available())
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
@@ -80,7 +81,7 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.autocast = torch.bfloat16 if cfg.model.precision is Precision.BF16 else None
-        self.run_dir = Path(cfg.train.output_dir) / self.key
+        self.run_dir = Path(cfg.train.output_dir) / self.run_key
         self.ckpt_dir = self.run_dir / checkpoints.FOLDER
 
         # Data first: a bad dataset or benchmark fails before the model is loaded.
@@ -268,7 +269,7 @@ class Trainer:
         cfg = self.cfg
         t_start = time.perf_counter()
         status = "FAILED"
-        bar = tqdm(total=cfg.train.steps, initial=self.step, desc=f"rpg {self.key}", disable=not self.is_main,
+        bar = tqdm(total=cfg.train.steps, initial=self.step, desc=f"rpg {self.run_key}", disable=not self.is_main,
                    dynamic_ncols=True, leave=True)  # fmt: skip
         done_here = 0
         try:
@@ -368,7 +369,9 @@ class Trainer:
                 "step": self.step,
                 "cursor": self.prompts.cursor,
                 "run_id": self.run_id,
+                "run_key": self.run_key,
                 "config_key": self.key,
+                "seed": self.cfg.train.seed,
                 "best_eval": self.best_eval,
                 "best_metrics": self.best_metrics,
                 "history": self.history,
@@ -387,8 +390,14 @@ class Trainer:
         if path is None:
             return
         state = checkpoints.read_state(path)
-        if state["config_key"] != self.key:
-            raise RuntimeError(f"checkpoint {path} belongs to config {state['config_key']}, not {self.key}")
+        found = state.get("run_key")
+        if found != self.run_key:  # copied or moved here from another run's folder, or older than run keys
+            of = f"run {found}" if found else f"config {state.get('config_key')} (a checkpoint without a run key)"
+            raise RuntimeError(
+                f"checkpoint {path} belongs to {of}, not to this run {self.run_key} (config {self.key}, seed "
+                f"{self.cfg.train.seed}); refusing to resume from it: move it to its own run's folder, or start this "
+                "run afresh (rpg train --fresh)"
+            )
         dev = self.acc.device
         self.policy.load_state_dict(checkpoints.load_tensors(path, checkpoints.MODEL, dev))
         self.opt.load_state_dict(checkpoints.load_tensors(path, checkpoints.OPTIMIZER, dev))
@@ -401,7 +410,7 @@ class Trainer:
         random.setstate(checkpoints.rng_from_json(state["python_rng"]))
         self.generator.load_weights(self.policy)
         if self.is_main:
-            print(f"resumed {self.key} from {path} (step {self.step}, MLflow run {self.run_id})", flush=True)
+            print(f"resumed {self.run_key} from {path} (step {self.step}, MLflow run {self.run_id})", flush=True)
 
 # -- what a step logs ---------------------------------------------------------------------------------------------
 
@@ -477,7 +486,7 @@ def heldout_eval(trainer: Trainer, step: int) -> dict[str, float]:
 
 def _start_tracker(trainer: Trainer):
     """The run's MLflow run (re-attached on resume; only the main process writes)."""
-    from rpg_core.tracking import GPU_TAG, HOST_TAG, RunKind, Tracker, flatten_params, host_name
+    from rpg_core.tracking import GPU_TAG, GROUP_TAG, HOST_TAG, RunKind, Tracker, flatten_params, host_name
 
     cfg = trainer.cfg
     t = cfg.tracking
@@ -486,11 +495,11 @@ def _start_tracker(trainer: Trainer):
     params["config_key"] = trainer.key
     tags = cfg.axis_tags()
     # The machine and device of this (re)start: a resume on another machine overwrites them.
-    tags.update({HOST_TAG: host_name(), GPU_TAG: device_label(trainer.acc.device)})
+    tags.update({GROUP_TAG: trainer.key, HOST_TAG: host_name(), GPU_TAG: device_label(trainer.acc.device)})
     tags.update({"run_dir": str(trainer.run_dir.resolve()), "world_size": str(trainer.world), **t.tags})
     if t.parent_run_id and not trainer.run_id:  # a resumed run stays under the sweep run that started it
         tags["mlflow.parentRunId"] = t.parent_run_id  # shown nested under the sweep's run in the MLflow UI
-    name = t.run_name or f"{cfg.method_name()}-{trainer.key}"
+    name = t.run_name or f"{cfg.method_name()}-{trainer.run_key}"
     tracker = Tracker(
         experiment=t.experiment,
         run_name=name,

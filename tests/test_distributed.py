@@ -46,7 +46,7 @@ def test_two_process_gloo_run(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    ckpt = tmp_path / "runs" / cfg.key() / "checkpoints" / "step_000002"
+    ckpt = tmp_path / "runs" / cfg.run_key() / "checkpoints" / "step_000002"
     state = json.loads((ckpt / "state.json").read_text())
     assert len(state["history"]) == 2
     # Each process sampled 2 of the 4 prompts; metrics are the average over both (8 responses per step).

@@ -217,10 +217,11 @@ def test_rpg_eval_names_the_flag_and_the_allowed_values(capsys):
 
 
 def test_config_key_unchanged_without_benchmarks():
-    """The evaluation section only enters the key when it evaluates something: keys of earlier runs (and their
-    checkpoint folders and MLflow runs) stay valid. e9241dc34eeb is the README demo's key."""
+    """The evaluation section only enters the key when it evaluates something: a config without benchmarks hashes as
+    if the section did not exist. a0df54342e7d is the README demo's config key (schema rpg.run/v2, which
+    leaves out the seed: its run folder is a0df54342e7d-s0; the v1 key, seed included, was e9241dc34eeb)."""
     demo = load_run_config(ROOT / "configs" / "demo_add2_urkl.yaml")
-    assert demo.key() == "e9241dc34eeb"
+    assert demo.key() == "a0df54342e7d" and demo.run_key() == "a0df54342e7d-s0"
     with_eval = load_run_config(ROOT / "configs" / "demo_add2_urkl.yaml", overrides=["evaluation.benchmarks=[aime24]"])
     assert with_eval.key() != demo.key()
     bigger_batch = load_run_config(

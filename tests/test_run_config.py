@@ -1,4 +1,4 @@
-"""RunConfig: YAML + preset + --set resolution, errors that name the field, the run key."""
+"""RunConfig: YAML + preset + --set resolution, errors that name the field, the config key and the run key."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rpg_core.config import RunConfig, RunConfigError, load_run_config, parse_overrides
+from rpg_core.config import RunConfig, RunConfigError, load_run_config, parse_overrides, run_key
 from rpg_core.data import ArithmeticLevel, PromptTemplate
 from rpg_core.rewards import AnswerRule
 from rpg_core.tracking import AXIS_TAGS
@@ -86,8 +86,8 @@ def test_key_ignores_bookkeeping_but_not_semantics():
     same = load_run_config(
         overrides=["train.output_dir=/elsewhere", "tracking.experiment=x", "train.checkpoint_every=3", "rollout.batch_size=7"]
     )
-    assert same.key() == base.key()
-    for o in ("train.seed=1", "optim.lr=1e-5", "rollout.n=4", "objective.direction=forward", "model.name=tiny"):
+    assert same.key() == base.key() and same.run_key() == base.run_key()
+    for o in ("optim.lr=1e-5", "rollout.n=4", "objective.direction=forward", "model.name=tiny"):
         assert load_run_config(overrides=[o]).key() != base.key(), o
     # Objective fields without effect do not change the key (canonical objective): estimator is implied for RPG.
     assert load_run_config(overrides=["objective.estimator=k1"]).key() == base.key()
@@ -109,7 +109,7 @@ def test_yaml_round_trip(tmp_path):
 
 def test_with_overrides_is_validated_and_keeps_the_key():
     cfg = load_run_config(ROOT / "configs" / "demo_add2_urkl.yaml")
-    assert cfg.with_overrides({}).key() == cfg.key() == "e9241dc34eeb"  # a round trip changes nothing
+    assert cfg.with_overrides({}).key() == cfg.key() == "a0df54342e7d"  # a round trip changes nothing
     tracked = cfg.with_overrides({"tracking.parent_run_id": "abc", "tracking": {"tags": {"sweep": "s"}}})
     assert (tracked.tracking.parent_run_id, tracked.tracking.tags, tracked.key()) == ("abc", {"sweep": "s"}, cfg.key())
     lr = cfg.with_overrides(["optim.lr=1e-5", "data.level=add1"])
@@ -122,13 +122,24 @@ def test_with_overrides_is_validated_and_keeps_the_key():
         cfg.with_overrides({"preset": "grpo"})
 
 
-def test_enum_fields_are_enums_and_seeds_share_a_group():
+def test_enum_fields_are_enums():
     cfg = load_run_config(ROOT / "configs" / "demo_add2_urkl.yaml")
     assert cfg.data.level is ArithmeticLevel.ADD2 and cfg.data.template is PromptTemplate.PAPER_ONESHOT
     assert cfg.reward.rule is AnswerRule.PAPER and cfg.evaluation.template is PromptTemplate.PAPER
     assert cfg.evaluation.rule is None
+
+
+def test_seeds_share_the_config_key_and_differ_in_the_run_key():
+    """The config key leaves the seed out (the seeds of one configuration are one group); the run key adds it."""
+    cfg = load_run_config(ROOT / "configs" / "demo_add2_urkl.yaml")
     seed1 = cfg.with_overrides(["train.seed=1"])
-    assert seed1.group_key() == cfg.group_key() and seed1.key() != cfg.key()
-    assert cfg.with_overrides(["objective.beta=0.5"]).group_key() != cfg.group_key()
-    assert list(cfg.axis_tags()) == list(AXIS_TAGS)
-    assert (cfg.axis_tags()["group"], cfg.axis_tags()["seed"], seed1.axis_tags()["seed"]) == (cfg.group_key(), "0", "1")
+    assert seed1.key() == cfg.key() and seed1.run_key() != cfg.run_key()
+    assert (cfg.run_key(), seed1.run_key()) == (f"{cfg.key()}-s0", f"{cfg.key()}-s1")
+    assert run_key(cfg.key(), 1) == seed1.run_key()
+    other = cfg.with_overrides(["objective.beta=0.5"])
+    assert other.key() != cfg.key() and other.run_key() != cfg.run_key()
+    assert not hasattr(cfg, "group_key")  # one source of truth: the group is the config key
+    assert list(cfg.axis_tags()) == list(AXIS_TAGS) and "group" not in AXIS_TAGS
+    tags, tags1 = cfg.axis_tags(), seed1.axis_tags()
+    assert (tags["config_key"], tags["seed"], tags1["config_key"], tags1["seed"]) == (cfg.key(), "0", cfg.key(), "1")
+    assert {k: v for k, v in tags.items() if k != "seed"} == {k: v for k, v in tags1.items() if k != "seed"}

@@ -17,7 +17,7 @@ import pytest
 from rpg_core import runs
 from rpg_core.config import load_run_config
 from rpg_core.runs import RunStatus, find_runs, get_run, get_runs, histories
-from rpg_core.tracking import AXIS_TAGS, RunKind, Tracker
+from rpg_core.tracking import AXIS_TAGS, GPU_TAG, GROUP_TAG, HOST_TAG, RunKind, Tracker
 
 sys.path.insert(0, str(Path(__file__).parent))
 from servers import free_port  # noqa: E402
@@ -34,7 +34,8 @@ def _value(i: int, key: str, step: int) -> float:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """Three training runs of two configs (seeds 0 and 1 of one; a sweep's children), one of them FAILED, a legacy
+    """Three training runs of two configs (seeds 0 and 1 of one; a sweep's children; tagged as the trainer tags them:
+    the axes, the group, the machine and the device), one of them FAILED, a legacy
     training run (run_dir tag, no rpg.kind), the sweep's parent, an eval run in rpg-eval and a nightly."""
     tmp = tmp_path_factory.mktemp("runs")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
@@ -50,7 +51,8 @@ def store(tmp_path_factory):
 
     sweep = tracker("sweep-demo", kind=RunKind.SWEEP, tags={"sweep": "demo"}, params={"runs": 2})
     for i, cfg in enumerate(cfgs):
-        tags = {**cfg.axis_tags(), "run_dir": f"/runs/{cfg.key()}"}
+        tags = {**cfg.axis_tags(), GROUP_TAG: cfg.key(), HOST_TAG: f"host-{i}", GPU_TAG: "cpu" if i else "cuda:0 H200",
+                "run_dir": f"/runs/{cfg.run_key()}"}  # fmt: skip
         if i < 2:
             tags.update({"sweep": "demo", "mlflow.parentRunId": sweep.run_id})
         t = tracker(f"train-{i}", kind=RunKind.TRAIN, tags=tags, params={"config_key": cfg.key(), "optim.lr": 1e-6 * (i + 1)})
@@ -82,8 +84,15 @@ def test_find_runs_by_kind_experiment_sweep_key_group_status(store):
     assert list(find_runs(sweep="demo", kind="train", tracking_uri=uri)["name"]) == ["train-1", "train-0"]
     assert list(find_runs(parent_run_id=ids["sweep-demo"], tracking_uri=uri)["name"]) == ["train-1", "train-0"]
     assert list(find_runs(config_key=cfgs[2].key(), tracking_uri=uri)["name"]) == ["train-2"]
-    assert cfgs[0].group_key() == cfgs[1].group_key() != cfgs[2].group_key() and cfgs[0].key() != cfgs[1].key()
-    assert list(find_runs(group=cfgs[0].group_key(), tracking_uri=uri)["name"]) == ["train-1", "train-0"]
+    # the seeds of one configuration: one config key, one group; a seed picks one run of it
+    assert cfgs[0].key() == cfgs[1].key() != cfgs[2].key() and cfgs[0].run_key() != cfgs[1].run_key()
+    assert list(find_runs(config_key=cfgs[0].key(), tracking_uri=uri)["name"]) == ["train-1", "train-0"]
+    assert list(find_runs(group=cfgs[0].key(), tracking_uri=uri)["name"]) == ["train-1", "train-0"]
+    assert list(find_runs(group=cfgs[0].key(), seed=1, tracking_uri=uri)["name"]) == ["train-1"]
+    assert list(find_runs(group=cfgs[0].key(), seed=0, tracking_uri=uri)["name"]) == ["train-0"]
+    assert list(find_runs(seed=0, kind="train", tracking_uri=uri)["name"]) == ["train-2", "train-0"]
+    assert find_runs(group=cfgs[0].key(), seed=2, tracking_uri=uri).empty
+    assert find_runs(group=cfgs[0].run_key(), tracking_uri=uri).empty
     done = find_runs(kind="train", status=RunStatus.FINISHED, tracking_uri=uri)
     assert list(done["name"]) == ["legacy", "train-1", "train-0"]
     assert list(find_runs(kind="train", status=["FAILED", "KILLED"], tracking_uri=uri)["name"]) == ["train-2"]
@@ -105,7 +114,11 @@ def test_rows_carry_the_design_axes_and_final_values(store):
     row = train.loc["train-2"]
     tags = cfgs[2].axis_tags()
     assert {a: row[a] for a in AXIS_TAGS} == tags and row["beta"] == "0.05" and row["method"] == "custom"
-    assert (row["run_id"], row["run_dir"]) == (ids["train-2"], f"/runs/{cfgs[2].key()}")
+    assert (row["run_id"], row["run_dir"]) == (ids["train-2"], f"/runs/{cfgs[2].run_key()}")
+    assert (row["group"], row["host"], row["gpu"]) == (cfgs[2].key(), "host-2", "cpu")
+    assert (train.loc["train-0", "group"], train.loc["train-0", "gpu"]) == (cfgs[0].key(), "cuda:0 H200")
+    assert train.loc["train-1", "group"] == train.loc["train-0", "group"] and train.loc["train-1", "host"] == "host-1"
+    assert pd.isna(train.loc["legacy", "group"]) and pd.isna(train.loc["legacy", "host"])
     assert pd.isna(row["sweep"]) and pd.isna(row["parent_run_id"])  # not a sweep's run
     assert train.loc["train-0", "parent_run_id"] == ids["sweep-demo"] and train.loc["train-0", "seed"] == "0"
     assert train.loc["train-1", "seed"] == "1" and train.loc["train-1", "optim.lr"] == "2e-06"
@@ -130,6 +143,8 @@ def test_bad_filters_name_the_argument(store):
         find_runs(status="DONE", tracking_uri=uri)
     with pytest.raises(ValueError, match="sweep.*single quote"):
         find_runs(tags={"sweep": "it's"}, tracking_uri=uri)
+    with pytest.raises(ValueError, match=r"seed: '1' must be an int"):
+        find_runs(seed="1", tracking_uri=uri)
 
 
 def test_histories_full_resolution_in_one_query_per_metric(store, monkeypatch):

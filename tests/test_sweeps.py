@@ -1,5 +1,5 @@
 """Sweep files: expansion (grid x seeds, exclusions, bundle and preset axes), invalid combinations dropped with their
-reason, duplicates collapsed by config key, the shipped sweeps, and `rpg sweep expand`."""
+reason, duplicates collapsed by run key (config key and seed), the shipped sweeps, and `rpg sweep expand`."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_smoke_sweep():
         c = r.config
         assert (c.model.name, c.train.steps, c.objective.form.value, c.objective.beta) == ("tiny", 2, "reinforce", 0.05)
         assert c.objective.direction.value == r.axes["objective.direction"]
-        assert r.key == c.key() and r.overrides["preset"] == "rpg_reinforce_urkl"
+        assert (r.key, r.run_key) == (c.key(), c.run_key()) and r.overrides["preset"] == "rpg_reinforce_urkl"
 
 
 def test_kl_design_sweep_is_the_design_space():
@@ -95,10 +95,38 @@ grid:
   objective.estimator: [k1, k3]
 """)
     exp = expand(load_sweep(path))
-    assert len(exp.runs) == 1 and exp.dropped[0].reason == f"duplicate of run #1 (same key {exp.runs[0].key})"
+    assert len(exp.runs) == 1 and exp.dropped[0].reason == f"duplicate of run #1 (same run key {exp.runs[0].run_key})"
     # --set overrides reach every run
     exp = expand(load_sweep(ROOT / "sweeps" / "smoke.yaml", overrides=["train.steps=5"]))
     assert {r.config.train.steps for r in exp.runs} == {5}
+
+
+def test_seeds_multiply_every_configuration(tmp_path):
+    """seeds [0, 1] over 3 configurations: 6 runs; the seeds of one configuration share its config key (the MLflow
+    group) and differ in their run key. Duplicate spellings collapse per seed, not across seeds."""
+    path = _write(tmp_path, """
+name: s
+preset: rpg_reinforce_urkl
+base: {model.name: tiny}
+grid:
+  objective.beta: [0.01, 0.1, 1.0]
+  objective.estimator: [k1, k3]   # ignored by the RPG form: each second spelling is a duplicate
+seeds: [0, 1]
+""")
+    exp = expand(load_sweep(path))
+    assert len(exp.runs) == 6 and len(exp.dropped) == 6
+    assert [(r.seed, r.axes["objective.beta"]) for r in exp.runs] == [(s, b) for s in (0, 1) for b in ("0.01", "0.1", "1.0")]
+    by_seed = {s: [r for r in exp.runs if r.seed == s] for s in (0, 1)}
+    assert [r.key for r in by_seed[0]] == [r.key for r in by_seed[1]] and len({r.key for r in exp.runs}) == 3
+    assert len({r.run_key for r in exp.runs}) == 6
+    assert all(r.run_key == f"{r.key}-s{r.seed}" == r.config.run_key() and r.config.train.seed == r.seed
+               for r in exp.runs)  # fmt: skip
+    assert [d.reason for d in exp.dropped] == [f"duplicate of run #{r.index} (same run key {r.run_key})" for r in exp.runs]
+    rows = exp.as_dicts()
+    assert [(x["key"], x["seed"], x["run_key"]) for x in rows] == [(r.key, r.seed, r.run_key) for r in exp.runs]
+    lines = exp.table().splitlines()
+    assert lines[0].split()[:3] == ["#", "key", "seed"] and lines[2].split()[:3] == ["1", exp.runs[0].key, "0"]
+    assert lines[5].split()[:3] == ["4", exp.runs[0].key, "1"]
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -109,6 +137,10 @@ grid:
     ("name: x\ngrid: {objective.beta: [0.1]}\nexclude: [{objective.clip: none}]\n", r"exclude\[0\].objective.clip: not a grid axis"),
     ("name: x\ngrid: {objective.beta: [0.1]}\nexclude: [{objective.beta: 0.2}]\n", r"exclude\[0\].objective.beta: 0.2 is not one of"),
     ("name: x\nseeds: [1, 1]\n", r"seeds: \[1, 1\] repeat"),
+    ("name: x\nbase: {train.seed: 3}\n", r"base.train.seed: the seeds are set by `seeds:`"),
+    ("name: x\nbase: {train: {seed: 3}}\n", r"base.train.seed: the seeds are set by `seeds:`"),
+    ("name: x\ngrid: {train.seed: [1, 2]}\n", r"grid.train.seed: sets train.seed; the seeds are set by `seeds:`"),
+    ("name: x\ngrid: {v: [{label: a, train.seed: 1}]}\n", r"grid.v: sets train.seed"),
     ("name: x\nconfig: nope.yaml\n", r"config: '.*nope.yaml' does not exist"),
 ])  # fmt: skip
 def test_bad_sweep_files_name_the_field(tmp_path, text, message):
@@ -130,6 +162,7 @@ def test_rpg_sweep_expand_cli():
     out = json.loads(r.stdout)
     assert out["sweep"] == "smoke" and [x["index"] for x in out["runs"]] == [1, 2, 3, 4]
     assert out["runs"] == [dict(x, method="custom") for x in out["runs"]]  # the KL terms differ from the preset's
+    assert all(x["run_key"] == f"{x['key']}-s{x['seed']}" and x["seed"] == 0 for x in out["runs"])
     r = subprocess.run([sys.executable, "-m", "rpg_core.cli", "sweep", "expand", "sweeps/kl_design.yaml"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 0 and "kl_design: 61 runs from 288 combinations (18 invalid, 209 duplicates dropped)" in r.stdout

@@ -121,7 +121,7 @@ def test_host_name_is_rpg_host_else_the_hostname(monkeypatch):
         assert tracking.host_name() == "node-a.cluster"
     monkeypatch.delenv("RPG_HOST")
     assert tracking.host_name() == "node-a.cluster"
-    assert (tracking.HOST_TAG, tracking.GPU_TAG) == ("rpg.host", "rpg.gpu")
+    assert {tracking.GROUP_TAG, tracking.HOST_TAG, tracking.GPU_TAG} == {"rpg.group", "rpg.host", "rpg.gpu"}
 
 
 @pytest.mark.unit

@@ -66,6 +66,7 @@ def test_tiny_run_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("RPG_HOST", "bench-07")
     cfg = tiny_cfg(tmp_path, "train.eval_every=1", "algorithm.epochs=2", "algorithm.mini_batches=2", "train.device=cpu")
     res = Trainer(cfg).fit()
+    assert res.run_dir == tmp_path / "runs" / f"{cfg.key()}-s0" == tmp_path / "runs" / cfg.run_key()
     assert res.step == 2 and len(res.history) == 2
     m = res.history[-1]
     for k in ("reward/mean", "acc/strict", "actor/kl_k3", "actor/ratio_mean", "actor/clipfrac", "actor/entropy",
@@ -80,7 +81,12 @@ def test_tiny_run_end_to_end(tmp_path, monkeypatch):
     assert run.info.status == "FINISHED"
     assert run.data.params["config_key"] == cfg.key() and run.data.params["objective.form"] == "reinforce"
     assert run.data.tags["divergence"] == "URKL" and run.data.tags["method"] == "rpg_reinforce_urkl"
-    assert (run.data.tags["rpg.host"], run.data.tags["rpg.gpu"]) == ("bench-07", "cpu")  # $RPG_HOST, the device
+    # the group (the config key, shared by the seeds), the machine ($RPG_HOST) and the device it trained on
+    assert (run.data.tags["rpg.group"], run.data.tags["config_key"], run.data.tags["seed"]) == (cfg.key(), cfg.key(), "0")
+    assert (run.data.tags["rpg.host"], run.data.tags["rpg.gpu"]) == ("bench-07", "cpu")
+    assert run.info.run_name == f"rpg_reinforce_urkl-{cfg.run_key()}"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert (state["run_key"], state["config_key"], state["seed"]) == (cfg.run_key(), cfg.key(), 0)
     assert run.data.metrics["acc/strict"] == pytest.approx(m["acc/strict"])
     from mlflow.tracking import MlflowClient
 
@@ -109,7 +115,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     steps = 5
     a = tiny_cfg(tmp_path / "a", "train.checkpoint_every=1", "algorithm.epochs=2", steps=steps)
     b = tiny_cfg(tmp_path / "b", "train.checkpoint_every=1", "algorithm.epochs=2", steps=steps)
-    assert a.key() == b.key()
+    assert a.run_key() == b.run_key()
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     pa, pb = _write(a, tmp_path / "a.yaml"), _write(b, tmp_path / "b.yaml")
@@ -119,21 +125,21 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     assert full.returncode == 0, out
     # Killed once step 2's checkpoint is complete, then resumed.
     proc = _run_cli(pb)
-    marker = Path(b.train.output_dir) / b.key() / "checkpoints" / "step_000002" / "COMPLETE"
+    marker = Path(b.train.output_dir) / b.run_key() / "checkpoints" / "step_000002" / "COMPLETE"
     deadline = time.time() + 240
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
-    run_dir = Path(b.train.output_dir) / b.key()
+    run_dir = Path(b.train.output_dir) / b.run_key()
     state = json.loads(sorted((run_dir / "checkpoints").glob("step_*"))[-1].joinpath("state.json").read_text())
     assert state["step"] < steps, "the kill came too late to test anything"
     killed_run_id = state["run_id"]
     resumed = _run_cli(pb)
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
-    assert f"resumed {b.key()}" in out
-    final = lambda cfg: Path(cfg.train.output_dir) / cfg.key() / "checkpoints" / f"step_{steps:06d}"  # noqa: E731
+    assert f"resumed {b.run_key()} " in out
+    final = lambda cfg: Path(cfg.train.output_dir) / cfg.run_key() / "checkpoints" / f"step_{steps:06d}"  # noqa: E731
     sa = json.loads((final(a) / "state.json").read_text())
     sb = json.loads((final(b) / "state.json").read_text())
     assert sb["run_id"] == killed_run_id  # the same MLflow run continued
@@ -147,6 +153,31 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     wb = torch.load(final(b) / "model.pt", weights_only=True)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert _mlflow_run(b, killed_run_id).info.status == "FINISHED"
+
+
+def test_a_checkpoint_of_another_seed_is_refused(tmp_path, monkeypatch):
+    """Seed 1 of a config shares seed 0's config key but not its run: a checkpoint of seed 0 copied into seed 1's
+    folder is refused, naming both runs, instead of silently continuing seed 0's weights and data order. A resume on
+    another machine re-records the machine it now runs on."""
+    import shutil
+
+    monkeypatch.setenv("RPG_HOST", "first-host")
+    s0 = tiny_cfg(tmp_path, "train.device=cpu", steps=1)
+    s1 = s0.with_overrides(["train.seed=1"])
+    assert s1.key() == s0.key() and s1.run_key() != s0.run_key()
+    res = Trainer(s0).fit()
+    shutil.copytree(res.run_dir, Path(s1.train.output_dir) / s1.run_key())
+    with pytest.raises(RuntimeError) as e:
+        Trainer(s1)
+    msg = str(e.value)
+    assert f"belongs to run {s0.run_key()}, not to this run {s1.run_key()}" in msg and "--fresh" in msg
+    # seed 0 itself resumes from it (a finished run: nothing left to train) and records its new machine
+    monkeypatch.setenv("RPG_HOST", "second-host")
+    again = Trainer(s0)
+    assert again.step == 1 and again.run_id == res.run_id
+    again.fit()
+    tags = _mlflow_run(s0, res.run_id).data.tags
+    assert (tags["rpg.host"], tags["rpg.resumes"], tags["rpg.group"]) == ("second-host", "1", s0.key())
 
 
 @pytest.mark.unit

@@ -10,29 +10,32 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
 from rpg_core.config import RunConfig
+from rpg_core.config import run_key as run_key_of
 from rpg_core.runs import RunStatus, find_runs
 from rpg_core.tracking import RunKind
 
-__all__ = ["GpuPool", "TrainOutcome", "finished_runs", "gpus_of", "run_training"]
+__all__ = ["GpuPool", "TrainOutcome", "finished_runs", "gpus_of", "run_training", "stop_all"]
 
 
 def finished_runs(tracking_uri: str, experiment: str) -> dict[str, str]:
-    """config key -> run id of the newest FINISHED training run of each key in ``experiment`` (none if it does not
-    exist yet)."""
+    """run key (config key and seed, ``RunConfig.run_key()``) -> run id of the newest FINISHED training run of each in
+    ``experiment`` (none if it does not exist yet): a sweep dedupes by key and seed."""
     done = find_runs(kind=RunKind.TRAIN, experiments=experiment, status=RunStatus.FINISHED, tracking_uri=tracking_uri)
-    done = done[done["config_key"].notna()]
-    return dict(zip(done["config_key"][::-1], done["run_id"][::-1], strict=True))  # newest first: the newest wins
+    done = done[done["config_key"].notna() & done["seed"].notna()]
+    keys = [run_key_of(k, int(s)) for k, s in zip(done["config_key"], done["seed"], strict=True)]
+    return dict(zip(keys[::-1], done["run_id"][::-1], strict=True))  # newest first: the newest wins
 
 
 def gpus_of(spec: str) -> list[str]:
@@ -102,7 +105,7 @@ class GpuPool:
 
 @dataclass(frozen=True)
 class TrainOutcome:
-    key: str
+    key: str  # the run key (RunConfig.run_key(): config key and seed)
     returncode: int
     run_id: str | None  # the MLflow run (from the run's checkpoint state)
     step: int  # the last checkpointed step
@@ -118,16 +121,70 @@ class TrainOutcome:
 def _checkpoint_state(cfg: RunConfig, cwd: Path) -> dict:
     from rpg_core import checkpoints
 
-    ckpt = checkpoints.latest(cwd / cfg.train.output_dir / cfg.key())
+    ckpt = checkpoints.latest(cwd / cfg.train.output_dir / cfg.run_key())
     return checkpoints.read_state(ckpt) if ckpt is not None else {}
+
+
+# -- the training processes of this process: stopped together on a cancel -----------------------------------------
+
+STOP_GRACE_S = 20.0  # SIGINT, then this long for the trainer to end its MLflow run as KILLED, then SIGKILL
+_LIVE: set[subprocess.Popen] = set()
+_LIVE_LOCK = threading.Lock()
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child receive SIGTERM when the thread that started it dies (Linux
+    ``PR_SET_PDEATHSIG``): a SIGKILLed coordinator leaves no training process behind. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, in the parent: the child only calls it
+
+    def preexec() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+    return preexec
+
+
+_PREEXEC = _die_with_parent()
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
+    """SIGINT (the trainer ends its run KILLED, its last checkpoint stays), then SIGKILL after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+
+
+def stop_all(grace_s: float = STOP_GRACE_S) -> int:
+    """Stop every training process this process started and that is still running (a cancelled sweep); returns
+    how many were running."""
+    with _LIVE_LOCK:
+        live = [p for p in _LIVE if p.poll() is None]
+    threads = [threading.Thread(target=_stop, args=(p, grace_s)) for p in live]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(live)
 
 
 def run_training(cfg: RunConfig, *, workdir: str | Path, gpu: str = "", fresh: bool = False,
                  timeout_s: float | None = None, cwd: str | Path | None = None) -> TrainOutcome:  # fmt: skip
-    """``rpg train --config <workdir>/configs/<key>.yaml`` in its own process, output to
-    ``<workdir>/logs/<key>.log`` (appended, so retries and resumes keep one history), ``CUDA_VISIBLE_DEVICES=gpu``."""
+    """``rpg train --config <workdir>/configs/<run key>.yaml`` in its own process, output to
+    ``<workdir>/logs/<run key>.log`` (appended, so retries and resumes keep one history), ``CUDA_VISIBLE_DEVICES=gpu``.
+    An exception in the waiting thread (a cancel: Prefect's TerminationSignal, KeyboardInterrupt) stops the process
+    gracefully before it propagates; a SIGKILLed caller takes the process with it (``PR_SET_PDEATHSIG``)."""
     workdir = Path(workdir)
-    key = cfg.key()
+    key = cfg.run_key()
     (workdir / "configs").mkdir(parents=True, exist_ok=True)
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     path = workdir / "configs" / f"{key}.yaml"
@@ -137,12 +194,24 @@ def run_training(cfg: RunConfig, *, workdir: str | Path, gpu: str = "", fresh: b
     cmd = [sys.executable, "-m", "rpg_core.cli", "train", "--config", str(path), *(["--fresh"] if fresh else [])]
     t0 = time.perf_counter()
     with log.open("a") as f:
-        f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)} (CUDA_VISIBLE_DEVICES={gpu!r})\n")
+        f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} t={time.time():.3f} {' '.join(cmd)} "
+                f"(CUDA_VISIBLE_DEVICES={gpu!r})\n")
         f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd, preexec_fn=_PREEXEC)
+        with _LIVE_LOCK:
+            _LIVE.add(proc)
         try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd, timeout=timeout_s).returncode
+            rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
+            _stop(proc)
             rc = -9
-            f.write(f"=== killed after {timeout_s} s\n")
+            f.write(f"=== stopped after {timeout_s} s\n")
+        except BaseException:  # cancelled: stop the run (it keeps its last checkpoint), then let the cancel go on
+            _stop(proc)
+            raise
+        finally:
+            with _LIVE_LOCK:
+                _LIVE.discard(proc)
+            f.write(f"=== end t={time.time():.3f} rc={proc.returncode}\n")
     state = _checkpoint_state(cfg, Path(cwd) if cwd else Path.cwd())
     return TrainOutcome(key, rc, state.get("run_id"), int(state.get("step", 0)), time.perf_counter() - t0, log, gpu)

@@ -3,20 +3,29 @@
 
     python -m flows.deploy --pool gpu-pool [--cron "0 2 * * *"]
 
-The deployments point at this checkout (``from_source`` with its path), so every worker machine needs the
-repository at the same path (a shared file system or the same clone location).
+The deployments name their flows by module (``flows.rpg_flows.train``), with no code location: each worker imports
+them from its own checkout or installed package, at any path (worker.sh puts its checkout first on ``PYTHONPATH``
+and sets ``RPG_ROOT``). Two work queues split the work: ``gpu`` (``train``, ``evaluate``, ``nightly_eval``: a
+machine's GPU worker takes at most one flow run per GPU) and ``control`` (``sweep``: a coordinator that only submits
+and waits, taken by a control worker, so it never holds a GPU slot).
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from prefect import Flow
+from prefect.deployments.runner import EntrypointType
 from prefect.schedules import Cron
 
-ROOT = Path(__file__).resolve().parents[1]
-FLOWS = {"sweep": "sweep", "train": "train", "evaluate": "evaluate", "nightly_eval": "nightly"}
+GPU_QUEUE = "gpu"
+CONTROL_QUEUE = "control"
+# flow function -> (deployment name, work queue)
+FLOWS = {
+    "sweep": ("sweep", CONTROL_QUEUE),
+    "train": ("train", GPU_QUEUE),
+    "evaluate": ("evaluate", GPU_QUEUE),
+    "nightly_eval": ("nightly", GPU_QUEUE),
+}
 
 
 def ensure_pool(pool: str) -> bool:
@@ -40,12 +49,16 @@ def ensure_pool(pool: str) -> bool:
 
 
 def deploy(pool: str, cron: str = "0 2 * * *", timezone: str = "UTC") -> list[str]:
+    from flows import rpg_flows
+
     ensure_pool(pool)
     ids = []
-    for fn, name in FLOWS.items():
-        flow = Flow.from_source(source=str(ROOT), entrypoint=f"flows/rpg_flows.py:{fn}")
+    for fn, (name, queue) in FLOWS.items():
+        flow = getattr(rpg_flows, fn)
         kw = {"schedule": Cron(cron, timezone=timezone)} if fn == "nightly_eval" else {}
-        ids.append(str(flow.deploy(name=name, work_pool_name=pool, print_next_steps=False, **kw)))
+        dep = flow.to_deployment(name=name, work_pool_name=pool, work_queue_name=queue,
+                                 entrypoint_type=EntrypointType.MODULE_PATH, **kw)  # fmt: skip
+        ids.append(str(dep.apply()))
     return ids
 
 
@@ -56,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timezone", default="UTC")
     args = p.parse_args(argv)
     for fn, dep_id in zip(FLOWS, deploy(args.pool, args.cron, args.timezone), strict=True):
-        print(f"{fn}/{FLOWS[fn]} on pool {args.pool}: {dep_id}")
+        name, queue = FLOWS[fn]
+        print(f"{fn}/{name} on pool {args.pool}, queue {queue}: {dep_id}")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """Prefect flows: ``sweep`` trains every run of a sweep file, each as its own ``rpg train`` process.
 
-``sweep`` expands the sweep (invalid and duplicate combinations dropped, ``rpg sweep expand``), skips every config
-key that already has a FINISHED MLflow training run (unless ``force``), and runs the rest at most ``concurrency``
-at a time through this machine's Prefect global concurrency limit ``rpg-gpu-<host>`` (created or grown here:
-Prefect only warns about a missing limit). Each run gets one device of ``gpus`` (``CUDA_VISIBLE_DEVICES``; ``cpu``:
-CPU; empty: the machine's GPUs, ``$RPG_GPUS``, else CPU), is retried ``retries`` times (a retry resumes from the
-run's last checkpoint), and nests under one parent MLflow run of the sweep. The flow returns a summary table (also a
-Prefect table artifact and the parent run's ``summary.json``).
+``sweep`` expands the sweep (seeds x grid; invalid and duplicate combinations dropped, ``rpg sweep expand``), skips
+every run (config key and seed) that already has a FINISHED MLflow training run (unless ``force``), and hands the
+rest to a dispatcher (flows/dispatch.py): on this machine, at most ``concurrency`` at a time through its Prefect
+global concurrency limit ``rpg-gpu-<host>`` (created or grown here: Prefect only warns about a missing limit), one
+device of ``gpus`` each (``CUDA_VISIBLE_DEVICES``; ``cpu``: CPU; empty: the machine's GPUs, ``$RPG_GPUS``, else CPU);
+or, deployed on a work pool (the team), each run as its own flow run of the ``train`` deployment, which any worker
+with a free GPU takes. A failed process is retried ``retries`` times where its checkpoint is (a retry resumes). The
+runs nest under one parent MLflow run of the sweep; their progress is a Prefect artifact updated as they change
+state; cancelling the sweep cancels its runs. The flow returns a summary table (also a Prefect table artifact and the
+parent run's ``summary.json``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
 import threading
 import time
 from pathlib import Path
@@ -28,12 +30,14 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from flows.core import GpuPool, finished_runs, gpus_of
+from flows.dispatch import Dispatch, RunState, Ticket, make_dispatcher, mark_started, pool_of_current_run
+from flows.progress import Progress
 from flows.submit import child_config, parent_run, submit
 from rpg_core import metrics as metrics_mod
 from rpg_core.benchmarks import BenchmarkName
 from rpg_core.config import Precision, RunConfig
 from rpg_core.runs import RunStatus, find_runs, get_runs
-from rpg_core.tracking import RunKind, default_tracking_uri, ensure_experiment, set_run_tags
+from rpg_core.tracking import RunKind, default_tracking_uri, ensure_experiment, host_name, set_run_tags
 
 NIGHTLY_TAG = "rpg.nightly"  # on a training run: the nightly run that evaluated it
 SUMMARY_METRICS = ("eval/acc_strict", "acc/strict", "reward/mean")
@@ -44,8 +48,15 @@ GPUS_HELP = "CUDA devices, e.g. 0,1,2,3; cpu: CPU; empty: the machine's GPUs ($R
 def gpu_limit_name(host: str | None = None) -> str:
     """``rpg-gpu-<host>``: the Prefect global concurrency limit of one machine's GPUs (one slot per GPU, or per CPU
     run). Per machine, because a team's workers share one Prefect server and each machine has its own GPUs."""
-    host = host or os.environ.get("RPG_HOST") or socket.gethostname()
+    host = host or host_name()
     return "rpg-gpu-" + (re.sub(r"[^a-z0-9-]+", "-", host.lower()).strip("-") or "host")
+
+
+# Slots are leased: a holder that dies without releasing (SIGKILL, power cut) loses its slot when the lease runs out
+# (Prefect's repossessor checks every 15 s). Prefect's default lease is 300 s; ours is the shortest the server
+# accepts, so a crashed run's slot comes back within about 75 s; a live holder renews it every 0.75 x SLOT_LEASE_S.
+# A cancelled run releases its slot at once (the context manager exits as the cancel unwinds the stack).
+SLOT_LEASE_S = 60.0
 
 
 def ensure_gpu_limit(slots: int = 1) -> str:
@@ -65,8 +76,32 @@ def ensure_gpu_limit(slots: int = 1) -> str:
     return name
 
 
-# A sweep takes its slots of its machine's rpg-gpu-<host> limit once, for its whole duration (min(concurrency, runs to
-# do)), and hands them to its tasks through a local semaphore: a task acquiring a server slot itself waits ~2 s
+def gpu_slots(occupy: int = 1):
+    """Hold ``occupy`` slots of this machine's limit (leased: see SLOT_LEASE_S)."""
+    return concurrency_slots(gpu_limit_name(), occupy=occupy, strict=True, lease_duration=SLOT_LEASE_S)
+
+
+def project_dir() -> Path:
+    """The checkout (or installed copy) a flow run works in: ``$RPG_ROOT`` (infra/team/worker.sh sets it to its own
+    checkout, at whatever path), else this package's parent folder when it holds ``sweeps/``, else the current
+    folder. Relative paths of the forms (sweep files, ``workdir``, ``train.output_dir``) are relative to it, so each
+    machine runs from its own copy and keeps its own run folders."""
+    env = os.environ.get("RPG_ROOT", "").strip()
+    if env:
+        return Path(env).expanduser().resolve()
+    here = Path(__file__).resolve().parents[1]
+    return here if (here / "sweeps").is_dir() else Path.cwd()
+
+
+def _enter_project() -> None:
+    """A worker starts flow runs in a temporary folder: work in the project's (each flow run is its own process)."""
+    root = project_dir()
+    if Path.cwd().resolve() != root:
+        os.chdir(root)
+
+
+# A local sweep takes its slots of its machine's rpg-gpu-<host> limit once, for its whole duration (min(concurrency,
+# runs to do)), and hands them to its tasks through a local semaphore: a task acquiring a server slot itself waits ~2 s
 # after the previous task released it (the client retries), which cost 24 % on the smoke sweep
 # (benchmarks/bench_orchestration.py). Another flow still waits for the server's slots.
 _LOCAL_SLOTS: dict[str, threading.Semaphore] = {}
@@ -74,46 +109,54 @@ _LOCAL_SLOTS: dict[str, threading.Semaphore] = {}
 
 @task(task_run_name="train-{index}-{key}")
 def train_run(index: int, key: str, config_yaml: str, workdir: str, gpus: str, fresh: bool,
-              slots: str = "") -> dict[str, Any]:  # fmt: skip
+              slots: str = "", ticket: str = "") -> dict[str, Any]:  # fmt: skip
     """One training process (flows.submit.submit), holding a slot of the ``rpg-gpu-<host>`` limit and one device for
     its whole life; a failed run raises (Prefect retries it, and the retry resumes)."""
     import yaml
-    from prefect.concurrency.sync import concurrency
 
     cfg = RunConfig.from_dict(yaml.safe_load(config_yaml))
     logger = get_run_logger()
     local = _LOCAL_SLOTS.get(slots)
-    with local if local is not None else concurrency(gpu_limit_name(), occupy=1, strict=True):
-        with GpuPool.parse(gpus, Path(workdir) / "locks").acquire() as gpu:
-            logger.info("run %d %s on %s", index, key, f"GPU {gpu}" if gpu else "CPU")
+    with local if local is not None else gpu_slots(1):
+        with GpuPool.parse(gpus, Path(workdir) / "locks" / gpu_limit_name()).acquire() as gpu:
+            if ticket:
+                mark_started(ticket, gpu)
+            logger.info("run %d %s on %s, %s", index, key, host_name(), f"GPU {gpu}" if gpu else "CPU")
             out = submit(cfg, workdir=workdir, gpu=gpu, fresh=fresh)
     if not out.ok:
         tail = "".join(out.log.read_text().splitlines(keepends=True)[-15:])
         raise RuntimeError(f"run {key} exited with {out.returncode} (log {out.log}):\n{tail}")
     logger.info("run %d %s %s: MLflow run %s, step %d, %.0f s", index, key, out.status, out.run_id, out.step,
                 out.seconds)
-    return {"run_id": out.run_id, "seconds": round(out.seconds, 1), "gpu": gpu}
+    return {"run_id": out.run_id, "seconds": round(out.seconds, 1), "gpu": gpu, "host": host_name()}
 
 
 @flow(name="sweep", task_runner=ThreadPoolTaskRunner(max_workers=64), log_prints=True)
 def sweep(
     sweep_file: Annotated[str, Field(description="a sweep YAML, e.g. sweeps/smoke.yaml")] = "sweeps/smoke.yaml",
     overrides: Annotated[list[str], Field(description="section.field=value for every run")] = [],  # noqa: B006
-    concurrency: Annotated[int | None, Field(ge=1, le=64, description="runs at once; empty: one per GPU")] = None,
+    seeds: Annotated[list[int] | None, Field(description="train.seed values; empty: the sweep file's")] = None,
+    concurrency: Annotated[int | None, Field(ge=1, le=1024, description="runs at once; empty: one per GPU")] = None,
     force: Annotated[bool, Field(description="re-run configs that already finished")] = False,
     gpus: Annotated[str, Field(pattern=GPUS_PATTERN, description=GPUS_HELP)] = "",
     retries: Annotated[int, Field(ge=0, le=10, description="retries of a failed run (each resumes)")] = 1,
+    dispatch: Annotated[Dispatch, Field(description="auto: the work pool when deployed on one, else this machine")] = Dispatch.AUTO,
     workdir: Annotated[str, Field(description="configs, logs and GPU locks of the runs")] = ".rpg/sweeps",
 ) -> list[dict[str, Any]]:
+    """Train every run of a sweep file (seeds x grid): skip the finished ones, submit the rest (this machine's GPUs,
+    or the team's work pool), show their progress, retry, summarise; cancelling it cancels its runs."""
     from rpg_core.sweeps import expand, load_sweep
 
+    _enter_project()
     logger = get_run_logger()
-    devices = gpus_of(gpus)
-    gpus = ",".join(devices) or "cpu"  # resolved here, once: the tasks run on this machine
-    concurrency = concurrency or max(1, len(devices))
-    if devices and concurrency > len(devices):  # before any compute: the extra slots would only wait for a GPU
-        raise ValueError(f"concurrency={concurrency} exceeds the {len(devices)} GPUs in gpus={gpus!r}; allowed: 1..{len(devices)}")
-    exp = expand(load_sweep(sweep_file, overrides=overrides or None))
+    where = dispatch if dispatch is not Dispatch.AUTO else (Dispatch.POOL if pool_of_current_run() else Dispatch.LOCAL)
+    devices = gpus_of(gpus) if where is Dispatch.LOCAL else []
+    if where is Dispatch.LOCAL:
+        gpus = ",".join(devices) or "cpu"  # resolved here, once: the tasks run on this machine
+        concurrency = concurrency or max(1, len(devices))
+        if devices and concurrency > len(devices):  # before any compute: the extra slots would only wait for a GPU
+            raise ValueError(f"concurrency={concurrency} exceeds the {len(devices)} GPUs in gpus={gpus!r}; allowed: 1..{len(devices)}")
+    exp = expand(load_sweep(sweep_file, overrides=overrides or None, seeds=seeds or None))
     sw = exp.sweep
     if not exp.runs:
         raise ValueError(f"sweep {sw.name}: no valid runs ({len(exp.dropped)} combinations dropped)")
@@ -122,55 +165,91 @@ def sweep(
     experiment = first.tracking.experiment
     ensure_experiment(uri, experiment)  # once, before the processes fan out (SQLite migrations race)
     done = {} if force else finished_runs(uri, experiment)
-    todo = [r for r in exp.runs if r.key not in done]
-    logger.info("sweep %s: %d runs, %d already finished, %d to run (%d dropped combinations)",
-                sw.name, len(exp.runs), len(exp.runs) - len(todo), len(todo), len(exp.dropped))  # fmt: skip
-    gpu_limit = ensure_gpu_limit(concurrency)
-    work = Path(workdir) / sw.name
-    params = {"sweep_file": sweep_file, "runs": len(exp.runs), "concurrency": concurrency,
-              "overrides": " ".join(overrides), "force": force}  # fmt: skip
+    todo = [r for r in exp.runs if r.config.run_key() not in done]
+    logger.info("sweep %s: %d runs (%d seeds), %d already finished, %d to run (%d dropped combinations), on %s",
+                sw.name, len(exp.runs), len(sw.seeds), len(exp.runs) - len(todo), len(todo), len(exp.dropped),
+                "the work pool" if where is Dispatch.POOL else f"this machine ({gpus})")  # fmt: skip
+    work = str(Path(workdir) / sw.name)
+    params = {"sweep_file": sweep_file, "runs": len(exp.runs), "seeds": ",".join(map(str, sw.seeds)),
+              "concurrency": concurrency or 0, "overrides": " ".join(overrides), "force": force,
+              "dispatch": where.value}  # fmt: skip
     with parent_run(RunKind.SWEEP, experiment=experiment, name=f"sweep-{sw.name}", tracking_uri=uri, params=params,
                     tags={"sweep": sw.name}) as parent:  # fmt: skip
         t0 = time.perf_counter()
-        slots = f"{parent.run_id}"
-        _LOCAL_SLOTS[slots] = threading.Semaphore(concurrency)
-        futures = {}
-        held = min(concurrency, len(todo))
+        slots = parent.run_id
+        tickets = [Ticket(r.index, child_config(r.config, parent, sweep=sw.name),
+                          name=f"{sw.name}-{r.index}-{r.config.run_key()}") for r in todo]  # fmt: skip
+        progress = Progress(f"sweep-{re.sub(r'[^a-z0-9-]+', '-', sw.name.lower())}", f"sweep {sw.name}", parent,
+                            skipped=len(exp.runs) - len(todo))  # fmt: skip
+        held = min(concurrency, len(todo)) if where is Dispatch.LOCAL else 0
+        if held:
+            ensure_gpu_limit(concurrency)
+            _LOCAL_SLOTS[slots] = threading.Semaphore(concurrency)
+        dispatcher = make_dispatcher(where, parent, task=train_run, workdir=work, gpus=gpus, retries=retries,
+                                     fresh=force, slots=slots)  # fmt: skip
         try:
-            with concurrency_slots(gpu_limit, occupy=held, strict=True) if held else contextlib.nullcontext():
-                for r in todo:
-                    cfg = child_config(r.config, parent, sweep=sw.name)
-                    futures[r.key] = train_run.with_options(retries=retries, retry_delay_seconds=2).submit(
-                        r.index, r.key, cfg.to_yaml(), str(work), gpus, force, slots
-                    )
-                for fut in futures.values():
-                    fut.wait()
+            with gpu_slots(held) if held else contextlib.nullcontext():
+                _drive(dispatcher, tickets, progress, limit=concurrency if where is Dispatch.POOL else None)
         finally:
             _LOCAL_SLOTS.pop(slots, None)
-        rows: list[dict[str, Any]] = []
-        failed = 0
-        for r in exp.runs:
-            row: dict[str, Any] = {"index": r.index, "key": r.key, "seed": r.seed, **r.axes,
-                                   "method": r.config.method_name()}  # fmt: skip
-            if r.key in done:
-                row.update(status="skipped (finished)", run_id=done[r.key])
-            else:
-                state = futures[r.key].state
-                if state.is_completed():
-                    row.update(status="finished", **futures[r.key].result())
-                else:
-                    failed += 1
-                    row.update(status=f"failed: {str(state.message or state.name)[:200]}")
-            rows.append(row)
-        _add_metrics(rows, uri)
+        rows = _summary(exp.runs, done, tickets, uri)
+        progress.update(tickets)
         create_table_artifact(rows, key=f"sweep-{sw.name.replace('_', '-')}", description=f"sweep {sw.name}")
         parent.log_table(rows, "summary.json")
-        parent.log_metrics({"runs_finished": sum(r["status"] == "finished" for r in rows), "runs_failed": failed,
-                            "seconds": time.perf_counter() - t0})  # fmt: skip
+        failed = sum(t.state is not RunState.FINISHED for t in tickets)
+        parent.log_metrics({"runs_finished": sum(t.state is RunState.FINISHED for t in tickets),
+                            "runs_failed": failed, "seconds": time.perf_counter() - t0})  # fmt: skip
         if failed:  # the parent run ends FAILED
             raise RuntimeError(
                 f"sweep {sw.name}: {failed} of {len(todo)} runs failed; re-run to complete the missing ones"
             )
+    return rows
+
+
+def _drive(dispatcher, tickets: list[Ticket], progress: Progress, *, limit: int | None, poll_s: float = 1.0) -> None:
+    """Start the tickets (at most ``limit`` unfinished at once, if given), refresh their states until all are done,
+    and keep the progress artifacts current. Cancelled (Prefect's termination signal, an interrupt): cancel every
+    unfinished run, record them as cancelled, and let the cancel go on."""
+    waiting = list(tickets)
+    try:
+        progress.update(tickets)
+        while True:
+            active = sum(1 for t in tickets if t.attempts and not t.done)
+            while waiting and (limit is None or active < limit):
+                dispatcher.start(waiting.pop(0))
+                active += 1
+            changed = dispatcher.refresh(tickets)
+            if changed:
+                progress.update(tickets)
+            if not waiting and all(t.done for t in tickets):
+                return
+            time.sleep(poll_s)
+    except BaseException:
+        dispatcher.cancel(tickets)
+        with contextlib.suppress(Exception):
+            progress.update(tickets)
+        raise
+
+
+def _summary(runs, done: dict[str, str], tickets: list[Ticket], uri: str) -> list[dict[str, Any]]:
+    """One row per run of the sweep: skipped (finished earlier), or its ticket's outcome; with headline metrics."""
+    by_key = {t.run_key: t for t in tickets}
+    rows: list[dict[str, Any]] = []
+    for r in runs:
+        run_key = r.config.run_key()
+        row: dict[str, Any] = {"index": r.index, "key": r.key, "seed": r.seed, **r.axes,
+                               "method": r.config.method_name()}  # fmt: skip
+        if run_key in done:
+            row.update(status="skipped (finished)", run_id=done[run_key])
+        else:
+            t = by_key[run_key]
+            status = "finished" if t.state is RunState.FINISHED else t.state.value
+            if t.state is RunState.FAILED:
+                status = f"failed: {t.message[:200]}"
+            row.update(status=status, run_id=t.run_id, host=t.host, gpu=t.gpu,
+                       seconds=None if t.seconds is None else round(t.seconds, 1))  # fmt: skip
+        rows.append(row)
+    _add_metrics(rows, uri)
     return rows
 
 
@@ -192,15 +271,45 @@ def train(
     gpus: Annotated[str, Field(pattern=GPUS_PATTERN, description=GPUS_HELP)] = "",
     fresh: Annotated[bool, Field(description="ignore the config's checkpoints")] = False,
     workdir: Annotated[str, Field(description="configs, logs and GPU locks")] = ".rpg/sweeps",
+    retries: Annotated[int, Field(ge=0, le=10, description="retries of a failed process, here (each resumes)")] = 0,
+    config_yaml: Annotated[str, Field(description="a whole run config as YAML (what a sweep sends); "
+                                                  "replaces config and overrides")] = "",  # fmt: skip
 ) -> dict[str, Any]:
-    """One training run as its own process (one slot of ``rpg-gpu-<host>``, one GPU); resumes unless ``fresh``."""
+    """One training run as its own process (one slot of ``rpg-gpu-<host>``, one GPU of this machine); resumes unless
+    ``fresh``. A sweep on a work pool submits each of its runs as a flow run of this deployment."""
+    import yaml
+
     from rpg_core.config import load_run_config
 
-    cfg = load_run_config(config, overrides=overrides or None)
-    ensure_gpu_limit()
-    out = train_run.with_options(retries=0)(0, cfg.key(), cfg.to_yaml(), str(Path(workdir) / "single"), gpus, fresh)
-    return {"key": cfg.key(), **out}
+    _enter_project()
+    cfg = RunConfig.from_dict(yaml.safe_load(config_yaml)) if config_yaml else load_run_config(config, overrides=overrides or None)
+    devices = gpus_of(gpus)
+    ensure_gpu_limit(max(1, len(devices)))
+    _say_where_it_resumes(cfg)
+    work = str(Path(workdir) if config_yaml else Path(workdir) / "single")
+    out = train_run.with_options(retries=retries, retry_delay_seconds=2, task_run_name=f"train-{cfg.run_key()}")(
+        0, cfg.run_key(), cfg.to_yaml(), work, ",".join(devices) or "cpu", fresh
+    )
+    return {"key": cfg.key(), "run_key": cfg.run_key(), **out}
 
+
+def _say_where_it_resumes(cfg: RunConfig) -> None:
+    """Before a run starts on this machine: resume from the checkpoint here, or say that it starts over because its
+    earlier attempt ran on another machine whose run folder this one cannot reach."""
+    from rpg_core import checkpoints
+
+    logger = get_run_logger()
+    ckpt = checkpoints.latest(Path(cfg.train.output_dir) / cfg.run_key())
+    if ckpt is not None:
+        logger.info("%s resumes from %s on %s", cfg.run_key(), ckpt, host_name())
+        return
+    uri = cfg.tracking.tracking_uri or default_tracking_uri()
+    earlier = find_runs(kind=RunKind.TRAIN, config_key=cfg.key(), seed=cfg.train.seed, tracking_uri=uri,
+                        parent_run_id=cfg.tracking.parent_run_id or None, limit=1)  # fmt: skip
+    if not earlier.empty and earlier["status"].iloc[0] != RunStatus.FINISHED and earlier["host"].iloc[0] != host_name():
+        logger.warning("%s starts over on %s: its earlier attempt (MLflow run %s) ran on %s, whose checkpoints this "
+                       "machine cannot reach (set train.output_dir to a folder every machine shares to resume across "
+                       "machines)", cfg.run_key(), host_name(), earlier["run_id"].iloc[0], earlier["host"].iloc[0])  # fmt: skip
 
 
 @flow(name="evaluate", log_prints=True)
@@ -216,6 +325,7 @@ def evaluate(
     workdir: str = ".rpg/sweeps",
 ) -> dict[str, float]:
     """``rpg eval`` of one model or checkpoint in its own process; a checkpoint's results go into its training run."""
+    _enter_project()
     return eval_run(model, list(benchmarks), k, max_new_tokens, limit, precision, gpus, tracking_uri, workdir)
 
 
@@ -228,15 +338,13 @@ def eval_run(model: str, benchmarks: list[str], k: int, max_new_tokens: int | No
     import sys
     import tempfile
 
-    from prefect.concurrency.sync import concurrency
-
     gpu_limit = ensure_gpu_limit()
     args = ["--model", model, "--benchmarks", ",".join(benchmarks), "--k", str(k),
             "--precision", Precision(precision).value]  # fmt: skip
     for flag, value in (("--max-new-tokens", max_new_tokens), ("--limit", limit), ("--tracking-uri", tracking_uri)):
         if value is not None:
             args += [flag, str(value)]
-    with concurrency(gpu_limit, occupy=1, strict=True), GpuPool.parse(gpus, Path(workdir) / "locks").acquire() as gpu:
+    with gpu_slots(1), GpuPool.parse(gpus, Path(workdir) / "locks" / gpu_limit).acquire() as gpu:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "eval.json"
             proc = subprocess.run([sys.executable, "-m", "rpg_core.cli", "eval", *args, "--output", str(out)],
@@ -265,6 +373,7 @@ def nightly_eval(
     checkpoint's results land in its own training run."""
     from rpg_core.evaluation import EVAL_EXPERIMENT
 
+    _enter_project()
     uri = tracking_uri or default_tracking_uri()
     ensure_experiment(uri, EVAL_EXPERIMENT)
     previous = find_runs(kind=RunKind.NIGHTLY, experiments=EVAL_EXPERIMENT, status=RunStatus.FINISHED, limit=1,

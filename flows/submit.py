@@ -19,8 +19,9 @@ from typing import Any
 
 from flows.core import run_training
 from rpg_core.config import RunConfig
+from rpg_core.config import run_key as run_key_of
 from rpg_core.runs import final_metrics, get_run
-from rpg_core.tracking import RunKind, Tracker
+from rpg_core.tracking import RunKind, Tracker, host_name
 
 __all__ = ["RunOutcome", "child_config", "parent_run", "submit"]
 
@@ -57,19 +58,25 @@ def child_config(cfg: RunConfig, parent: Tracker, *, sweep: str | None = None) -
 class RunOutcome:
     """What one submitted training run came to."""
 
-    key: str  # the config key
+    key: str  # the config key (shared by the seeds of one configuration)
+    seed: int
     run_id: str | None  # its MLflow run (None: it failed before tracking began)
     status: str  # the MLflow run's status (rpg_core.runs.RunStatus), NOT_STARTED without a run
     step: int  # the last checkpointed step
     returncode: int  # of the `rpg train` process (0: done; -9: killed by the timeout)
     seconds: float
     gpu: str  # the CUDA device it ran on ("": CPU)
+    host: str  # the machine (rpg_core.tracking.host_name(): $RPG_HOST, else the host name)
     log: Path
     metrics: dict[str, float] = field(default_factory=dict)  # final values, from MLflow
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0
+
+    @property
+    def run_key(self) -> str:
+        return run_key_of(self.key, self.seed)
 
 
 def submit(cfg: RunConfig, *, workdir: str | Path, gpu: str = "", fresh: bool = False, timeout_s: float | None = None,
@@ -78,6 +85,6 @@ def submit(cfg: RunConfig, *, workdir: str | Path, gpu: str = "", fresh: bool = 
     read its MLflow run's status and final metrics back through rpg_core.runs."""
     out = run_training(cfg, workdir=workdir, gpu=gpu, fresh=fresh, timeout_s=timeout_s, cwd=cwd)
     row = get_run(out.run_id, tracking_uri=cfg.tracking.tracking_uri) if out.run_id else None
-    return RunOutcome(key=out.key, run_id=out.run_id, status=NOT_STARTED if row is None else str(row["status"]),
-                      step=out.step, returncode=out.returncode, seconds=out.seconds, gpu=out.gpu, log=out.log,
+    return RunOutcome(key=cfg.key(), seed=cfg.train.seed, run_id=out.run_id, status=NOT_STARTED if row is None else str(row["status"]),
+                      step=out.step, returncode=out.returncode, seconds=out.seconds, gpu=out.gpu, host=host_name(), log=out.log,
                       metrics={} if row is None else final_metrics(row))  # fmt: skip

@@ -149,6 +149,21 @@ def resolve_train_config(args: argparse.Namespace):
     return load_run_config(args.config, preset=args.preset, overrides=deep_merge(short, over))
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a cancelled flow run's worker, ``kill``) stops training like Ctrl-C: the run ends KILLED in MLflow and
+    keeps its last checkpoint. Further SIGINT/SIGTERM are then ignored, so they cannot cut that clean-up short (the
+    sender's SIGKILL after its grace period remains the backstop)."""
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from rpg_core.config import RunConfigError
 
@@ -163,6 +178,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from rpg_core.trainer import NonFiniteError, Trainer
 
+    _stop_on_sigterm()
     print(f"rpg train: {cfg.method_name()} ({cfg.objective.summary()}) on {cfg.model.name}, run {cfg.run_key()} "
           f"(config {cfg.key()}, seed {cfg.train.seed})", flush=True)  # fmt: skip
     try:
@@ -230,7 +246,13 @@ def cmd_sweep_expand(args: argparse.Namespace) -> int:
     from rpg_core.sweeps import SweepError, expand, load_sweep
 
     try:
-        exp = expand(load_sweep(args.file, overrides=args.set))
+        seeds = None
+        if args.seeds:
+            bad = [x for x in args.seeds.split(",") if not x.strip().lstrip("-").isdigit()]
+            if bad:
+                raise SweepError(f"--seeds {args.seeds!r}: {bad[0]!r} is not an integer; allowed: e.g. 0,1,2")
+            seeds = [int(x) for x in args.seeds.split(",")]
+        exp = expand(load_sweep(args.file, overrides=args.set, seeds=seeds))
     except (SweepError, RunConfigError) as e:
         print(f"rpg sweep expand: {e}", file=sys.stderr)
         return 2
@@ -276,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sweep_sub.add_parser("expand", help="the resolved, de-duplicated runs of a sweep file with their config keys")
     q.add_argument("file", help="a sweep YAML file, e.g. sweeps/smoke.yaml")
     q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every run, e.g. train.steps=3")
+    q.add_argument("--seeds", metavar="S,S,...", help="train.seed values, replacing the file's seeds: (e.g. 0,1,2)")
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.set_defaults(func=cmd_sweep_expand)
     p = sub.add_parser("eval", help="Mean@k / Pass@k / Maj@k on AIME24, AIME25, AMC23 (the paper's protocol)")

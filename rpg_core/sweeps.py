@@ -144,12 +144,15 @@ def _nested(dotted: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
-    """A sweep file, validated; ``overrides`` (``section.field=value``) are added to its ``base``."""
+def load_sweep(path: str | Path, overrides: list[str] | None = None, seeds: list[int] | None = None) -> Sweep:
+    """A sweep file, validated; ``overrides`` (``section.field=value``) are added to its ``base``; ``seeds`` replace
+    its ``seeds`` (a form's or the command line's choice)."""
     p = Path(path)
     raw = read_yaml_mapping(p, "sweep file", SweepError)
     if overrides:
         raw["base"] = deep_merge(_nested(raw.get("base") or {}), parse_overrides(overrides))
+    if seeds:
+        raw["seeds"] = list(seeds)
     try:
         return Sweep(**raw, root=p.resolve().parent)
     except ValidationError as e:

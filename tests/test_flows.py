@@ -90,7 +90,8 @@ def test_smoke_sweep_runs_every_config_once(prefect_server, tmp_path, monkeypatc
     gpu = {r["run_id"]: r["gpu"] for r in rows}
     assert set(gpu.values()) == {"0", "1"}
     for r in rows:
-        assert f"(CUDA_VISIBLE_DEVICES='{r['gpu']}')" in (tmp_path / "work" / "smoke" / "logs" / f"{r['key']}.log").read_text()
+        log = tmp_path / "work" / "smoke" / "logs" / f"{r['key']}-s{r['seed']}.log"  # one log per run key
+        assert f"(CUDA_VISIBLE_DEVICES='{r['gpu']}')" in log.read_text()
     for a in children:
         for b in children:
             if a is not b and a.info.start_time < b.info.end_time and b.info.start_time < a.info.end_time:
@@ -99,6 +100,13 @@ def test_smoke_sweep_runs_every_config_once(prefect_server, tmp_path, monkeypatc
 
     with get_client(sync_client=True) as pc:
         assert pc.read_global_concurrency_limit_by_name(gpu_limit_name()).limit == 2  # created by the flow
+        # its progress, as the UI shows it: the newest version of the keyed Markdown artifact, every run finished
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+        board = pc.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sweep-smoke-runs"])))
+        newest = max(board, key=lambda a: a.created).data
+        assert "4 runs: 4 finished" in newest and newest.count("| finished |") == 4, newest
+        assert len(board) >= 2  # written as the runs changed state, not only at the end
     # A second trigger runs nothing new.
     again = sweep(**kw)
     assert [r["status"] for r in again] == ["skipped (finished)"] * 4
@@ -183,9 +191,10 @@ def test_killed_run_is_reported_and_a_rerun_resumes_only_it(prefect_server, tmp_
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     over = [f"train.output_dir={tmp_path / 'runs'}", f"tracking.tracking_uri={uri}"]
     kw = dict(sweep_file=str(path), overrides=over, retries=0, workdir=str(tmp_path / "work"))
-    victim = expand(load_sweep(str(path), overrides=over)).runs[0].key
-    marker = tmp_path / "runs" / victim / "checkpoints" / "step_000002" / "COMPLETE"
-    killer = _kill_when(marker, tmp_path / "work" / "killed" / "configs" / f"{victim}.yaml")
+    victim_run = expand(load_sweep(str(path), overrides=over)).runs[0]
+    victim = victim_run.key
+    marker = tmp_path / "runs" / victim_run.run_key / "checkpoints" / "step_000002" / "COMPLETE"
+    killer = _kill_when(marker, tmp_path / "work" / "killed" / "configs" / f"{victim_run.run_key}.yaml")
     with pytest.raises(RuntimeError, match="sweep killed: 1 of 2 runs failed"):
         sweep(**kw)
     killer.join(timeout=5)
@@ -207,7 +216,7 @@ def test_killed_run_is_reported_and_a_rerun_resumes_only_it(prefect_server, tmp_
     assert json.loads(resumed.data.tags["rpg.changed_on_resume"])["tracking.parent_run_id"][0] == parent.info.run_id
     # steps 1-2 (or 1-3: a step may log before its checkpoint is written) by the killed process, the rest resumed
     assert sorted({m.step for m in client.get_metric_history(killed.info.run_id, "reward/mean")}) == list(range(1, 9))
-    assert f"resumed {victim}" in (tmp_path / "work" / "killed" / "logs" / f"{victim}.log").read_text()
+    assert f"resumed {victim_run.run_key}" in (tmp_path / "work" / "killed" / "logs" / f"{victim_run.run_key}.log").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -267,6 +276,97 @@ def test_run_button_triggers_the_smoke_sweep(served, tmp_path):
     assert len(runs) == 5 and len(children) == 4 and all("acc/strict" in c.data.metrics for c in children)
 
 
+def _training_processes(marker: str) -> list[int]:
+    """pids of live `rpg train` processes whose command line mentions ``marker``."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            zombie = (proc / "stat").read_text().split(") ")[1][0] == "Z"
+        except (OSError, IndexError):
+            continue
+        if "rpg_core.cli train" in cmd and marker in cmd and not zombie:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_cancelling_a_served_sweep_stops_its_runs_and_a_rerun_completes_it(served, tmp_path):
+    """The UI's Cancel on a sweep served on this machine: its training processes stop (ending their MLflow runs
+    KILLED, not RUNNING, with their checkpoints), the machine's GPU slots are released, and triggering the sweep
+    again runs only what was missing: both cancelled runs resume from their checkpoints into their MLflow runs."""
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    from flows.rpg_flows import gpu_limit_name, sweep
+
+    smoke = yaml.safe_load((ROOT / "sweeps" / "smoke.yaml").read_text())
+    spec = {"name": "cancelled", "preset": smoke["preset"],
+            "base": {**smoke["base"], "train.steps": 30, "train.checkpoint_every": 1, "train.eval_every": 0,
+                     "tracking.experiment": "cancel"},
+            "grid": {"objective.direction": ["forward", "reverse"]}}  # fmt: skip
+    path = tmp_path / "cancelled.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    over = [f"train.output_dir={tmp_path / 'runs'}", f"tracking.tracking_uri={uri}"]
+    params = {"sweep_file": str(path), "concurrency": 2, "gpus": "0,1", "workdir": str(tmp_path / "work"),
+              "overrides": over}  # fmt: skip
+    ckpt = lambda: {c.parents[2] for c in (tmp_path / "runs").glob("*/checkpoints/step_*/COMPLETE")}  # noqa: E731
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name("sweep/sweep")
+        run = client.create_flow_run_from_deployment(dep.id, parameters=params)
+        deadline = time.monotonic() + 300
+        while len(ckpt()) < 2:  # both runs are training and have a checkpoint
+            assert time.monotonic() < deadline and not client.read_flow_run(run.id).state.is_final()
+            time.sleep(0.1)
+        client.set_flow_run_state(run.id, Cancelling())  # what the UI's Cancel does
+        deadline = time.monotonic() + 120
+        while not client.read_flow_run(run.id).state.is_cancelled() or _training_processes(str(tmp_path)):
+            assert time.monotonic() < deadline, (client.read_flow_run(run.id).state, _training_processes(str(tmp_path)))
+            time.sleep(0.5)
+        deadline = time.monotonic() + 30
+        while client.read_global_concurrency_limit_by_name(gpu_limit_name()).active_slots:
+            assert time.monotonic() < deadline, "the cancelled sweep's GPU slots are still held"
+            time.sleep(0.5)
+    ml = MlflowClient(uri)
+    exp = ml.get_experiment_by_name("cancel").experiment_id
+    kids = ml.search_runs([exp], "tags.`rpg.kind` = 'train'")
+    assert len(kids) == 2 and {k.info.status for k in kids} == {"KILLED"}, [k.info.status for k in kids]
+    (parent,) = ml.search_runs([exp], "tags.`rpg.kind` = 'sweep'")
+    assert parent.info.status == "KILLED"
+    rows = sweep(sweep_file=str(path), overrides=over, gpus="0,1", concurrency=2, workdir=str(tmp_path / "work"))
+    assert [r["status"] for r in rows] == ["finished"] * 2
+    assert {r["run_id"] for r in rows} == {k.info.run_id for k in kids}  # completed in their own MLflow runs
+    logs = [f.read_text() for f in (tmp_path / "work" / "cancelled" / "logs").glob("*.log")]
+    assert len(logs) == 2 and all("resumed " in t for t in logs)
+
+
+@pytest.mark.integration
+def test_a_crashed_holders_gpu_slot_is_reclaimed(prefect_server, monkeypatch):
+    """Prefect leaves a slot held by a process that died without releasing it; ours are leased (SLOT_LEASE_S), so
+    the server takes it back once the lease runs out: a SIGKILLed holder's slot is free again within ~75 s."""
+    from prefect.client.orchestration import get_client
+
+    from flows.rpg_flows import SLOT_LEASE_S, ensure_gpu_limit
+
+    monkeypatch.setenv("RPG_HOST", "crashy")
+    name = ensure_gpu_limit(1)
+    code = ("import os, time; os.environ['RPG_HOST'] = 'crashy'\n"
+            "from flows.rpg_flows import gpu_slots\n"
+            "with gpu_slots(1):\n    print('held', flush=True); time.sleep(600)\n")  # fmt: skip
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name(name).active_slots == 1
+        holder.kill()  # SIGKILL: no release
+        holder.wait()
+        t0 = time.monotonic()
+        while client.read_global_concurrency_limit_by_name(name).active_slots:
+            assert time.monotonic() - t0 < SLOT_LEASE_S + 60, "the dead holder's slot was never reclaimed"
+            time.sleep(1)
+
+
 @pytest.mark.skipif(__import__("rpg_core.data", fromlist=["x"]).shared_data_dir() is None, reason="shared/data absent")
 def test_nightly_eval_evaluates_runs_finished_since_the_last_nightly(prefect_server, tmp_path, monkeypatch):
     """A finished training run is evaluated by the next nightly into its own MLflow run; the nightly after that
@@ -311,7 +411,10 @@ def test_deploy_registers_the_flows_on_a_work_pool(prefect_server):
     assert pool.type == "process" and "command" in pool.base_job_template["variables"]["properties"]
     assert ensure_pool("test-gpu-pool") is False  # already there: left as it is
     assert set(deps) == {"sweep", "train", "evaluate", "nightly"}
-    assert deps["sweep"].entrypoint == "flows/rpg_flows.py:sweep"
+    # by module, with no code location: each worker imports the flows from its own checkout, at any path
+    assert deps["sweep"].entrypoint == "flows.rpg_flows.sweep" and not deps["sweep"].pull_steps
+    assert deps["sweep"].work_queue_name == "control"  # coordinators: never hold a GPU worker's slot
+    assert {deps[n].work_queue_name for n in ("train", "evaluate", "nightly")} == {"gpu"}
     assert [s.schedule.cron for s in deps["nightly"].schedules] == ["30 3 * * *"]
     with pytest.raises(ValueError, match="test-k8s-pool: an existing work pool of type 'kubernetes'; allowed: 'process'"):
         ensure_pool("test-k8s-pool")

@@ -92,16 +92,16 @@ def test_training_process_finishes_resumes_and_fails(tmp_path):
     assert finished_runs(uri, "rpg") == {}  # no experiment yet
     first = run_training(cfg, workdir=tmp_path / "work", cwd=ROOT)
     assert first.ok and first.step == 2 and first.run_id
-    assert finished_runs(uri, "rpg") == {cfg.key(): first.run_id}
+    assert finished_runs(uri, "rpg") == {cfg.run_key(): first.run_id}  # by key and seed
     again = run_training(cfg, workdir=tmp_path / "work", cwd=ROOT)  # nothing left to do: resumes at step 2
     assert again.ok and again.run_id == first.run_id and again.step == 2
     log = first.log.read_text()
-    assert log.count("=== ") == 2 and f"resumed {cfg.key()}" in log
+    assert log.count("=== end t=") == 2 and f"resumed {cfg.run_key()}" in log
     # a run that fails before any compute (bad data source): reported, not finished
     bad, _ = _smoke_config(tmp_path, 1, "data.task=dataset", "data.source=missing.jsonl")
     out = run_training(bad, workdir=tmp_path / "work", cwd=ROOT)
     assert out.returncode == 2 and out.run_id is None and "missing.jsonl" in out.log.read_text()
-    assert set(finished_runs(uri, "rpg")) == {cfg.key()}
+    assert set(finished_runs(uri, "rpg")) == {cfg.run_key()}
 
 
 @pytest.mark.subprocess
@@ -110,21 +110,47 @@ def test_killed_training_process_is_not_finished_and_a_rerun_completes(tmp_path)
     MLflow run and finishes it. The timeout kills too (1 s: still importing)."""
     cfg, uri = _smoke_config(tmp_path, 2, "train.steps=8", "train.checkpoint_every=1", "train.eval_every=0")
     timed_out = run_training(cfg, workdir=tmp_path / "work", cwd=ROOT, timeout_s=1)
-    assert timed_out.returncode == -9 and not timed_out.ok and "killed after 1 s" in timed_out.log.read_text()
-    path = tmp_path / "work" / "configs" / f"{cfg.key()}.yaml"  # written by run_training
+    assert timed_out.returncode == -9 and not timed_out.ok and "stopped after 1 s" in timed_out.log.read_text()
+    path = tmp_path / "work" / "configs" / f"{cfg.run_key()}.yaml"  # written by run_training
     proc = subprocess.Popen([sys.executable, "-m", "rpg_core.cli", "train", "--config", str(path)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    marker = tmp_path / "runs" / cfg.key() / "checkpoints" / "step_000002" / "COMPLETE"
+    marker = tmp_path / "runs" / cfg.run_key() / "checkpoints" / "step_000002" / "COMPLETE"
     deadline = time.monotonic() + 240
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.kill()
     proc.wait()
     assert marker.exists()
-    assert cfg.key() not in finished_runs(uri, "rpg")
+    assert cfg.run_key() not in finished_runs(uri, "rpg")
     done = run_training(cfg, workdir=tmp_path / "work", cwd=ROOT)
-    assert done.ok and done.step == 8 and finished_runs(uri, "rpg") == {cfg.key(): done.run_id}
-    assert f"resumed {cfg.key()}" in done.log.read_text()
+    assert done.ok and done.step == 8 and finished_runs(uri, "rpg") == {cfg.run_key(): done.run_id}
+    assert f"resumed {cfg.run_key()}" in done.log.read_text()
+
+
+@pytest.mark.subprocess
+def test_stop_all_ends_a_running_training_killed_with_its_checkpoints(tmp_path):
+    """What a cancelled sweep does to its runs on this machine (flows.core.stop_all): the training process gets
+    SIGINT, ends its MLflow run KILLED (not left RUNNING) and keeps its checkpoints; running it again resumes."""
+    import threading
+
+    from flows.core import stop_all
+    from rpg_core.runs import get_run
+
+    cfg, uri = _smoke_config(tmp_path, 1, "train.steps=400", "train.checkpoint_every=1", "train.eval_every=0")
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(out=run_training(cfg, workdir=tmp_path / "work", cwd=ROOT)))
+    runner.start()
+    marker = tmp_path / "runs" / cfg.run_key() / "checkpoints" / "step_000002" / "COMPLETE"
+    deadline = time.monotonic() + 240
+    while not marker.exists() and runner.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists()
+    assert stop_all() == 1  # one process was running
+    runner.join(timeout=60)
+    out = outcome["out"]
+    assert not out.ok and out.run_id and out.step >= 2
+    assert get_run(out.run_id, tracking_uri=uri)["status"] == "KILLED"
+    assert stop_all() == 0
 
 
 def test_submission_unit_parent_lifecycle_and_outcome(tmp_path):
@@ -133,7 +159,7 @@ def test_submission_unit_parent_lifecycle_and_outcome(tmp_path):
     ends FINISHED, FAILED on an exception and KILLED on an interrupt, each tagged with its kind."""
     from flows.submit import child_config, parent_run, submit
     from rpg_core.runs import find_runs, get_run
-    from rpg_core.tracking import RunKind
+    from rpg_core.tracking import RunKind, host_name
 
     cfg, uri = _smoke_config(tmp_path, 3)
     with parent_run(RunKind.SWEEP, experiment="rpg", name="sweep-t", tracking_uri=uri, tags={"sweep": "t"}) as parent:
@@ -141,6 +167,7 @@ def test_submission_unit_parent_lifecycle_and_outcome(tmp_path):
         assert child.key() == cfg.key() and child.tracking.parent_run_id == parent.run_id
         out = submit(child, workdir=tmp_path / "work", cwd=ROOT)
     assert out.ok and out.status == "FINISHED" and out.step == 2 and out.key == cfg.key()
+    assert (out.seed, out.run_key, out.host) == (cfg.train.seed, cfg.run_key(), host_name())
     row = get_run(out.run_id, tracking_uri=uri)
     assert (row["parent_run_id"], row["sweep"], row["kind"], row["config_key"]) == (parent.run_id, "t", "train", cfg.key())
     assert out.metrics["reward/mean"] == row["reward/mean"] and "eval/acc_strict" in out.metrics

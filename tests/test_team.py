@@ -1,7 +1,8 @@
 """The team set-up without containers, for real: `infra/stack.py up --db postgres --pool P` (a Postgres cluster of its
-own, Prefect on asyncpg, MLflow on psycopg with proxied artifacts, the deployments on a process work pool), a GPU
-machine joining with `infra/team/worker.sh`, and the smoke sweep triggered through the API as the UI's Run button
-does: the worker runs it, the runs land in MLflow's Postgres database, and `down` leaves nothing running."""
+own, Prefect on asyncpg, MLflow on psycopg with proxied artifacts, the deployments on a process work pool), two
+machines joining with `infra/team/worker.sh` from their own copies of the project, and sweeps triggered through the
+API as the UI's Run button does: the runs spread over both machines and land in MLflow; a cancelled sweep leaves
+nothing behind and a re-trigger completes it; `down` leaves nothing running."""
 
 from __future__ import annotations
 
@@ -55,11 +56,65 @@ def reachable_tmp():
     shutil.rmtree(base, ignore_errors=True)
 
 
+HOSTS = ("a", "b")  # two machines, played by two worker processes here, each from its own copy of the project
+
+
+def _copy_project(dst: Path) -> Path:
+    """A checkout of this project at another path (what a second machine has): the code, without the virtualenv,
+    the run folders or git."""
+    shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(".venv", ".rpg", ".git", "runs", "__pycache__", "*.egg-info",
+                                                             ".pytest_cache", "mlruns"))  # fmt: skip
+    return dst
+
+
+def _training_processes(marker: str) -> list[int]:
+    """The pids of `rpg train` processes whose command line mentions ``marker`` (a path of this test)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "rpg_core.cli train" in cmd and marker in cmd and alive(int(proc.name)):
+            pids.append(int(proc.name))
+    return pids
+
+
+def _most_at_once(intervals: list[tuple[int, int]]) -> int:
+    """The largest number of [start, end) intervals that overlap at one instant."""
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])  # an end sorts before a start
+    now = most = 0
+    for _, d in events:
+        now += d
+        most = max(most, now)
+    return most
+
+
+def _wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(poll)
+
+
 @pytest.mark.skipif(_have_postgres() is not None, reason=str(_have_postgres()))
-def test_team_head_on_postgres_and_a_worker_run_the_smoke_sweep(reachable_tmp):
+def test_team_sweep_fills_both_hosts_and_a_cancelled_sweep_resumes(reachable_tmp):
+    """A Postgres head node and two machines (workers `a` and `b`, each from its own copy of the project at another
+    path, two device ids each). An 8-run smoke sweep (4 configurations x 2 seeds) pressed as the Run button does:
+    every run is its own `train` flow run on the pool, both hosts take runs, never more than two at once per host,
+    all finish, and every MLflow run records its host, device, group and run folder (on its own host's copy).
+    Then a longer sweep is cancelled mid-way: no training process is left, no GPU slot stays held, the runs that
+    were training end KILLED with their checkpoints; a re-trigger runs only what was missing."""
     from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Cancelling
 
     base = reachable_tmp
     home, pool = base / "head", "test-pool"
@@ -67,7 +122,8 @@ def test_team_head_on_postgres_and_a_worker_run_the_smoke_sweep(reachable_tmp):
     cmd = [sys.executable, "infra/stack.py", "--home", str(home)]
     head = [*cmd, "--db", "postgres", "--pg-data", str(base / "pg"), "--pg-port", str(pgp),
             "--prefect-port", str(pp), "--mlflow-port", str(mp), "--pool", pool]  # fmt: skip
-    worker = None
+    workers: dict[str, subprocess.Popen] = {}
+    copies = {h: _copy_project(base / f"machine-{h}" / ("deep" * (i + 1)) / "rpg-lab") for i, h in enumerate(HOSTS)}
     try:
         r = subprocess.run([*head, "up"], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
@@ -76,61 +132,124 @@ def test_team_head_on_postgres_and_a_worker_run_the_smoke_sweep(reachable_tmp):
         exports = (home / "env.sh").read_text().splitlines()
         client_env = dict(line.removeprefix("export ").split("=", 1) for line in exports if line)
         assert client_env["PREFECT_API_URL"] == f"http://127.0.0.1:{pp}/api"
-        # A GPU machine joins: here the same machine, with two device ids (this CPU-only torch runs on the CPU
-        # whatever CUDA_VISIBLE_DEVICES says); the form's `gpus` and `concurrency` are left empty: the machine's.
-        env = {**os.environ, **client_env, "RPG_POOL": pool, "RPG_GPUS": "0,1", "PYTHON": sys.executable,
-               "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_HOME": str(base / "worker-prefect")}  # fmt: skip
-        wlog = (base / "worker.log").open("w")
-        worker = subprocess.Popen(["bash", "infra/team/worker.sh"], cwd=ROOT, env=env, stdout=wlog,
-                                  stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        params = {"sweep_file": "sweeps/smoke.yaml", "workdir": str(base / "work"),
-                  "overrides": [f"train.output_dir={base / 'runs'}"]}  # fmt: skip
-        with temporary_settings({PREFECT_API_URL: client_env["PREFECT_API_URL"]}):
-            run = run_deployment("sweep/sweep", parameters=params, timeout=600, poll_interval=2)
-        assert run.state.is_completed(), (run.state, (base / "worker.log").read_text()[-3000:])
-        assert run.work_pool_name == pool
-        assert "worker on pool test-pool with 2 slot(s), GPUs '0,1'" in (base / "worker.log").read_text()
-        logs = [p.read_text() for p in (base / "work" / "smoke" / "logs").glob("*.log")]
-        one_device = [("CUDA_VISIBLE_DEVICES='0')" in t) != ("CUDA_VISIBLE_DEVICES='1')" in t) for t in logs]
-        assert len(logs) == 4 and all(one_device)
-
-        # Every run is in MLflow (through the server, artifacts proxied to the head's store) ...
+        # Two machines join, each from its own copy: here both on this machine, with two device ids each (this
+        # CPU-only torch runs on the CPU whatever CUDA_VISIBLE_DEVICES says). The forms leave `gpus` empty.
+        for h in HOSTS:
+            env = {**os.environ, **client_env, "RPG_POOL": pool, "RPG_GPUS": "0,1", "RPG_HOST": h,
+                   "PYTHON": sys.executable, "PREFECT_WORKER_QUERY_SECONDS": "1",
+                   "OMP_NUM_THREADS": "1",  # four training processes share this machine's cores: no oversubscription
+                   "PREFECT_HOME": str(base / f"worker-{h}-prefect")}  # fmt: skip
+            env.pop("RPG_ROOT", None)
+            log = (base / f"worker-{h}.log").open("w")
+            workers[h] = subprocess.Popen(["bash", "infra/team/worker.sh"], cwd=copies[h], env=env, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        for h in HOSTS:
+            _wait_for(lambda h=h: "Worker" in (base / f"worker-{h}.log").read_text(), 120, f"worker {h}")
         mlflow = MlflowClient(client_env["MLFLOW_TRACKING_URI"])
-        exp = mlflow.get_experiment_by_name("rpg")
-        assert exp.artifact_location.startswith("mlflow-artifacts:")
-        (parent,) = mlflow.search_runs([exp.experiment_id], "tags.`rpg.kind` = 'sweep'")
-        assert parent.data.params["concurrency"] == "2"  # one per GPU of the machine
-        children = mlflow.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-        assert len(children) == 4
-        assert all(c.info.status == "FINISHED" and "acc/strict" in c.data.metrics for c in children)
-        local = mlflow.download_artifacts(children[0].info.run_id, "config.yaml", str(base))
-        cfg = yaml.safe_load(Path(local).read_text())
-        assert cfg["train"]["steps"] == 2 and cfg["tracking"]["parent_run_id"] == parent.info.run_id
-        assert list((home / "mlartifacts").glob(f"*/{children[0].info.run_id}/artifacts/config.yaml"))
-        # ... and both servers keep their state in Postgres, not in a file beside them.
-        import psycopg
 
-        info = json.loads((home / "postgres.json").read_text())
-        url = f"postgresql://{info['user']}:{info['password']}@127.0.0.1:{pgp}"
-        with psycopg.connect(f"{url}/mlflow") as conn:
-            assert conn.execute("SELECT count(*) FROM runs WHERE status = 'FINISHED'").fetchone()[0] == 5
-        with psycopg.connect(f"{url}/prefect") as conn:
-            rows = conn.execute("SELECT f.name, r.state_name FROM flow_run r JOIN flow f ON f.id = r.flow_id "
-                                "WHERE r.id = %s", (run.id,)).fetchall()  # fmt: skip
-            assert rows == [("sweep", "Completed")]
-        assert not (home / "mlflow.db").exists() and not (home / "prefect" / "prefect.db").exists()
+        def children(parent_id: str):
+            exp = mlflow.get_experiment_by_name("rpg")
+            return mlflow.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+
+        def sweep_parents():
+            exp = mlflow.get_experiment_by_name("rpg")
+            return [] if exp is None else mlflow.search_runs([exp.experiment_id], "tags.`rpg.kind` = 'sweep'")
+
+        with temporary_settings({PREFECT_API_URL: client_env["PREFECT_API_URL"]}):
+            # -- 1. the 8-run smoke sweep spreads over both machines ---------------------------------------------
+            run = run_deployment("sweep/sweep", parameters={"sweep_file": "sweeps/smoke.yaml", "seeds": [0, 1]},
+                                 timeout=900, poll_interval=2)  # fmt: skip
+            logs = "".join((base / f"worker-{h}.log").read_text()[-3000:] for h in HOSTS)
+            assert run.state.is_completed(), (run.state, logs)
+            assert run.work_pool_name == pool and run.work_queue_name == "control"
+            (parent,) = sweep_parents()
+            kids = children(parent.info.run_id)
+            assert len(kids) == 8 and all(c.info.status == "FINISHED" and "acc/strict" in c.data.metrics for c in kids)
+            hosts = {c.data.tags["rpg.host"] for c in kids}
+            assert hosts == set(HOSTS), hosts
+            for h in HOSTS:  # each machine: its own run folders, at most one run per device at once
+                mine = [c for c in kids if c.data.tags["rpg.host"] == h]
+                assert all(c.data.tags["run_dir"].startswith(str(copies[h])) for c in mine)
+                assert _most_at_once([(c.info.start_time, c.info.end_time) for c in mine]) <= 2
+            groups = {}
+            for c in kids:  # the seeds of one configuration share its config key, which is their group
+                assert c.data.tags["rpg.group"] == c.data.tags["config_key"]
+                groups.setdefault(c.data.tags["config_key"], set()).add(c.data.tags["seed"])
+            assert len(groups) == 4 and all(seeds == {"0", "1"} for seeds in groups.values())
+            # Results reach everyone through the head: artifacts proxied to its store, both servers on Postgres.
+            local = mlflow.download_artifacts(kids[0].info.run_id, "config.yaml", str(base))
+            assert yaml.safe_load(Path(local).read_text())["tracking"]["parent_run_id"] == parent.info.run_id
+            assert list((home / "mlartifacts").glob(f"*/{kids[0].info.run_id}/artifacts/config.yaml"))
+            import psycopg
+
+            info = json.loads((home / "postgres.json").read_text())
+            with psycopg.connect(f"postgresql://{info['user']}:{info['password']}@127.0.0.1:{pgp}/mlflow") as conn:
+                assert conn.execute("SELECT count(*) FROM runs WHERE status = 'FINISHED'").fetchone()[0] == 9
+            assert not (home / "mlflow.db").exists() and not (home / "prefect" / "prefect.db").exists()
+            devices = set()
+            for h in HOSTS:
+                for f in (copies[h] / ".rpg" / "sweeps" / "smoke" / "logs").glob("*.log"):
+                    text = f.read_text()
+                    devices |= {(h, d) for d in ("0", "1") if f"CUDA_VISIBLE_DEVICES='{d}')" in text}
+            assert devices == {(h, d) for h in HOSTS for d in ("0", "1")}, devices
+            with get_client(sync_client=True) as client:
+                subs = client.read_flow_runs()
+                trains = [f for f in subs if f.parent_task_run_id and f.name.startswith("smoke-")]
+                assert len(trains) == 8 and all(f.state.is_completed() and f.work_queue_name == "gpu" for f in trains)
+                for h in HOSTS:
+                    limit = client.read_global_concurrency_limit_by_name(f"rpg-gpu-{h}")
+                    assert (limit.limit, limit.active_slots) == (2, 0)
+                from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+                board = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sweep-smoke-runs"])))
+                assert any("8 runs: 8 finished" in (a.data or "") for a in board), [a.data for a in board][-1:]
+
+            # -- 2. a longer sweep cancelled mid-way, then re-triggered -------------------------------------------
+            over = ["train.steps=30", "train.eval_every=30", "train.checkpoint_every=3"]
+            params = {"sweep_file": "sweeps/smoke.yaml", "seeds": [0, 1], "overrides": over}
+            first = run_deployment("sweep/sweep", parameters=params, timeout=0)
+            pid = lambda: [p for p in sweep_parents() if p.data.params.get("overrides") == " ".join(over)]  # noqa: E731
+            (p2,) = _wait_for(pid, 120, "the second sweep's parent run")
+            _wait_for(lambda: sum(c.info.status == "FINISHED" for c in children(p2.info.run_id)) >= 2, 600,
+                      "two runs of the second sweep to finish")  # fmt: skip
+            with get_client(sync_client=True) as client:
+                client.set_flow_run_state(first.id, Cancelling())  # what the UI's Cancel does
+                _wait_for(lambda: client.read_flow_run(first.id).state.is_cancelled(), 120, "the sweep to be cancelled")
+                marker = str(base)
+                _wait_for(lambda: not _training_processes(marker), 90, "every training process to stop")
+                subs = [f for f in client.read_flow_runs() if f.parent_task_run_id and f.name.startswith("smoke-")]
+                _wait_for(lambda: all(client.read_flow_run(f.id).state.is_final() for f in subs), 90,
+                          "every train flow run to end")  # fmt: skip
+                for h in HOSTS:
+                    _wait_for(lambda h=h: client.read_global_concurrency_limit_by_name(f"rpg-gpu-{h}").active_slots == 0,
+                              90, f"host {h}'s GPU slots to be released")  # fmt: skip
+            kids = children(p2.info.run_id)
+            finished = {c.data.tags["config_key"] + "-s" + c.data.tags["seed"] for c in kids if c.info.status == "FINISHED"}
+            assert 2 <= len(finished) < 8
+            assert all(c.info.status in ("FINISHED", "KILLED") for c in kids), [c.info.status for c in kids]
+            again = run_deployment("sweep/sweep", parameters=params, timeout=900, poll_interval=2)
+            assert again.state.is_completed(), again.state
+            (p3,) = [p for p in pid() if p.info.run_id != p2.info.run_id]
+            assert int(p3.data.params["runs"]) == 8 and p3.data.metrics["runs_finished"] == 8 - len(finished)
+            exp = mlflow.get_experiment_by_name("rpg")
+            done = mlflow.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and tags.`rpg.kind` = 'train'")
+            keys = [c.data.tags["config_key"] + "-s" + c.data.tags["seed"] for c in done if "train.steps" in c.data.params
+                    and c.data.params["train.steps"] == "30"]  # fmt: skip
+            assert len(keys) == len(set(keys)) == 8  # every run of the sweep finished once, none twice
     finally:
-        if worker is not None:
-            os.killpg(worker.pid, signal.SIGTERM)
+        for w in workers.values():
+            os.killpg(w.pid, signal.SIGTERM)
+        for w in workers.values():
             try:
-                worker.wait(timeout=30)
+                w.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait()
+                os.killpg(w.pid, signal.SIGKILL)
+                w.wait()
         down = subprocess.run([*cmd, "down"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert down.returncode == 0 and down.stdout.strip() == "stopped: mlflow, prefect, postgres", down.stderr
     assert not any(listening(port) for port in (pp, mp, pgp))
     deadline = time.monotonic() + 10
     while alive(postmaster) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not alive(postmaster) and (worker is None or not alive(worker.pid))
+    assert not alive(postmaster) and not any(alive(w.pid) for w in workers.values())
+    assert not _training_processes(str(base))

@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Join a GPU machine to the team's Prefect work pool: one flow run (one training process) per GPU at a time.
+# Join a machine to the team's Prefect work pool:
 #   PREFECT_API_URL=http://head:4200/api MLFLOW_TRACKING_URI=http://head:5000 infra/team/worker.sh
-# Run it from a checkout of this repository at the same path as the head's (the flows run from this folder), with
-# `make install` done. RPG_POOL (default gpu-pool), RPG_GPUS (default: every GPU nvidia-smi lists), PYTHON (default
-# .venv/bin/python).
+# Run it from this machine's own checkout, at any path, after `make install`. It starts two Prefect process workers:
+# - a GPU worker on queue `gpu` (train, evaluate, nightly) taking at most one flow run per GPU, so a sweep's runs
+#   spread over every machine's free GPUs;
+# - a control worker on queue `control` (sweep coordinators: they submit and wait, and hold no GPU).
+# Flow runs import the flows from this checkout (PYTHONPATH) and work in it (RPG_ROOT): sweep files, run folders and
+# checkpoints are this machine's own; results reach everyone through MLflow.
+# RPG_POOL (default gpu-pool), RPG_GPUS (default: every GPU nvidia-smi lists), RPG_HOST (this machine's name in
+# MLflow's rpg.host and its concurrency limit rpg-gpu-<host>; default: hostname), RPG_CONTROL_SLOTS (coordinators at
+# once, default 4; 0: no control worker here), PYTHON (default .venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 : "${PREFECT_API_URL:?set PREFECT_API_URL=http://<head>:4200/api}"
@@ -14,7 +20,23 @@ POOL="${RPG_POOL:-gpu-pool}"
 GPUS="${RPG_GPUS-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | paste -sd, - || true)}"
 SLOTS=$(( $(echo "${GPUS}" | tr ',' '\n' | grep -c . || true) ))
 SLOTS=$(( SLOTS > 0 ? SLOTS : 1 ))
-export RPG_GPUS="$GPUS"                 # the flow runs' default devices (a sweep's empty `gpus` field: these)
+CONTROL="${RPG_CONTROL_SLOTS:-4}"
+export RPG_GPUS="$GPUS"                 # the flow runs' default devices (a form's empty `gpus` field: these)
+export RPG_HOST="${RPG_HOST:-$(hostname)}"
+export RPG_ROOT="$PWD"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -m flows.deploy --pool "$POOL"    # the pool if missing, and the deployments on it (idempotent)
-echo "worker on pool $POOL with $SLOTS slot(s), GPUs '${GPUS}'"
-exec "$PY" -m prefect worker start --pool "$POOL" --type process --limit "$SLOTS" --name "$(hostname)-rpg"
+echo "worker $RPG_HOST on pool $POOL with $SLOTS slot(s), GPUs '${GPUS}', $CONTROL coordinator slot(s), from $RPG_ROOT"
+pids=()
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true; wait' TERM INT
+"$PY" -m prefect worker start --pool "$POOL" --work-queue gpu --type process --limit "$SLOTS" \
+    --name "$RPG_HOST-gpu" &
+pids+=($!)
+if [ "$CONTROL" -gt 0 ]; then
+    "$PY" -m prefect worker start --pool "$POOL" --work-queue control --type process --limit "$CONTROL" \
+        --name "$RPG_HOST-control" &
+    pids+=($!)
+fi
+wait -n "${pids[@]}"                   # one worker ended: stop the other too
+kill -TERM "${pids[@]}" 2>/dev/null || true
+wait

@@ -1,0 +1,305 @@
+"""Where a coordinator's training runs execute: the run-submission unit that ``sweep`` (and the tuning flow) hand their
+runs to, with two back ends behind one interface.
+
+- ``LocalDispatcher``: each run a Prefect task in the coordinator's process, which starts one ``rpg train`` process on
+  a device of this machine (``flows.submit.submit``). The flow served on one machine (``flows.serve``), or called
+  directly.
+- ``PoolDispatcher``: each run its own flow run of the ``train`` deployment on the coordinator's work pool
+  (``run_deployment``, a sub-flow of the coordinator), so any worker with a free GPU takes it. The team set-up
+  (``flows.deploy --pool``, ``infra/team/worker.sh``): every GPU machine's worker takes at most one run per GPU.
+
+The coordinator starts tickets, refreshes their states (queued, running, finished, failed, cancelled: ``RunState``)
+as it waits, and cancels them all when it is itself cancelled. A run's MLflow run (id, host, GPU, final metrics) is
+read back through ``rpg_core.runs`` by its parent run, config key and seed, whichever back end ran it.
+
+```python
+dispatcher = make_dispatcher(Dispatch.AUTO, tracker, task=train_run, workdir=".rpg/sweeps/smoke", gpus="0,1", retries=1)
+tickets = [dispatcher.start(Ticket(i, cfg)) for i, cfg in enumerate(configs, 1)]
+while not all(t.done for t in tickets):
+    dispatcher.refresh(tickets); time.sleep(2)
+```
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rpg_core.config import RunConfig
+from rpg_core.config import run_key as run_key_of
+from rpg_core.runs import find_runs
+from rpg_core.tracking import RunKind, Tracker
+
+__all__ = ["Dispatch", "LocalDispatcher", "PoolDispatcher", "RunState", "Ticket", "make_dispatcher", "pool_of_current_run"]
+
+TRAIN_DEPLOYMENT = "train/train"  # flows.deploy registers it on the pool (queue GPU_QUEUE)
+
+
+class Dispatch(enum.StrEnum):
+    """Where a coordinator's runs go: ``auto`` = the work pool when the coordinator itself runs from one (the team),
+    else this machine."""
+
+    AUTO = "auto"
+    LOCAL = "local"
+    POOL = "pool"
+
+
+class RunState(enum.StrEnum):
+    QUEUED = "queued"  # submitted, waiting for a GPU (a slot of this machine, or a worker of the pool)
+    RUNNING = "running"  # its `rpg train` process is running
+    FINISHED = "finished"
+    FAILED = "failed"  # after its retries
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (RunState.FINISHED, RunState.FAILED, RunState.CANCELLED)
+
+
+@dataclass
+class Ticket:
+    """One run handed to a dispatcher; the dispatcher keeps its state up to date."""
+
+    index: int
+    cfg: RunConfig  # the child config (nested under the coordinator's parent run)
+    name: str = ""  # the Prefect task or flow run name
+    state: RunState = RunState.QUEUED
+    message: str = ""  # why it failed, or where it went
+    run_id: str | None = None  # its MLflow run, once the trainer made one
+    host: str = ""
+    gpu: str = ""
+    seconds: float | None = None
+    attempts: int = 0  # pool: flow runs submitted for it (a crashed one is submitted again)
+    flow_run_id: str | None = None  # pool: the current flow run of `train`
+    future: Any = None  # local: the Prefect task future
+    submitted: float = field(default_factory=time.time)
+    started: float | None = None
+
+    @property
+    def run_key(self) -> str:
+        return self.cfg.run_key()
+
+    @property
+    def done(self) -> bool:
+        return self.state.terminal
+
+
+def _mlflow_rows(parent: Tracker, tickets: Sequence[Ticket]) -> dict[str, dict[str, Any]]:
+    """run key -> the newest MLflow training run of each ticket (one search): the runs tagged with the tickets' sweep
+    in their experiment (a run resumed under a later sweep stays nested under the one that started it), else the
+    runs nested under ``parent``."""
+    first = tickets[0].cfg
+    sweep = first.tracking.tags.get("sweep")
+    if sweep:
+        runs = find_runs(kind=RunKind.TRAIN, experiments=first.tracking.experiment, sweep=sweep,
+                         tracking_uri=parent.tracking_uri)  # fmt: skip
+    else:
+        runs = find_runs(kind=RunKind.TRAIN, parent_run_id=parent.run_id, tracking_uri=parent.tracking_uri)
+    out: dict[str, dict[str, Any]] = {}
+    for row in runs.to_dict("records")[::-1]:  # newest first in the frame: the newest wins
+        if row.get("config_key") and row.get("seed") is not None:
+            out[run_key_of(row["config_key"], int(row["seed"]))] = row
+    return out
+
+
+def _fill_from_mlflow(tickets: Sequence[Ticket], parent: Tracker) -> None:
+    if not tickets:
+        return
+    rows = _mlflow_rows(parent, tickets)
+    for t in tickets:
+        row = rows.get(t.run_key)
+        if row is not None:
+            t.run_id = row["run_id"]
+            t.host = row.get("host") or t.host
+            t.gpu = t.gpu or row.get("gpu") or ""  # the device it was given, where known; else what MLflow recorded
+
+
+class Dispatcher:
+    """The interface both back ends implement."""
+
+    where: Dispatch
+
+    def start(self, ticket: Ticket) -> Ticket:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def refresh(self, tickets: Sequence[Ticket]) -> bool:  # pragma: no cover - interface
+        """Update every ticket's state; True when any changed."""
+        raise NotImplementedError
+
+    def cancel(self, tickets: Sequence[Ticket]) -> None:  # pragma: no cover - interface
+        """Stop every unfinished run (they keep their last checkpoint)."""
+        raise NotImplementedError
+
+
+# -- this machine ------------------------------------------------------------------------------------------------------
+
+_STARTED: dict[str, tuple[float, str]] = {}  # ticket id -> (start time, device): written by the task once it runs
+_STARTED_LOCK = threading.Lock()
+
+
+def mark_started(ticket_id: str, gpu: str) -> None:
+    with _STARTED_LOCK:
+        _STARTED[ticket_id] = (time.time(), gpu)
+
+
+class LocalDispatcher(Dispatcher):
+    """Runs as Prefect tasks of the coordinator (``flows.rpg_flows.train_run``), on this machine's devices."""
+
+    where = Dispatch.LOCAL
+
+    def __init__(self, parent: Tracker, *, task: Any, workdir: str, gpus: str, retries: int, fresh: bool = False,
+                 slots: str = ""):  # fmt: skip
+        # ``task``: the coordinator's own train_run. Passed in, not imported here: a served flow is loaded from its
+        # file as a module of its own, and the task must see that module's local slots.
+        self.task, self.parent, self.workdir, self.gpus, self.retries, self.fresh, self.slots = (
+            task, parent, workdir, gpus, retries, fresh, slots
+        )  # fmt: skip
+
+    def _id(self, t: Ticket) -> str:
+        return f"{self.parent.run_id}/{t.run_key}"
+
+    def start(self, ticket: Ticket) -> Ticket:
+        ticket.attempts += 1
+        ticket.future = self.task.with_options(retries=self.retries, retry_delay_seconds=2, task_run_name=ticket.name
+                                               or f"train-{ticket.index}-{ticket.run_key}").submit(
+            ticket.index, ticket.run_key, ticket.cfg.to_yaml(), self.workdir, self.gpus, self.fresh, self.slots,
+            self._id(ticket),
+        )  # fmt: skip
+        return ticket
+
+    def refresh(self, tickets: Sequence[Ticket]) -> bool:
+        before = [(t.state, t.run_id) for t in tickets]
+        for t in tickets:
+            if t.done or t.future is None:
+                continue
+            state = t.future.state
+            with _STARTED_LOCK:
+                started = _STARTED.get(self._id(t))
+            if started is not None:
+                t.started, t.gpu = started[0], started[1] or "cpu"
+            if state.is_completed():
+                t.state, t.seconds = RunState.FINISHED, t.future.result().get("seconds")
+            elif state.is_cancelled():
+                t.state = RunState.CANCELLED
+            elif state.is_failed() or state.is_crashed():
+                t.state, t.message = RunState.FAILED, str(state.message or state.name)[:300]
+            elif started is not None:
+                t.state = RunState.RUNNING
+        if any(t.state is not RunState.QUEUED for t in tickets):
+            _fill_from_mlflow(tickets, self.parent)
+        return before != [(t.state, t.run_id) for t in tickets]
+
+    def cancel(self, tickets: Sequence[Ticket]) -> None:
+        from flows.core import stop_all
+
+        for t in tickets:  # one not started yet never starts (Prefect's future wraps a concurrent.futures one)
+            wrapped = getattr(t.future, "wrapped_future", None)
+            if not t.done and wrapped is not None:
+                wrapped.cancel()
+        stop_all()  # the running ones: SIGINT, a grace period, SIGKILL
+        for t in tickets:
+            if not t.done:
+                t.state = RunState.CANCELLED
+
+
+# -- the team's work pool ----------------------------------------------------------------------------------------------
+
+
+def pool_of_current_run() -> str | None:
+    """The work pool of the flow run this code runs in (a deployment on a pool, taken by a worker), else None
+    (served by ``flows.serve``, or called directly)."""
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    if not run_id:
+        return None
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(run_id).work_pool_name
+
+
+class PoolDispatcher(Dispatcher):
+    """Each run its own flow run of the ``train`` deployment, a sub-flow of the coordinator; any worker of the pool
+    with a free GPU takes it, and that worker retries a failed process where its checkpoint is (``retries``). A flow
+    run that crashed (its machine or worker lost) is submitted again, ``retries`` times, to any worker: it resumes
+    where ``train.output_dir`` is shared, else starts over (the train flow says which)."""
+
+    where = Dispatch.POOL
+
+    def __init__(self, parent: Tracker, *, workdir: str, gpus: str, retries: int, fresh: bool = False,
+                 deployment: str = TRAIN_DEPLOYMENT, poll_s: float = 2.0):  # fmt: skip
+        self.parent, self.workdir, self.gpus, self.retries, self.fresh = parent, workdir, gpus, retries, fresh
+        self.deployment, self.poll_s = deployment, poll_s
+
+    def start(self, ticket: Ticket) -> Ticket:
+        from prefect.deployments import run_deployment
+
+        ticket.attempts += 1
+        params = {"config_yaml": ticket.cfg.to_yaml(), "workdir": self.workdir, "gpus": self.gpus,
+                  "fresh": self.fresh, "retries": self.retries}  # fmt: skip
+        run = run_deployment(self.deployment, parameters=params, timeout=0, as_subflow=True,
+                             flow_run_name=ticket.name or None, tags=["rpg", f"run:{ticket.run_key}"])  # fmt: skip
+        ticket.flow_run_id, ticket.state = str(run.id), RunState.QUEUED
+        return ticket
+
+    def refresh(self, tickets: Sequence[Ticket]) -> bool:
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        before = [(t.state, t.run_id) for t in tickets]
+        live = {t.flow_run_id: t for t in tickets if not t.done and t.flow_run_id}
+        if live:
+            with get_client(sync_client=True) as client:
+                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(live))),
+                                             limit=len(live))  # fmt: skip
+            for run in runs:
+                t, state = live[str(run.id)], run.state
+                if state is None:
+                    continue
+                if state.is_completed():
+                    t.state, t.seconds = RunState.FINISHED, run.total_run_time.total_seconds()
+                elif state.is_crashed() and t.attempts <= self.retries:
+                    t.message = f"flow run {run.name} crashed ({state.message or 'no message'}): submitted again"
+                    self.start(t)
+                elif state.is_failed() or state.is_crashed():
+                    t.state, t.message = RunState.FAILED, str(state.message or state.name)[:300]
+                elif state.is_cancelled() or state.is_cancelling():
+                    t.state = RunState.CANCELLED
+                elif state.is_running():
+                    t.state, t.started = RunState.RUNNING, t.started or time.time()
+        if any(t.state is not RunState.QUEUED for t in tickets):
+            _fill_from_mlflow(tickets, self.parent)
+        return before != [(t.state, t.run_id) for t in tickets]
+
+    def cancel(self, tickets: Sequence[Ticket]) -> None:
+        """Cancel every unfinished flow run: a queued one at once, a running one through its worker (which stops the
+        flow run's process group: the train flow and its `rpg train` stop, the slot is released)."""
+        from prefect.client.orchestration import get_client
+        from prefect.states import Cancelled, Cancelling
+
+        with get_client(sync_client=True) as client:
+            for t in tickets:
+                if t.done or not t.flow_run_id:
+                    continue
+                run = client.read_flow_run(t.flow_run_id)
+                pending = run.state is None or run.state.is_scheduled() or run.state.is_pending()
+                client.set_flow_run_state(t.flow_run_id, Cancelled() if pending else Cancelling(), force=True)
+                t.state = RunState.CANCELLED
+
+
+def make_dispatcher(where: Dispatch, parent: Tracker, *, task: Any, workdir: str, gpus: str, retries: int,
+                    fresh: bool = False, slots: str = "") -> Dispatcher:  # fmt: skip
+    """``auto``: the pool when this flow run came from a work pool, else this machine."""
+    if where is Dispatch.AUTO:
+        where = Dispatch.POOL if pool_of_current_run() else Dispatch.LOCAL
+    if where is Dispatch.POOL:
+        if not pool_of_current_run():
+            raise ValueError("dispatch=pool: this flow run did not come from a work pool (served locally, or called "
+                             "directly); allowed here: auto, local")  # fmt: skip
+        return PoolDispatcher(parent, workdir=workdir, gpus=gpus, retries=retries, fresh=fresh)
+    return LocalDispatcher(parent, task=task, workdir=workdir, gpus=gpus, retries=retries, fresh=fresh, slots=slots)

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install demo test test-fast test-all bench bench-trainer bench-eval up down clean
+.PHONY: install demo test test-fast test-all bench bench-trainer bench-eval bench-fleet up down clean
 
 install: $(STAMP)
 
@@ -39,6 +39,9 @@ bench-trainer: install   ## one training step vs TRL's GRPOTrainer (~25 min, nee
 
 bench-eval: install      ## evaluation throughput (samples/s, tokens/s) vs batch size, embedded default, fp32 + bf16
 	$(BIN)/python benchmarks/bench_eval.py --precision fp32,bf16
+
+bench-fleet: install     ## a sweep's scheduling overhead: local vs the work pool, one host vs two (~15 min)
+	$(BIN)/python benchmarks/bench_fleet.py
 
 up: install              ## the local stack: Prefect server + MLflow server + the served flows, on 127.0.0.1
 	$(BIN)/python infra/stack.py up

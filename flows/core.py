@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from rpg_core.config import run_key as run_key_of
 from rpg_core.runs import RunStatus, find_runs
 from rpg_core.tracking import RunKind
 
-__all__ = ["GpuPool", "TrainOutcome", "finished_runs", "gpus_of", "run_training", "stop_all"]
+__all__ = ["GpuPool", "TrainOutcome", "finished_runs", "gpus_of", "host_slug", "run_training", "stop_all"]
 
 
 def finished_runs(tracking_uri: str, experiment: str) -> dict[str, str]:
@@ -36,6 +37,12 @@ def finished_runs(tracking_uri: str, experiment: str) -> dict[str, str]:
     done = done[done["config_key"].notna() & done["seed"].notna()]
     keys = [run_key_of(k, int(s)) for k, s in zip(done["config_key"], done["seed"], strict=True)]
     return dict(zip(keys[::-1], done["run_id"][::-1], strict=True))  # newest first: the newest wins
+
+
+def host_slug(host: str) -> str:
+    """A machine's name as Prefect names take it (its GPU limit ``rpg-gpu-<slug>``, its queue ``gpu-<slug>``); the same
+    rule as infra/team/worker.sh's."""
+    return re.sub(r"[^a-z0-9-]+", "-", host.lower()).strip("-") or "host"
 
 
 def gpus_of(spec: str) -> list[str]:

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from flows.core import host_slug
 from rpg_core.config import RunConfig
 from rpg_core.config import run_key as run_key_of
 from rpg_core.runs import find_runs
@@ -122,6 +123,9 @@ class Dispatcher:
     """The interface both back ends implement."""
 
     where: Dispatch
+
+    def plan(self, tickets: Sequence[Ticket]) -> None:
+        """Before the first start: anything to look up once for all the tickets."""
 
     def start(self, ticket: Ticket) -> Ticket:  # pragma: no cover - interface
         raise NotImplementedError
@@ -223,33 +227,94 @@ def pool_of_current_run() -> str | None:
         return client.read_flow_run(run_id).work_pool_name
 
 
+def host_queue(host: str) -> str:
+    """The work queue only ``host``'s GPU worker polls (besides ``gpu``): where a run goes to resume from its
+    checkpoint on that machine's disk."""
+    return f"gpu-{host_slug(host)}"
+
+
 class PoolDispatcher(Dispatcher):
     """Each run its own flow run of the ``train`` deployment, a sub-flow of the coordinator; any worker of the pool
-    with a free GPU takes it, and that worker retries a failed process where its checkpoint is (``retries``). A flow
-    run that crashed (its machine or worker lost) is submitted again, ``retries`` times, to any worker: it resumes
-    where ``train.output_dir`` is shared, else starts over (the train flow says which)."""
+    with a free GPU takes it, and that worker retries a failed process where its checkpoint is (``retries``).
+
+    Checkpoints live on the disk of the machine that wrote them (MLflow tags ``rpg.host``, ``rpg.checkpoint_step``).
+    A run with a checkpoint from an earlier attempt goes to that machine's own queue (``gpu-<host>``), so it resumes
+    there; if that machine's GPU worker is offline, it goes to any machine and starts over (the train flow says so).
+    With ``shared_checkpoints`` (``train.output_dir`` a folder every machine shares) every run goes to any machine and
+    resumes anywhere. A flow run that crashed (its machine or worker lost) is submitted again, ``retries`` times."""
 
     where = Dispatch.POOL
 
-    def __init__(self, parent: Tracker, *, workdir: str, gpus: str, retries: int, fresh: bool = False,
-                 deployment: str = TRAIN_DEPLOYMENT, poll_s: float = 2.0):  # fmt: skip
-        self.parent, self.workdir, self.gpus, self.retries, self.fresh = parent, workdir, gpus, retries, fresh
-        self.deployment, self.poll_s = deployment, poll_s
+    def __init__(self, parent: Tracker, *, pool: str, workdir: str, gpus: str, retries: int, fresh: bool = False,
+                 shared_checkpoints: bool = False, deployment: str = TRAIN_DEPLOYMENT):  # fmt: skip
+        self.parent, self.pool, self.workdir, self.gpus, self.retries, self.fresh = (
+            parent, pool, workdir, gpus, retries, fresh
+        )  # fmt: skip
+        self.shared, self.deployment = shared_checkpoints, deployment
+        self._resume: dict[str, tuple[str, int]] | None = None  # run key -> (host, checkpoint step)
+        self._queue: dict[str, str] = {}  # ticket run key -> the host queue it was sent to
+        self._workers_checked = 0.0
 
-    def start(self, ticket: Ticket) -> Ticket:
+    def _resume_hosts(self, tickets: Sequence[Ticket]) -> dict[str, tuple[str, int]]:
+        """run key -> (machine, step) of the newest unfinished earlier attempt that left a checkpoint (one search)."""
+        if self._resume is None:
+            self._resume = {}
+            if not self.shared and not self.fresh and tickets:
+                runs = find_runs(kind=RunKind.TRAIN, experiments=tickets[0].cfg.tracking.experiment,
+                                 status=["KILLED", "FAILED", "RUNNING"], tracking_uri=self.parent.tracking_uri)  # fmt: skip
+                wanted = {t.run_key for t in tickets}
+                for row in runs.to_dict("records")[::-1]:  # oldest first: the newest wins
+                    if row.get("config_key") and row.get("seed") is not None and row.get("checkpoint_step"):
+                        key = run_key_of(row["config_key"], int(row["seed"]))
+                        if key in wanted and row.get("host"):
+                            self._resume[key] = (row["host"], int(row["checkpoint_step"]))
+        return self._resume
+
+    def start(self, ticket: Ticket, *, anywhere: bool = False) -> Ticket:
         from prefect.deployments import run_deployment
 
         ticket.attempts += 1
+        queue = None
+        resume = None if anywhere else (self._resume or {}).get(ticket.run_key)
+        if resume is not None:
+            queue = host_queue(resume[0])
+            self._ensure_queue(queue)
+            self._queue[ticket.run_key] = resume[0]
+            ticket.message = f"resumes on {resume[0]} (checkpoint of step {resume[1]})"
         params = {"config_yaml": ticket.cfg.to_yaml(), "workdir": self.workdir, "gpus": self.gpus,
                   "fresh": self.fresh, "retries": self.retries}  # fmt: skip
-        run = run_deployment(self.deployment, parameters=params, timeout=0, as_subflow=True,
+        run = run_deployment(self.deployment, parameters=params, timeout=0, as_subflow=True, work_queue_name=queue,
                              flow_run_name=ticket.name or None, tags=["rpg", f"run:{ticket.run_key}"])  # fmt: skip
         ticket.flow_run_id, ticket.state = str(run.id), RunState.QUEUED
         return ticket
 
+    def plan(self, tickets: Sequence[Ticket]) -> None:
+        """Look up, once for all tickets, which machine holds each one's checkpoint (before the first start)."""
+        self._resume_hosts(tickets)
+
+    def _ensure_queue(self, name: str) -> None:
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectAlreadyExists
+
+        with get_client(sync_client=True) as client:
+            try:
+                client.create_work_queue(name=name, work_pool_name=self.pool)
+            except ObjectAlreadyExists:
+                pass
+
+    def _offline_hosts(self) -> set[str]:
+        """The machines whose GPU worker (``<host>-gpu``, infra/team/worker.sh) the pool does not list as online."""
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            online = {w.name.removesuffix("-gpu") for w in client.read_workers_for_work_pool(self.pool)
+                      if str(getattr(w.status, "value", w.status)).upper() == "ONLINE"}  # fmt: skip
+        return {h for h in self._queue.values() if h not in online}
+
     def refresh(self, tickets: Sequence[Ticket]) -> bool:
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+        from prefect.states import Cancelled
 
         before = [(t.state, t.run_id) for t in tickets]
         live = {t.flow_run_id: t for t in tickets if not t.done and t.flow_run_id}
@@ -257,15 +322,28 @@ class PoolDispatcher(Dispatcher):
             with get_client(sync_client=True) as client:
                 runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(live))),
                                              limit=len(live))  # fmt: skip
+            offline: set[str] = set()
+            waiting_on_host = [r for r in runs if live[str(r.id)].run_key in self._queue and r.state is not None
+                               and (r.state.is_scheduled() or r.state.is_pending())]  # fmt: skip
+            if waiting_on_host and time.monotonic() - self._workers_checked > 30:
+                self._workers_checked = time.monotonic()
+                offline = self._offline_hosts()
             for run in runs:
                 t, state = live[str(run.id)], run.state
                 if state is None:
                     continue
-                if state.is_completed():
+                host = self._queue.get(t.run_key)
+                if host in offline and (state.is_scheduled() or state.is_pending()):
+                    with get_client(sync_client=True) as client:
+                        client.set_flow_run_state(run.id, Cancelled(message=f"{host} is offline"), force=True)
+                    self._queue.pop(t.run_key, None)
+                    self.start(t, anywhere=True)
+                    t.message = f"{host}, which has its checkpoint, is offline: starts over on any machine"
+                elif state.is_completed():
                     t.state, t.seconds = RunState.FINISHED, run.total_run_time.total_seconds()
                 elif state.is_crashed() and t.attempts <= self.retries:
                     t.message = f"flow run {run.name} crashed ({state.message or 'no message'}): submitted again"
-                    self.start(t)
+                    self.start(t, anywhere=True)
                 elif state.is_failed() or state.is_crashed():
                     t.state, t.message = RunState.FAILED, str(state.message or state.name)[:300]
                 elif state.is_cancelled() or state.is_cancelling():
@@ -293,13 +371,15 @@ class PoolDispatcher(Dispatcher):
 
 
 def make_dispatcher(where: Dispatch, parent: Tracker, *, task: Any, workdir: str, gpus: str, retries: int,
-                    fresh: bool = False, slots: str = "") -> Dispatcher:  # fmt: skip
+                    fresh: bool = False, slots: str = "", shared_checkpoints: bool = False) -> Dispatcher:  # fmt: skip
     """``auto``: the pool when this flow run came from a work pool, else this machine."""
+    pool = pool_of_current_run() if where is not Dispatch.LOCAL else None
     if where is Dispatch.AUTO:
-        where = Dispatch.POOL if pool_of_current_run() else Dispatch.LOCAL
+        where = Dispatch.POOL if pool else Dispatch.LOCAL
     if where is Dispatch.POOL:
-        if not pool_of_current_run():
+        if not pool:
             raise ValueError("dispatch=pool: this flow run did not come from a work pool (served locally, or called "
                              "directly); allowed here: auto, local")  # fmt: skip
-        return PoolDispatcher(parent, workdir=workdir, gpus=gpus, retries=retries, fresh=fresh)
+        return PoolDispatcher(parent, pool=pool, workdir=workdir, gpus=gpus, retries=retries, fresh=fresh,
+                              shared_checkpoints=shared_checkpoints)  # fmt: skip
     return LocalDispatcher(parent, task=task, workdir=workdir, gpus=gpus, retries=retries, fresh=fresh, slots=slots)

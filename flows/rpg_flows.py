@@ -29,7 +29,7 @@ from prefect.concurrency.sync import concurrency as concurrency_slots
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from flows.core import GpuPool, finished_runs, gpus_of
+from flows.core import GpuPool, finished_runs, gpus_of, host_slug
 from flows.dispatch import Dispatch, RunState, Ticket, make_dispatcher, mark_started, pool_of_current_run
 from flows.progress import Progress
 from flows.submit import child_config, parent_run, submit
@@ -48,8 +48,7 @@ GPUS_HELP = "CUDA devices, e.g. 0,1,2,3; cpu: CPU; empty: the machine's GPUs ($R
 def gpu_limit_name(host: str | None = None) -> str:
     """``rpg-gpu-<host>``: the Prefect global concurrency limit of one machine's GPUs (one slot per GPU, or per CPU
     run). Per machine, because a team's workers share one Prefect server and each machine has its own GPUs."""
-    host = host or host_name()
-    return "rpg-gpu-" + (re.sub(r"[^a-z0-9-]+", "-", host.lower()).strip("-") or "host")
+    return "rpg-gpu-" + host_slug(host or host_name())
 
 
 # Slots are leased: a holder that dies without releasing (SIGKILL, power cut) loses its slot when the lease runs out
@@ -141,6 +140,8 @@ def sweep(
     gpus: Annotated[str, Field(pattern=GPUS_PATTERN, description=GPUS_HELP)] = "",
     retries: Annotated[int, Field(ge=0, le=10, description="retries of a failed run (each resumes)")] = 1,
     dispatch: Annotated[Dispatch, Field(description="auto: the work pool when deployed on one, else this machine")] = Dispatch.AUTO,
+    shared_checkpoints: Annotated[bool, Field(description="train.output_dir is a folder every machine shares: a "
+                                              "run resumes on any machine, not only where it stopped")] = False,  # fmt: skip
     workdir: Annotated[str, Field(description="configs, logs and GPU locks of the runs")] = ".rpg/sweeps",
 ) -> list[dict[str, Any]]:
     """Train every run of a sweep file (seeds x grid): skip the finished ones, submit the rest (this machine's GPUs,
@@ -186,7 +187,7 @@ def sweep(
             ensure_gpu_limit(concurrency)
             _LOCAL_SLOTS[slots] = threading.Semaphore(concurrency)
         dispatcher = make_dispatcher(where, parent, task=train_run, workdir=work, gpus=gpus, retries=retries,
-                                     fresh=force, slots=slots)  # fmt: skip
+                                     fresh=force, slots=slots, shared_checkpoints=shared_checkpoints)  # fmt: skip
         try:
             with gpu_slots(held) if held else contextlib.nullcontext():
                 _drive(dispatcher, tickets, progress, limit=concurrency if where is Dispatch.POOL else None)
@@ -212,6 +213,7 @@ def _drive(dispatcher, tickets: list[Ticket], progress: Progress, *, limit: int 
     unfinished run, record them as cancelled, and let the cancel go on."""
     waiting = list(tickets)
     try:
+        dispatcher.plan(tickets)
         progress.update(tickets)
         while True:
             active = sum(1 for t in tickets if t.attempts and not t.done)

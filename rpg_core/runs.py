@@ -10,9 +10,10 @@ DataFrames. Writing goes through ``rpg_core.tracking``.
   A training run written before the ``rpg.kind`` tag existed is recognised by its ``run_dir`` tag without an
   ``rpg.kind`` (legacy runs): ``kind=TRAIN`` finds both, and both read ``kind == "train"``.
 * **One row per run.** ``run_id, name, experiment, kind, status, lifecycle, start_time, end_time`` (UTC timestamps),
-  ``parent_run_id, sweep, run_dir, group, host, gpu`` (tags ``mlflow.parentRunId``, ``sweep``, ``run_dir``,
+  ``parent_run_id, sweep, run_dir, group, host, gpu, checkpoint_step`` (tags ``mlflow.parentRunId``, ``sweep``, ``run_dir``,
   ``rpg.group``, ``rpg.host``: the machine, ``rpg.gpu``: e.g. ``cuda:0 NVIDIA H200`` or ``cpu``; host and gpu are
-  where the run last (re)started), one column per design axis (``rpg_core.tracking.AXIS_TAGS``: method, form,
+  where the run last (re)started), ``checkpoint_step`` (tag ``rpg.checkpoint_step``: the step of its newest complete
+  checkpoint, on ``host``'s disk; None before the first), one column per design axis (``rpg_core.tracking.AXIS_TAGS``: method, form,
   direction, normalized, estimator, clip, agg, beta, advantage, reference, config_key, model, task, seed, ...;
   as strings, missing: NA, ``pd.isna``), the params asked for (column = param name, e.g. ``optim.lr``), then one
   column per metric with its final value (MLflow's latest: the value at the largest step). A metric whose name is
@@ -48,7 +49,7 @@ from typing import Any
 
 import pandas as pd
 
-from rpg_core.tracking import AXIS_TAGS, GPU_TAG, GROUP_TAG, HOST_TAG, KIND_TAG, RunKind, default_tracking_uri
+from rpg_core.tracking import AXIS_TAGS, CHECKPOINT_TAG, GPU_TAG, GROUP_TAG, HOST_TAG, KIND_TAG, RunKind, default_tracking_uri
 
 __all__ = [
     "HISTORY_COLUMNS",
@@ -66,7 +67,7 @@ SWEEP_TAG = "sweep"
 PARENT_TAG = "mlflow.parentRunId"
 SEED_TAG = "seed"  # an axis tag (RunConfig.axis_tags())
 INFO_COLUMNS = ("run_id", "name", "experiment", "kind", "status", "lifecycle", "start_time", "end_time",
-                "parent_run_id", "sweep", "run_dir", "group", "host", "gpu")  # fmt: skip
+                "parent_run_id", "sweep", "run_dir", "group", "host", "gpu", "checkpoint_step")  # fmt: skip
 HISTORY_COLUMNS = ("run_id", "key", "step", "value", "timestamp")
 
 _PAGE = 1000  # runs per search page (MLflow's default page size)
@@ -355,6 +356,7 @@ def _frame(runs: list[Any], exps: Mapping[str, str], params: Sequence[str]) -> p
             "start_time": _time(info.start_time), "end_time": _time(info.end_time),
             "parent_run_id": tags.get(PARENT_TAG), "sweep": tags.get(SWEEP_TAG), "run_dir": tags.get(LEGACY_TRAIN_TAG),
             "group": tags.get(GROUP_TAG), "host": tags.get(HOST_TAG), "gpu": tags.get(GPU_TAG),
+            "checkpoint_step": int(tags[CHECKPOINT_TAG]) if tags.get(CHECKPOINT_TAG, "").isdigit() else None,
         }  # fmt: skip
         row.update({t: tags.get(t) for t in AXIS_TAGS})
         row.update({p: r.data.params.get(p) for p in fixed[len(INFO_COLUMNS) + len(AXIS_TAGS) :]})

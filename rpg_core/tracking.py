@@ -65,6 +65,7 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 __all__ = [
     "AXIS_TAGS",
     "EXPERIMENT_KIND_TAG",
+    "CHECKPOINT_TAG",
     "GPU_TAG",
     "GROUP_TAG",
     "HOST_TAG",
@@ -98,6 +99,7 @@ KIND_TAG = "rpg.kind"  # every run the platform writes carries it (rpg_core/runs
 GROUP_TAG = "rpg.group"
 # The machine (host_name()) and the device (e.g. "cuda:0 NVIDIA H200", or "cpu") a training run last (re)started on.
 HOST_TAG = "rpg.host"
+CHECKPOINT_TAG = "rpg.checkpoint_step"  # the step of a training run's newest complete checkpoint (on rpg.host's disk)
 GPU_TAG = "rpg.gpu"
 # The tags a training run carries per design axis (RunConfig.axis_tags() writes exactly these; rpg_core.runs reads
 # them as DataFrame columns). Tags, not params: MLflow groups and filters on them, and they hold canonical values.

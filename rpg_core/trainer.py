@@ -382,6 +382,10 @@ class Trainer:
                 reference=self.ref_model.state_dict() if lagged else None, state=state,
                 config_yaml=self.cfg.to_yaml(), keep=self.cfg.train.keep_checkpoints,
             )  # fmt: skip
+            if getattr(self, "tracker", None) is not None:  # where a resume finds it: this step, on rpg.host's disk
+                from rpg_core.tracking import CHECKPOINT_TAG
+
+                self.tracker.set_tags({CHECKPOINT_TAG: str(self.step)})
         self.acc.wait_for_everyone()
         return path
 

@@ -227,6 +227,12 @@ def test_team_sweep_fills_both_hosts_and_a_cancelled_sweep_resumes(reachable_tmp
             finished = {c.data.tags["config_key"] + "-s" + c.data.tags["seed"] for c in kids if c.info.status == "FINISHED"}
             assert 2 <= len(finished) < 8
             assert all(c.info.status in ("FINISHED", "KILLED") for c in kids), [c.info.status for c in kids]
+            # the runs stopped mid-way kept their checkpoints on their machine's disk (MLflow says which, and where)
+            stopped = {c.data.tags["config_key"] + "-s" + c.data.tags["seed"]: c for c in kids
+                       if c.info.status == "KILLED" and c.data.tags.get("rpg.checkpoint_step")}  # fmt: skip
+            for key, c in stopped.items():
+                host = c.data.tags["rpg.host"]
+                assert (copies[host] / ".rpg" / "runs" / key / "checkpoints").is_dir()
             again = run_deployment("sweep/sweep", parameters=params, timeout=900, poll_interval=2)
             assert again.state.is_completed(), again.state
             (p3,) = [p for p in pid() if p.info.run_id != p2.info.run_id]
@@ -236,6 +242,12 @@ def test_team_sweep_fills_both_hosts_and_a_cancelled_sweep_resumes(reachable_tmp
             keys = [c.data.tags["config_key"] + "-s" + c.data.tags["seed"] for c in done if "train.steps" in c.data.params
                     and c.data.params["train.steps"] == "30"]  # fmt: skip
             assert len(keys) == len(set(keys)) == 8  # every run of the sweep finished once, none twice
+            # each stopped run went back to the machine that has its checkpoint and resumed into its own MLflow run
+            for key, c in stopped.items():
+                resumed = mlflow.get_run(c.info.run_id)
+                assert resumed.info.status == "FINISHED" and resumed.data.tags["rpg.host"] == c.data.tags["rpg.host"]
+                log = copies[c.data.tags["rpg.host"]] / ".rpg" / "sweeps" / "smoke" / "logs" / f"{key}.log"
+                assert f"resumed {key}" in log.read_text()
     finally:
         for w in workers.values():
             os.killpg(w.pid, signal.SIGTERM)

@@ -84,6 +84,7 @@ def test_tiny_run_end_to_end(tmp_path, monkeypatch):
     # the group (the config key, shared by the seeds), the machine ($RPG_HOST) and the device it trained on
     assert (run.data.tags["rpg.group"], run.data.tags["config_key"], run.data.tags["seed"]) == (cfg.key(), cfg.key(), "0")
     assert (run.data.tags["rpg.host"], run.data.tags["rpg.gpu"]) == ("bench-07", "cpu")
+    assert run.data.tags["rpg.checkpoint_step"] == "2"  # where a resume finds its checkpoint: step 2 on bench-07
     assert run.info.run_name == f"rpg_reinforce_urkl-{cfg.run_key()}"
     state = json.loads((ckpt / "state.json").read_text())
     assert (state["run_key"], state["config_key"], state["seed"]) == (cfg.run_key(), cfg.key(), 0)

@@ -2,8 +2,8 @@
 # Join a machine to the team's Prefect work pool:
 #   PREFECT_API_URL=http://head:4200/api MLFLOW_TRACKING_URI=http://head:5000 infra/team/worker.sh
 # Run it from this machine's own checkout, at any path, after `make install`. It starts two Prefect process workers:
-# - a GPU worker on queue `gpu` (train, evaluate, nightly) taking at most one flow run per GPU, so a sweep's runs
-#   spread over every machine's free GPUs;
+# - a GPU worker on queues `gpu` (train, evaluate, nightly) and `gpu-<host>` (runs resuming from a checkpoint on this
+#   machine's disk) taking at most one flow run per GPU, so a sweep's runs spread over every machine's free GPUs;
 # - a control worker on queue `control` (sweep coordinators: they submit and wait, and hold no GPU).
 # Flow runs import the flows from this checkout (PYTHONPATH) and work in it (RPG_ROOT): sweep files, run folders and
 # checkpoints are this machine's own; results reach everyone through MLflow.
@@ -29,8 +29,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 echo "worker $RPG_HOST on pool $POOL with $SLOTS slot(s), GPUs '${GPUS}', $CONTROL coordinator slot(s), from $RPG_ROOT"
 pids=()
 trap 'kill -TERM "${pids[@]}" 2>/dev/null || true; wait' TERM INT
-"$PY" -m prefect worker start --pool "$POOL" --work-queue gpu --type process --limit "$SLOTS" \
-    --name "$RPG_HOST-gpu" &
+SLUG=$(echo "$RPG_HOST" | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9-]+/-/g; s/^-+//; s/-+$//')   # flows.core.host_slug
+# queue gpu: any run; queue gpu-<host>: runs resuming from a checkpoint on this machine's disk
+"$PY" -m prefect worker start --pool "$POOL" --work-queue gpu --work-queue "gpu-${SLUG:-host}" --type process \
+    --limit "$SLOTS" --name "$RPG_HOST-gpu" &
 pids+=($!)
 if [ "$CONTROL" -gt 0 ]; then
     "$PY" -m prefect worker start --pool "$POOL" --work-queue control --type process --limit "$CONTROL" \

@@ -293,14 +293,9 @@ class PoolDispatcher(Dispatcher):
         self._resume_hosts(tickets)
 
     def _ensure_queue(self, name: str) -> None:
-        from prefect.client.orchestration import get_client
-        from prefect.exceptions import ObjectAlreadyExists
+        from flows.deploy import ensure_queue
 
-        with get_client(sync_client=True) as client:
-            try:
-                client.create_work_queue(name=name, work_pool_name=self.pool)
-            except ObjectAlreadyExists:
-                pass
+        ensure_queue(self.pool, name)
 
     def _offline_hosts(self) -> set[str]:
         """The machines whose GPU worker (``<host>-gpu``, infra/team/worker.sh) the pool does not list as online."""

@@ -28,3 +28,16 @@ def alive(pid: int) -> bool:
 def listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def training_processes(marker: str) -> list[int]:
+    """The pids of live `rpg train` processes whose command line mentions ``marker`` (a path of the calling test)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "rpg_core.cli train" in cmd and marker in cmd and alive(int(proc.name)):
+            pids.append(int(proc.name))
+    return pids

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from servers import free_port, listening
+from servers import free_port, listening, training_processes
 
 pytestmark = [pytest.mark.system, pytest.mark.server]
 
@@ -276,20 +276,6 @@ def test_run_button_triggers_the_smoke_sweep(served, tmp_path):
     assert len(runs) == 5 and len(children) == 4 and all("acc/strict" in c.data.metrics for c in children)
 
 
-def _training_processes(marker: str) -> list[int]:
-    """pids of live `rpg train` processes whose command line mentions ``marker``."""
-    pids = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            zombie = (proc / "stat").read_text().split(") ")[1][0] == "Z"
-        except (OSError, IndexError):
-            continue
-        if "rpg_core.cli train" in cmd and marker in cmd and not zombie:
-            pids.append(int(proc.name))
-    return pids
-
-
 def test_cancelling_a_served_sweep_stops_its_runs_and_a_rerun_completes_it(served, tmp_path):
     """The UI's Cancel on a sweep served on this machine: its training processes stop (ending their MLflow runs
     KILLED, not RUNNING, with their checkpoints), the machine's GPU slots are released, and triggering the sweep
@@ -321,8 +307,8 @@ def test_cancelling_a_served_sweep_stops_its_runs_and_a_rerun_completes_it(serve
             time.sleep(0.1)
         client.set_flow_run_state(run.id, Cancelling())  # what the UI's Cancel does
         deadline = time.monotonic() + 120
-        while not client.read_flow_run(run.id).state.is_cancelled() or _training_processes(str(tmp_path)):
-            assert time.monotonic() < deadline, (client.read_flow_run(run.id).state, _training_processes(str(tmp_path)))
+        while not client.read_flow_run(run.id).state.is_cancelled() or training_processes(str(tmp_path)):
+            assert time.monotonic() < deadline, (client.read_flow_run(run.id).state, training_processes(str(tmp_path)))
             time.sleep(0.5)
         deadline = time.monotonic() + 30
         while client.read_global_concurrency_limit_by_name(gpu_limit_name()).active_slots:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from servers import alive, free_port, listening
+from servers import alive, free_port, listening, training_processes
 
 pytestmark = [pytest.mark.system, pytest.mark.server, pytest.mark.subprocess]
 
@@ -65,21 +65,6 @@ def _copy_project(dst: Path) -> Path:
     shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(".venv", ".rpg", ".git", "runs", "__pycache__", "*.egg-info",
                                                              ".pytest_cache", "mlruns"))  # fmt: skip
     return dst
-
-
-def _training_processes(marker: str) -> list[int]:
-    """The pids of `rpg train` processes whose command line mentions ``marker`` (a path of this test)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "rpg_core.cli train" in cmd and marker in cmd and alive(int(proc.name)):
-            pids.append(int(proc.name))
-    return pids
 
 
 def _most_at_once(intervals: list[tuple[int, int]]) -> int:
@@ -216,7 +201,7 @@ def test_team_sweep_fills_both_hosts_and_a_cancelled_sweep_resumes(reachable_tmp
                 client.set_flow_run_state(first.id, Cancelling())  # what the UI's Cancel does
                 _wait_for(lambda: client.read_flow_run(first.id).state.is_cancelled(), 120, "the sweep to be cancelled")
                 marker = str(base)
-                _wait_for(lambda: not _training_processes(marker), 90, "every training process to stop")
+                _wait_for(lambda: not training_processes(marker), 90, "every training process to stop")
                 subs = [f for f in client.read_flow_runs() if f.parent_task_run_id and f.name.startswith("smoke-")]
                 _wait_for(lambda: all(client.read_flow_run(f.id).state.is_final() for f in subs), 90,
                           "every train flow run to end")  # fmt: skip
@@ -264,4 +249,4 @@ def test_team_sweep_fills_both_hosts_and_a_cancelled_sweep_resumes(reachable_tmp
     while alive(postmaster) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not alive(postmaster) and not any(alive(w.pid) for w in workers.values())
-    assert not _training_processes(str(base))
+    assert not training_processes(str(base))

@@ -25,13 +25,15 @@ export RPG_GPUS="$GPUS"                 # the flow runs' default devices (a form
 export RPG_HOST="${RPG_HOST:-$(hostname)}"
 export RPG_ROOT="$PWD"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -m flows.deploy --pool "$POOL"    # the pool if missing, and the deployments on it (idempotent)
+SLUG=$(echo "$RPG_HOST" | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9-]+/-/g; s/^-+//; s/-+$//')   # flows.core.host_slug
+SLUG="${SLUG:-host}"
+# the pool if missing, the deployments on it, this machine's own queue (idempotent)
+"$PY" -m flows.deploy --pool "$POOL" --queue "gpu-$SLUG"
 echo "worker $RPG_HOST on pool $POOL with $SLOTS slot(s), GPUs '${GPUS}', $CONTROL coordinator slot(s), from $RPG_ROOT"
 pids=()
 trap 'kill -TERM "${pids[@]}" 2>/dev/null || true; wait' TERM INT
-SLUG=$(echo "$RPG_HOST" | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9-]+/-/g; s/^-+//; s/-+$//')   # flows.core.host_slug
 # queue gpu: any run; queue gpu-<host>: runs resuming from a checkpoint on this machine's disk
-"$PY" -m prefect worker start --pool "$POOL" --work-queue gpu --work-queue "gpu-${SLUG:-host}" --type process \
+"$PY" -m prefect worker start --pool "$POOL" --work-queue gpu --work-queue "gpu-$SLUG" --type process \
     --limit "$SLOTS" --name "$RPG_HOST-gpu" &
 pids+=($!)
 if [ "$CONTROL" -gt 0 ]; then

@@ -166,6 +166,15 @@ def test_rpg_sweep_expand_cli():
     r = subprocess.run([sys.executable, "-m", "rpg_core.cli", "sweep", "expand", "sweeps/kl_design.yaml"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 0 and "kl_design: 61 runs from 288 combinations (18 invalid, 209 duplicates dropped)" in r.stdout
+    # --seeds (the sweep flow's form field `seeds`) replaces the file's seeds: every configuration once per seed
+    r = subprocess.run([sys.executable, "-m", "rpg_core.cli", "sweep", "expand", "sweeps/smoke.yaml", "--json",
+                        "--seeds", "3,7"], cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    seeded = json.loads(r.stdout)["runs"]
+    assert [x["seed"] for x in seeded] == [3] * 4 + [7] * 4
+    assert [x["key"] for x in seeded[:4]] == [x["key"] for x in seeded[4:]] == [x["key"] for x in out["runs"]]
+    r = subprocess.run([sys.executable, "-m", "rpg_core.cli", "sweep", "expand", "sweeps/smoke.yaml", "--seeds", "0,x"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and "--seeds '0,x': 'x' is not an integer" in r.stderr
     r = subprocess.run([sys.executable, "-m", "rpg_core.cli", "sweep", "expand", "nope.yaml"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 2 and "sweep file 'nope.yaml' does not exist" in r.stderr

@@ -40,7 +40,7 @@ bench-trainer: install   ## one training step vs TRL's GRPOTrainer (~25 min, nee
 bench-eval: install      ## evaluation throughput (samples/s, tokens/s) vs batch size, embedded default, fp32 + bf16
 	$(BIN)/python benchmarks/bench_eval.py --precision fp32,bf16
 
-bench-fleet: install     ## a sweep's scheduling overhead: local vs the work pool, one host vs two (~15 min)
+bench-fleet: install     ## a sweep's scheduling overhead: local vs the work pool, one host vs two (~8 min)
 	$(BIN)/python benchmarks/bench_fleet.py
 
 up: install              ## the local stack: Prefect server + MLflow server + the served flows, on 127.0.0.1

@@ -48,19 +48,6 @@ def ensure_pool(pool: str) -> bool:
     return False
 
 
-def ensure_queue(pool: str, name: str) -> None:
-    """Create the work queue ``name`` in ``pool`` if it is missing: a worker polling a queue that does not exist
-    takes nothing, from any of its queues (infra/team/worker.sh's own queue ``gpu-<host>``)."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectAlreadyExists
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.create_work_queue(name=name, work_pool_name=pool)
-        except ObjectAlreadyExists:
-            pass
-
-
 def deploy(pool: str, cron: str = "0 2 * * *", timezone: str = "UTC") -> list[str]:
     from flows import rpg_flows
 
@@ -85,6 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     for fn, dep_id in zip(FLOWS, deploy(args.pool, args.cron, args.timezone), strict=True):
         name, queue = FLOWS[fn]
         print(f"{fn}/{name} on pool {args.pool}, queue {queue}: {dep_id}")
+    from flows.dispatch import ensure_queue
+
     for queue in args.queue:
         ensure_queue(args.pool, queue)
         print(f"queue {queue} on pool {args.pool}")

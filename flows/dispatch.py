@@ -227,6 +227,19 @@ def pool_of_current_run() -> str | None:
         return client.read_flow_run(run_id).work_pool_name
 
 
+def ensure_queue(pool: str, name: str) -> None:
+    """Create the work queue ``name`` in ``pool`` if it is missing: a worker polling a queue that does not exist
+    takes nothing, from any of its queues (infra/team/worker.sh's own queue ``gpu-<host>``, via flows.deploy)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_queue(name=name, work_pool_name=pool)
+        except ObjectAlreadyExists:
+            pass
+
+
 def host_queue(host: str) -> str:
     """The work queue only ``host``'s GPU worker polls (besides ``gpu``): where a run goes to resume from its
     checkpoint on that machine's disk."""
@@ -293,8 +306,6 @@ class PoolDispatcher(Dispatcher):
         self._resume_hosts(tickets)
 
     def _ensure_queue(self, name: str) -> None:
-        from flows.deploy import ensure_queue
-
         ensure_queue(self.pool, name)
 
     def _offline_hosts(self) -> set[str]:

@@ -137,7 +137,7 @@ def test_failed_run_is_reported_and_a_rerun_completes_only_it(prefect_server, tm
     with pytest.raises(RuntimeError, match="sweep partial: 1 of 2 runs failed; re-run to complete the missing ones"):
         sweep(**kw)
     (log,) = [t for p in (tmp_path / "work" / "partial" / "logs").glob("*.log") if "no such file" in (t := p.read_text())]
-    assert log.count("=== ") == 2  # the first attempt and its retry
+    assert log.count("=== end t=") == 2  # the first attempt and its retry
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("rpg").experiment_id
     (parent,) = client.search_runs([exp], "tags.`rpg.kind` = 'sweep'")

@@ -135,7 +135,8 @@ def sweep(
     sweep_file: Annotated[str, Field(description="a sweep YAML, e.g. sweeps/smoke.yaml")] = "sweeps/smoke.yaml",
     overrides: Annotated[list[str], Field(description="section.field=value for every run")] = [],  # noqa: B006
     seeds: Annotated[list[int] | None, Field(description="train.seed values; empty: the sweep file's")] = None,
-    concurrency: Annotated[int | None, Field(ge=1, le=1024, description="runs at once; empty: one per GPU")] = None,
+    concurrency: Annotated[int | None, Field(ge=1, le=1024, description="runs at once; empty: one per GPU of this "
+                                             "machine, or on a work pool every run queued for any free GPU")] = None,  # fmt: skip
     force: Annotated[bool, Field(description="re-run configs that already finished")] = False,
     gpus: Annotated[str, Field(pattern=GPUS_PATTERN, description=GPUS_HELP)] = "",
     retries: Annotated[int, Field(ge=0, le=10, description="retries of a failed run (each resumes)")] = 1,

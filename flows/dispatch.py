@@ -142,12 +142,20 @@ class Dispatcher:
 # -- this machine ------------------------------------------------------------------------------------------------------
 
 _STARTED: dict[str, tuple[float, str]] = {}  # ticket id -> (start time, device): written by the task once it runs
+_CANCELLED: set[str] = set()  # ticket ids cancelled by their coordinator: their task must not start (or retry) a run
 _STARTED_LOCK = threading.Lock()
 
 
 def mark_started(ticket_id: str, gpu: str) -> None:
     with _STARTED_LOCK:
         _STARTED[ticket_id] = (time.time(), gpu)
+
+
+def is_cancelled(ticket_id: str) -> bool:
+    """Whether the coordinator cancelled this ticket: its task returns instead of starting a process, and a process
+    that the cancel stopped is not retried (a Prefect retry 2 s later would start a new one after the cancel)."""
+    with _STARTED_LOCK:
+        return ticket_id in _CANCELLED
 
 
 class LocalDispatcher(Dispatcher):
@@ -200,6 +208,8 @@ class LocalDispatcher(Dispatcher):
     def cancel(self, tickets: Sequence[Ticket]) -> None:
         from flows.core import stop_all
 
+        with _STARTED_LOCK:
+            _CANCELLED.update(self._id(t) for t in tickets if not t.done)
         for t in tickets:  # one not started yet never starts (Prefect's future wraps a concurrent.futures one)
             wrapped = getattr(t.future, "wrapped_future", None)
             if not t.done and wrapped is not None:

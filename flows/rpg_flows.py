@@ -30,7 +30,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from flows.core import GpuPool, finished_runs, gpus_of, host_slug
-from flows.dispatch import Dispatch, RunState, Ticket, make_dispatcher, mark_started, pool_of_current_run
+from flows.dispatch import Dispatch, RunState, Ticket, is_cancelled, make_dispatcher, mark_started, pool_of_current_run
 from flows.progress import Progress
 from flows.submit import child_config, parent_run, submit
 from rpg_core import metrics as metrics_mod
@@ -115,6 +115,8 @@ def train_run(index: int, key: str, config_yaml: str, workdir: str, gpus: str, f
 
     cfg = RunConfig.from_dict(yaml.safe_load(config_yaml))
     logger = get_run_logger()
+    if ticket and is_cancelled(ticket):  # a retry scheduled just before its coordinator was cancelled
+        return {"cancelled": True}
     local = _LOCAL_SLOTS.get(slots)
     with local if local is not None else gpu_slots(1):
         with GpuPool.parse(gpus, Path(workdir) / "locks" / gpu_limit_name()).acquire() as gpu:
@@ -122,6 +124,8 @@ def train_run(index: int, key: str, config_yaml: str, workdir: str, gpus: str, f
                 mark_started(ticket, gpu)
             logger.info("run %d %s on %s, %s", index, key, host_name(), f"GPU {gpu}" if gpu else "CPU")
             out = submit(cfg, workdir=workdir, gpu=gpu, fresh=fresh)
+    if not out.ok and ticket and is_cancelled(ticket):  # stopped by the cancel: no retry
+        return {"cancelled": True, "run_id": out.run_id}
     if not out.ok:
         tail = "".join(out.log.read_text().splitlines(keepends=True)[-15:])
         raise RuntimeError(f"run {key} exited with {out.returncode} (log {out.log}):\n{tail}")

@@ -191,6 +191,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteError as e:
         print(f"rpg train: stopped: {e}. The last good checkpoint is kept in {trainer.ckpt_dir}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # fit() ends its run KILLED; a stop that came before fit's own try ends it here
+        trainer.tracker.finish("KILLED")
+        raise
     if trainer.is_main:
         print(f"done: step {res.step}, run dir {res.run_dir}, MLflow run {res.run_id}")
     return 0

@@ -517,7 +517,11 @@ def _start_tracker(trainer: Trainer):
     )
     if enabled:
         trainer.run_id = tracker.run_id
-        tracker.log_dict(cfg.model_dump(mode="json"), "config.yaml")
+        try:
+            tracker.log_dict(cfg.model_dump(mode="json"), "config.yaml")
+        except BaseException as e:  # stopped (or failed) before fit() owns the run: it must not stay RUNNING
+            tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
     return tracker
 
 

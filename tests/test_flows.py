@@ -317,7 +317,8 @@ def test_cancelling_a_served_sweep_stops_its_runs_and_a_rerun_completes_it(serve
     ml = MlflowClient(uri)
     exp = ml.get_experiment_by_name("cancel").experiment_id
     kids = ml.search_runs([exp], "tags.`rpg.kind` = 'train'")
-    assert len(kids) == 2 and {k.info.status for k in kids} == {"KILLED"}, [k.info.status for k in kids]
+    logs = "".join(f"--- {p.name}\n" + p.read_text()[-2500:] for p in sorted((tmp_path / "work").rglob("*.log")))
+    assert len(kids) == 2 and {k.info.status for k in kids} == {"KILLED"}, ([k.info.status for k in kids], logs)
     (parent,) = ml.search_runs([exp], "tags.`rpg.kind` = 'sweep'")
     assert parent.info.status == "KILLED"
     rows = sweep(sweep_file=str(path), overrides=over, gpus="0,1", concurrency=2, workdir=str(tmp_path / "work"))

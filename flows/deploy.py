@@ -6,7 +6,7 @@
 The deployments name their flows by module (``flows.rpg_flows.train``), with no code location: each worker imports
 them from its own checkout or installed package, at any path (worker.sh puts its checkout first on ``PYTHONPATH``
 and sets ``RPG_ROOT``). Two work queues split the work: ``gpu`` (``train``, ``evaluate``, ``nightly_eval``: a
-machine's GPU worker takes at most one flow run per GPU) and ``control`` (``sweep``: a coordinator that only submits
+machine's GPU worker takes at most one flow run per GPU) and ``control`` (``sweep``, ``tune``: a coordinator that only submits
 and waits, taken by a control worker, so it never holds a GPU slot).
 """
 
@@ -22,6 +22,7 @@ CONTROL_QUEUE = "control"
 # flow function -> (deployment name, work queue)
 FLOWS = {
     "sweep": ("sweep", CONTROL_QUEUE),
+    "tune": ("tune", CONTROL_QUEUE),
     "train": ("train", GPU_QUEUE),
     "evaluate": ("evaluate", GPU_QUEUE),
     "nightly_eval": ("nightly", GPU_QUEUE),

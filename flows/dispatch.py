@@ -35,7 +35,7 @@ from rpg_core.config import run_key as run_key_of
 from rpg_core.runs import find_runs
 from rpg_core.tracking import RunKind, Tracker
 
-__all__ = ["Dispatch", "LocalDispatcher", "PoolDispatcher", "RunState", "Ticket", "make_dispatcher", "pool_of_current_run"]
+__all__ = ["Dispatch", "LocalDispatcher", "PoolDispatcher", "ProcessDispatcher", "RunState", "Ticket", "make_dispatcher", "pool_of_current_run"]
 
 TRAIN_DEPLOYMENT = "train/train"  # flows.deploy registers it on the pool (queue GPU_QUEUE)
 
@@ -55,10 +55,11 @@ class RunState(enum.StrEnum):
     FINISHED = "finished"
     FAILED = "failed"  # after its retries
     CANCELLED = "cancelled"
+    PRUNED = "pruned"  # stopped on its coordinator's request (a tuning study's pruner), with its checkpoint
 
     @property
     def terminal(self) -> bool:
-        return self in (RunState.FINISHED, RunState.FAILED, RunState.CANCELLED)
+        return self in (RunState.FINISHED, RunState.FAILED, RunState.CANCELLED, RunState.PRUNED)
 
 
 @dataclass
@@ -194,7 +195,9 @@ class LocalDispatcher(Dispatcher):
             if started is not None:
                 t.started, t.gpu = started[0], started[1] or "cpu"
             if state.is_completed():
-                t.state, t.seconds = RunState.FINISHED, t.future.result().get("seconds")
+                res = t.future.result()
+                t.state = RunState.PRUNED if res.get("pruned") else RunState.FINISHED
+                t.seconds = res.get("seconds")
             elif state.is_cancelled():
                 t.state = RunState.CANCELLED
             elif state.is_failed() or state.is_crashed():
@@ -216,6 +219,84 @@ class LocalDispatcher(Dispatcher):
                 wrapped.cancel()
         stop_all()  # the running ones: SIGINT, a grace period, SIGKILL
         for t in tickets:
+            if not t.done:
+                t.state = RunState.CANCELLED
+
+
+class ProcessDispatcher(Dispatcher):
+    """Without Prefect (``rpg tune`` on the command line): each run an ``rpg train`` process started from a thread
+    of this process, at most ``concurrency`` at once, one device of this machine each (``GpuPool``: the same lock
+    files every sweep and study of this machine takes its devices through), a failed process retried ``retries``
+    times (each resumes from its checkpoint). Cancelling stops every process of this one (SIGINT, grace, SIGKILL)."""
+
+    where = Dispatch.LOCAL
+
+    def __init__(self, parent: Tracker, *, workdir: str, gpus: str, retries: int, concurrency: int,
+                 fresh: bool = False):  # fmt: skip
+        from flows.core import GpuPool, gpus_of
+
+        self.parent, self.workdir, self.retries, self.fresh = parent, workdir, retries, fresh
+        devices = gpus_of(gpus)
+        if devices and concurrency > len(devices):
+            raise ValueError(f"concurrency={concurrency} exceeds the {len(devices)} GPUs in gpus={gpus!r}; "
+                             f"allowed: 1..{len(devices)}")  # fmt: skip
+        self.pool = GpuPool(devices, f"{workdir}/locks/{host_slug()}")
+        self.slots = threading.Semaphore(concurrency)
+        self._lock = threading.Lock()
+        self._cancelled = threading.Event()
+
+    def _run(self, t: Ticket) -> None:
+        from flows.submit import submit
+
+        try:
+            with self.slots, self.pool.acquire() as gpu:
+                if self._cancelled.is_set():
+                    return
+                with self._lock:
+                    t.state, t.started, t.gpu = RunState.RUNNING, time.time(), gpu or "cpu"
+                while True:
+                    out = submit(t.cfg, workdir=self.workdir, gpu=gpu, fresh=self.fresh and t.attempts == 1)
+                    with self._lock:
+                        t.run_id, t.seconds = out.run_id or t.run_id, (t.seconds or 0) + out.seconds
+                        if self._cancelled.is_set():
+                            t.state = RunState.CANCELLED
+                        elif out.ok:
+                            t.state = RunState.FINISHED
+                        elif getattr(out, "pruned", False):
+                            t.state = RunState.PRUNED
+                        elif t.attempts <= self.retries:
+                            t.attempts += 1
+                            t.message = f"exited with {out.returncode}: retry {t.attempts - 1} (log {out.log})"
+                            continue
+                        else:
+                            tail = "".join(out.log.read_text().splitlines(keepends=True)[-8:])
+                            t.state, t.message = RunState.FAILED, f"exited with {out.returncode} (log {out.log}):\n{tail}"
+                    return
+        except Exception as e:  # noqa: BLE001 - the ticket says what went wrong; the coordinator goes on
+            with self._lock:
+                t.state, t.message = RunState.FAILED, f"{type(e).__name__}: {e}"
+
+    def start(self, ticket: Ticket) -> Ticket:
+        ticket.attempts += 1
+        ticket.future = threading.Thread(target=self._run, args=(ticket,), name=f"run-{ticket.run_key}", daemon=True)
+        ticket.future.start()
+        return ticket
+
+    def refresh(self, tickets: Sequence[Ticket]) -> bool:
+        with self._lock:
+            before = [(t.state, t.run_id) for t in tickets]
+        if any(t.state is not RunState.QUEUED for t in tickets):
+            _fill_from_mlflow(tickets, self.parent)
+        return before != [(t.state, t.run_id) for t in tickets]
+
+    def cancel(self, tickets: Sequence[Ticket]) -> None:
+        from flows.core import stop_all
+
+        self._cancelled.set()
+        stop_all()
+        for t in tickets:
+            if isinstance(t.future, threading.Thread):
+                t.future.join(timeout=60)
             if not t.done:
                 t.state = RunState.CANCELLED
 

@@ -77,7 +77,11 @@ def ensure_gpu_limit(slots: int = 1) -> str:
 
 def gpu_slots(occupy: int = 1):
     """Hold ``occupy`` slots of this machine's limit (leased: see SLOT_LEASE_S)."""
-    return concurrency_slots(gpu_limit_name(), occupy=occupy, strict=True, lease_duration=SLOT_LEASE_S)
+    # A renewal that fails (a busy server; Prefect tries 3 times in ~3 s) must not kill a run that is training:
+    # Prefect's default under strict=True cancels the holder (CI saw a run of a loaded team sweep fail so). The
+    # device locks (GpuPool) and a worker's --limit still keep one run per GPU if the slot lapses meanwhile.
+    return concurrency_slots(gpu_limit_name(), occupy=occupy, strict=True, lease_duration=SLOT_LEASE_S,
+                             raise_on_lease_renewal_failure=False)  # fmt: skip
 
 
 def project_dir() -> Path:
@@ -206,8 +210,10 @@ def sweep(
         parent.log_metrics({"runs_finished": sum(t.state is RunState.FINISHED for t in tickets),
                             "runs_failed": failed, "seconds": time.perf_counter() - t0})  # fmt: skip
         if failed:  # the parent run ends FAILED
+            first = next(t for t in tickets if t.state is not RunState.FINISHED)
             raise RuntimeError(
-                f"sweep {sw.name}: {failed} of {len(todo)} runs failed; re-run to complete the missing ones"
+                f"sweep {sw.name}: {failed} of {len(todo)} runs failed; re-run to complete the missing ones. "
+                f"First: {first.name} {first.state.value}: {first.message[:600]}"
             )
     return rows
 
@@ -269,6 +275,72 @@ def _add_metrics(rows: list[dict[str, Any]], uri: str) -> None:
         for name in SUMMARY_METRICS:
             if name in final.columns and not pd.isna(value := final.at[row["run_id"], name]):
                 row[name] = round(float(value), 4)
+
+
+@flow(name="tune", task_runner=ThreadPoolTaskRunner(max_workers=64), log_prints=True)
+def tune(
+    study_file: Annotated[str, Field(description="a study YAML (a sweep with a search: section), e.g. "
+                                     "sweeps/tune_smoke.yaml")] = "sweeps/tune_smoke.yaml",  # fmt: skip
+    overrides: Annotated[list[str], Field(description="section.field=value for every trial")] = [],  # noqa: B006
+    trials: Annotated[int | None, Field(ge=1, le=10000, description="trials in all (running ones count); "
+                                        "empty: the study file's budget")] = None,  # fmt: skip
+    seeds: Annotated[list[int] | None, Field(description="train.seed values of every trial; empty: the file's")] = None,
+    concurrency: Annotated[int | None, Field(ge=1, le=1024, description="runs at once; empty: one per GPU of this "
+                                             "machine, or 4 on a work pool")] = None,  # fmt: skip
+    prune: Annotated[bool, Field(description="stop trials whose learning curves fall behind (the file's pruner)")] = True,
+    gpus: Annotated[str, Field(pattern=GPUS_PATTERN, description=GPUS_HELP)] = "",
+    retries: Annotated[int, Field(ge=0, le=10, description="retries of a failed run (each resumes)")] = 1,
+    dispatch: Annotated[Dispatch, Field(description="auto: the work pool when deployed on one, else this machine")] = Dispatch.AUTO,
+    workdir: Annotated[str, Field(description="configs, logs and GPU locks of the runs")] = ".rpg/tune",
+) -> list[dict[str, Any]]:
+    """Tune a study file with Optuna: each trial's runs go where a sweep's go (this machine's GPUs, or the team's
+    work pool), learning curves are pruned, and re-triggering continues the same study (flows/tuner.py)."""
+    from flows.dispatch import PoolDispatcher
+    from flows.tuner import run_study
+    from rpg_core.tuning import load_study
+
+    _enter_project()
+    load_study(study_file, overrides or None, seeds or None)  # a bad file fails here, before any compute
+    where = dispatch if dispatch is not Dispatch.AUTO else (Dispatch.POOL if pool_of_current_run() else Dispatch.LOCAL)
+    if where is Dispatch.LOCAL:
+        devices = gpus_of(gpus)
+        gpus = ",".join(devices) or "cpu"
+        concurrency = concurrency or max(1, len(devices))
+        if devices and concurrency > len(devices):
+            raise ValueError(f"concurrency={concurrency} exceeds the {len(devices)} GPUs in gpus={gpus!r}; allowed: 1..{len(devices)}")
+    concurrency = concurrency or 4
+    progress: dict[str, Progress] = {}
+
+    def on_change(name: str, tickets: list[Ticket]) -> None:
+        if name in progress:
+            progress[name].update(tickets)
+
+    def make(parent, name: str):
+        progress[name] = Progress(f"tune-{re.sub(r'[^a-z0-9-]+', '-', name.lower())}", f"study {name}", parent)
+        if where is Dispatch.POOL:
+            return PoolDispatcher(parent, pool=pool_of_current_run() or "", workdir=str(Path(workdir) / name),
+                                  gpus=gpus, retries=retries)  # fmt: skip
+        slots = parent.run_id
+        _LOCAL_SLOTS[slots] = threading.Semaphore(concurrency)
+        return make_dispatcher(Dispatch.LOCAL, parent, task=train_run, workdir=str(Path(workdir) / name), gpus=gpus,
+                               retries=retries, slots=slots)  # fmt: skip
+
+    logger = get_run_logger()
+    held = concurrency if where is Dispatch.LOCAL else 0
+    if held:
+        ensure_gpu_limit(concurrency)
+    with gpu_slots(held) if held else contextlib.nullcontext():
+        summaries = run_study(study_file, make_dispatcher=make, overrides=overrides or None, seeds=seeds or None,
+                              trials=trials, concurrency=concurrency, prune=prune, say=logger.info, on_change=on_change)  # fmt: skip
+    rows = []
+    for sm in summaries:
+        for t in sm["trials"]:
+            rows.append({"study": sm["study"], "trial": t["number"], "state": t["state"], "value": t["value"],
+                         **{k: t["params"].get(k) for k in sorted({p for x in sm["trials"] for p in x["params"]})},
+                         "config_key": t["config_key"], "mlflow_run_id": t["mlflow_run_id"], "note": t["note"]})  # fmt: skip
+        create_table_artifact(rows, key=f"tune-{re.sub(r'[^a-z0-9-]+', '-', sm['study'].lower())}",
+                              description=f"study {sm['study']}: best {sm['best']}")  # fmt: skip
+    return summaries
 
 
 @flow(name="train", log_prints=True)

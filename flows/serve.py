@@ -1,6 +1,6 @@
 """Serve the flows as deployments: ``python -m flows.serve`` (the local stack starts it; see infra/).
 
-Open the Prefect UI, pick ``sweep`` (or ``train``, ``evaluate``, ``nightly_eval``), fill the typed form and press
+Open the Prefect UI, pick ``sweep`` (or ``tune``, ``train``, ``evaluate``, ``nightly_eval``), fill the typed form and press
 Run: the parameters are validated by the server against the flow's signature (bad values are refused by the form),
 and the run executes in a subprocess of this process. ``nightly_eval`` runs on a cron schedule (default 02:00).
 """
@@ -12,7 +12,7 @@ import argparse
 from prefect import serve
 from prefect.schedules import Cron
 
-from flows.rpg_flows import evaluate, nightly_eval, sweep, train
+from flows.rpg_flows import evaluate, nightly_eval, sweep, train, tune
 
 NIGHTLY_CRON = "0 2 * * *"
 
@@ -20,6 +20,7 @@ NIGHTLY_CRON = "0 2 * * *"
 def deployments(cron: str = NIGHTLY_CRON, timezone: str = "UTC") -> list:
     return [
         sweep.to_deployment(name="sweep", description="train every run of a sweep file"),
+        tune.to_deployment(name="tune", description="tune a study file's coefficients with Optuna (pruned, resumable)"),
         train.to_deployment(name="train", description="one training run"),
         evaluate.to_deployment(name="evaluate", description="Mean@k of a model or checkpoint (rpg eval)"),
         nightly_eval.to_deployment(name="nightly", schedule=Cron(cron, timezone=timezone),

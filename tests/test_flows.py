@@ -381,6 +381,42 @@ def test_nightly_eval_evaluates_runs_finished_since_the_last_nightly(prefect_ser
     assert len(nightlies) == 3 and all(n.info.status == "FINISHED" for n in nightlies)
 
 
+def test_tune_flow_runs_a_study_with_its_trials_as_tasks_and_continues_it(prefect_server, tmp_path, monkeypatch):
+    """The `tune` flow on this machine: each trial's run a Prefect task holding a GPU slot, the study's progress as
+    artifacts, the trials table; triggered again with a larger budget it continues the same study (same name, same
+    MLflow parent) and trains only the new trial."""
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.rpg_flows import tune
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("RPG_OPTUNA_STORAGE", str(tmp_path / "optuna.journal"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = yaml.safe_load((ROOT / "sweeps" / "tune_smoke.yaml").read_text())
+    spec["base"]["train.steps"] = 2
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    over = [f"train.output_dir={tmp_path / 'runs'}", f"tracking.tracking_uri={uri}"]
+    kw = dict(study_file=str(path), overrides=over, concurrency=2, gpus="0,1", workdir=str(tmp_path / "work"))
+    (first,) = tune(**kw, trials=2)
+    assert [t["state"] for t in first["trials"]] == ["COMPLETE", "COMPLETE"], first
+    with get_client(sync_client=True) as pc:
+        key = "tune-" + first["study"].lower().replace("_", "-")
+        board = pc.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"{key}-runs"])))
+        assert "2 runs: 2 finished" in max(board, key=lambda a: a.created).data
+        table = pc.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        assert table and first["trials"][0]["config_key"] in str(table[-1].data)
+    (second,) = tune(**kw, trials=3)
+    assert second["study"] == first["study"] and second["mlflow_run_id"] == first["mlflow_run_id"]
+    assert [t["state"] for t in second["trials"]] == ["COMPLETE"] * 3
+    ml = MlflowClient(uri)
+    exp = ml.get_experiment_by_name("tune-smoke").experiment_id
+    kids = ml.search_runs([exp], f"tags.mlflow.parentRunId = '{first['mlflow_run_id']}'")
+    assert sorted(k.info.run_id for k in kids) == sorted(t["mlflow_run_id"] for t in second["trials"])
+
+
 @pytest.mark.integration
 def test_deploy_registers_the_flows_on_a_work_pool(prefect_server):
     """For GPU machines: `python -m flows.deploy --pool P` puts the four deployments on a process work pool (a
@@ -397,10 +433,10 @@ def test_deploy_registers_the_flows_on_a_work_pool(prefect_server):
         client.create_work_pool(WorkPoolCreate(name="test-k8s-pool", type="kubernetes"))
     assert pool.type == "process" and "command" in pool.base_job_template["variables"]["properties"]
     assert ensure_pool("test-gpu-pool") is False  # already there: left as it is
-    assert set(deps) == {"sweep", "train", "evaluate", "nightly"}
+    assert set(deps) == {"sweep", "tune", "train", "evaluate", "nightly"}
     # by module, with no code location: each worker imports the flows from its own checkout, at any path
     assert deps["sweep"].entrypoint == "flows.rpg_flows.sweep" and not deps["sweep"].pull_steps
-    assert deps["sweep"].work_queue_name == "control"  # coordinators: never hold a GPU worker's slot
+    assert deps["sweep"].work_queue_name == deps["tune"].work_queue_name == "control"  # coordinators: no GPU slot
     assert {deps[n].work_queue_name for n in ("train", "evaluate", "nightly")} == {"gpu"}
     assert [s.schedule.cron for s in deps["nightly"].schedules] == ["30 3 * * *"]
     with pytest.raises(ValueError, match="test-k8s-pool: an existing work pool of type 'kubernetes'; allowed: 'process'"):

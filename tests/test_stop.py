@@ -166,3 +166,40 @@ def test_a_pruned_run_stops_at_that_step_and_a_resume_completes_it(tmp_path):
     run = client.get_run(res.run_id)
     assert run.info.status == "FINISHED" and STOP_TAG not in run.data.tags and PRUNED_TAG not in run.data.tags
     assert [m.step for m in client.get_metric_history(res.run_id, "acc/strict")] == [1, 2, 3, 4]
+
+
+@pytest.mark.subprocess
+def test_rpg_train_stopped_by_request_stop_exits_pruned(tmp_path):
+    """`rpg train` as its own process (flows.submit.submit -> flows.core.run_training), pruned from this process once
+    it has checkpointed step 2: it exits PRUNED_EXIT, the outcome says pruned (not ok), the run ends KILLED with a
+    checkpoint of the step it stopped at, and its log says so."""
+    from flows.core import stop_all
+    from flows.submit import submit
+    from rpg_core.sweeps import expand, load_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = load_sweep(ROOT / "sweeps" / "smoke.yaml", overrides=[
+        f"train.output_dir={tmp_path / 'runs'}", f"tracking.tracking_uri={uri}", "train.steps=400",
+        "train.checkpoint_every=1", "train.eval_every=0"])  # fmt: skip
+    cfg = expand(sweep).runs[0].config
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(out=submit(cfg, workdir=tmp_path / "work", cwd=ROOT)))
+    runner.start()
+    ckpts = tmp_path / "runs" / cfg.run_key() / "checkpoints"
+    deadline = time.monotonic() + 240
+    while not (ckpts / "step_000002" / "COMPLETE").exists() and runner.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        run_id = json.loads((ckpts / "step_000002" / "state.json").read_text())["run_id"]
+        request_stop(run_id, tracking_uri=uri)
+        runner.join(timeout=120)
+    finally:
+        if runner.is_alive():
+            stop_all()
+            runner.join()
+    out = outcome["out"]
+    assert out.returncode == PRUNED_EXIT == 3 and out.pruned and not out.ok
+    assert (out.run_id, out.status) == (run_id, "KILLED")
+    pruned_at = int(_tags(uri, run_id)[PRUNED_TAG])
+    assert 2 <= pruned_at == out.step < 400 and (ckpts / f"step_{pruned_at:06d}" / "COMPLETE").exists()
+    assert f"rpg train: pruned at step {pruned_at} (stop requested by tag {STOP_TAG}=pruned" in out.log.read_text()

@@ -25,7 +25,7 @@ from filelock import FileLock, Timeout
 from rpg_core.config import RunConfig
 from rpg_core.config import run_key as run_key_of
 from rpg_core.runs import RunStatus, find_runs
-from rpg_core.tracking import RunKind
+from rpg_core.tracking import PRUNED_EXIT, RunKind
 
 __all__ = ["GpuPool", "TrainOutcome", "finished_runs", "gpus_of", "host_slug", "run_training", "stop_all"]
 
@@ -123,6 +123,12 @@ class TrainOutcome:
     @property
     def ok(self) -> bool:
         return self.returncode == 0
+
+    @property
+    def pruned(self) -> bool:
+        """Stopped on a coordinator's request (``rpg_core.tracking.request_stop``, a tuner's pruning): neither done
+        (``ok`` is False) nor failed, and not to be retried (a retry would resume and train on)."""
+        return self.returncode == PRUNED_EXIT
 
 
 def _checkpoint_state(cfg: RunConfig, cwd: Path) -> dict:

@@ -114,7 +114,8 @@ _LOCAL_SLOTS: dict[str, threading.Semaphore] = {}
 def train_run(index: int, key: str, config_yaml: str, workdir: str, gpus: str, fresh: bool,
               slots: str = "", ticket: str = "") -> dict[str, Any]:  # fmt: skip
     """One training process (flows.submit.submit), holding a slot of the ``rpg-gpu-<host>`` limit and one device for
-    its whole life; a failed run raises (Prefect retries it, and the retry resumes)."""
+    its whole life; a failed run raises (Prefect retries it, and the retry resumes). A pruned run (stopped on a
+    coordinator's request, ``RunOutcome.pruned``) returns ``{"pruned": True, ...}``: a retry would resume it."""
     import yaml
 
     cfg = RunConfig.from_dict(yaml.safe_load(config_yaml))
@@ -128,6 +129,10 @@ def train_run(index: int, key: str, config_yaml: str, workdir: str, gpus: str, f
                 mark_started(ticket, gpu)
             logger.info("run %d %s on %s, %s", index, key, host_name(), f"GPU {gpu}" if gpu else "CPU")
             out = submit(cfg, workdir=workdir, gpu=gpu, fresh=fresh)
+    if out.pruned:
+        logger.info("run %d %s pruned at step %d: MLflow run %s, %.0f s", index, key, out.step, out.run_id, out.seconds)
+        return {"pruned": True, "run_id": out.run_id, "step": out.step, "seconds": round(out.seconds, 1), "gpu": gpu,
+                "host": host_name()}  # fmt: skip
     if not out.ok and ticket and is_cancelled(ticket):  # stopped by the cancel: no retry
         return {"cancelled": True, "run_id": out.run_id}
     if not out.ok:

@@ -21,7 +21,7 @@ from flows.core import run_training
 from rpg_core.config import RunConfig
 from rpg_core.config import run_key as run_key_of
 from rpg_core.runs import final_metrics, get_run
-from rpg_core.tracking import RunKind, Tracker, host_name
+from rpg_core.tracking import PRUNED_EXIT, RunKind, Tracker, host_name
 
 __all__ = ["RunOutcome", "child_config", "parent_run", "submit"]
 
@@ -63,7 +63,7 @@ class RunOutcome:
     run_id: str | None  # its MLflow run (None: it failed before tracking began)
     status: str  # the MLflow run's status (rpg_core.runs.RunStatus), NOT_STARTED without a run
     step: int  # the last checkpointed step
-    returncode: int  # of the `rpg train` process (0: done; -9: killed by the timeout)
+    returncode: int  # of the `rpg train` process (0: done; PRUNED_EXIT: stopped on request; -9: killed by the timeout)
     seconds: float
     gpu: str  # the CUDA device it ran on ("": CPU)
     host: str  # the machine (rpg_core.tracking.host_name(): $RPG_HOST, else the host name)
@@ -73,6 +73,12 @@ class RunOutcome:
     @property
     def ok(self) -> bool:
         return self.returncode == 0
+
+    @property
+    def pruned(self) -> bool:
+        """Stopped on a coordinator's request (a tuner's pruning; its MLflow run ends KILLED, tagged
+        ``rpg.pruned_at_step``): not ``ok``, not a failure to retry."""
+        return self.returncode == PRUNED_EXIT
 
     @property
     def run_key(self) -> str:

@@ -3,6 +3,8 @@
 ``rpg design``   the KL design space, every loss checked against its exact objective.
 ``rpg presets``  the paper's 12 methods.
 ``rpg train``    one training run: ``--config FILE.yaml`` and/or ``--preset NAME``, ``--set section.field=value``.
+                 Exit status 0 done, 1 stopped on NaN/inf, 2 bad config or data, 3 (``tracking.PRUNED_EXIT``) stopped
+                 on a coordinator's request (a tuner's pruning; tag ``rpg.stop``).
 ``rpg sweep expand FILE``  the runs of a sweep file: resolved, de-duplicated, invalid combinations with reasons.
 ``rpg eval``     AIME24/AIME25/AMC23 at Mean@k (spec §8) of a model, checkpoint, run folder or MLflow run.
 """
@@ -194,6 +196,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # fit() ends its run KILLED; a stop that came before fit's own try ends it here
         trainer.tracker.finish("KILLED")
         raise
+    if res.stopped is not None:  # a coordinator's request (a tuner's pruning): not a failure, not to be retried
+        from rpg_core.tracking import PRUNED, PRUNED_EXIT, STOP_TAG
+
+        if trainer.is_main:
+            what = "pruned" if res.stopped == PRUNED else f"stopped ({res.stopped})"
+            print(f"rpg train: {what} at step {res.step} (stop requested by tag {STOP_TAG}={res.stopped} on MLflow run "
+                  f"{res.run_id}); checkpoint in {trainer.ckpt_dir}, running it again resumes", flush=True)  # fmt: skip
+        return PRUNED_EXIT
     if trainer.is_main:
         print(f"done: step {res.step}, run dir {res.run_dir}, MLflow run {res.run_id}")
     return 0

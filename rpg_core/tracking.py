@@ -37,6 +37,12 @@
   MLflow cannot clear ``end_time``, so the UI shows the previous end time until ``finish()``.
 * **Disabled.** ``enabled=False`` makes every method a no-op: no MLflow import, no file touched, ``run_id`` is None.
 * **Exit.** A process that exits without ``finish()`` flushes the queue at exit and ends the run as KILLED.
+* **Stop requests.** A coordinator on any machine asks a running training run to stop by tagging it (``request_stop``:
+  ``STOP_TAG`` = the reason, e.g. ``pruned``); the trainer reads its own run's tags once per step
+  (``Tracker.stop_requested``), checkpoints, tags ``PRUNED_TAG`` (or ``STOPPED_TAG``), ends the run KILLED and
+  ``rpg train`` exits with ``PRUNED_EXIT``. A read never blocks training for long: it runs in a daemon thread and is
+  waited on for at most a few seconds; a failed or stalled read counts as "no request" (one warning). A restarted
+  (resumed) training run deletes both tags first (``Tracker.clear_stop``), so an old request does not stop it again.
 """
 
 from __future__ import annotations
@@ -67,6 +73,11 @@ __all__ = [
     "EXPERIMENT_KIND_TAG",
     "CHECKPOINT_TAG",
     "GPU_TAG",
+    "PRUNED",
+    "PRUNED_EXIT",
+    "PRUNED_TAG",
+    "STOPPED_TAG",
+    "STOP_TAG",
     "GROUP_TAG",
     "HOST_TAG",
     "KIND_TAG",
@@ -77,7 +88,9 @@ __all__ = [
     "ensure_experiment",
     "flatten_params",
     "host_name",
+    "request_stop",
     "set_run_tags",
+    "stop_tags",
 ]
 
 _log = logging.getLogger(__name__)
@@ -101,6 +114,16 @@ GROUP_TAG = "rpg.group"
 HOST_TAG = "rpg.host"
 CHECKPOINT_TAG = "rpg.checkpoint_step"  # the step of a training run's newest complete checkpoint (on rpg.host's disk)
 GPU_TAG = "rpg.gpu"
+# Stopping a running training run from elsewhere (a tuner pruning a trial, on any machine): a coordinator sets STOP_TAG
+# on the run (request_stop; its value is the reason). The trainer stops after the step it is on, checkpoints, tags
+# PRUNED_TAG = that step when the reason is PRUNED (else STOPPED_TAG = "<reason> at step N"), ends the run KILLED, and
+# `rpg train` exits with PRUNED_EXIT. A resumed run deletes STOP_TAG and PRUNED_TAG when it starts, and trains on.
+STOP_TAG = "rpg.stop"
+PRUNED = "pruned"  # request_stop's default reason: the tuner's pruning
+PRUNED_TAG = "rpg.pruned_at_step"
+STOPPED_TAG = "stopped"  # why a training run stopped early for another reason (also: train.max_minutes)
+# `rpg train`'s exit status for a run that stopped on a request (flows.core.TrainOutcome.pruned); 1 and 2 are failures.
+PRUNED_EXIT = 3
 # The tags a training run carries per design axis (RunConfig.axis_tags() writes exactly these; rpg_core.runs reads
 # them as DataFrame columns). Tags, not params: MLflow groups and filters on them, and they hold canonical values.
 AXIS_TAGS = (
@@ -228,6 +251,21 @@ def set_run_tags(run_id: str, tags: Mapping[str, Any], tracking_uri: str | None 
     )
 
 
+def request_stop(run_id: str, reason: str = PRUNED, *, tracking_uri: str | None = None) -> None:
+    """Ask the running training run ``run_id`` to stop after its current step (tag ``STOP_TAG`` = ``reason``): it
+    checkpoints, ends KILLED and ``rpg train`` exits ``PRUNED_EXIT``. Works from any machine that reaches the store.
+    A run that already ended keeps the tag until it is resumed, which deletes it."""
+    if not isinstance(reason, str) or not reason.strip() or "\n" in reason:
+        raise ValueError(f"request_stop: reason must be a non-empty one-line string (e.g. {PRUNED!r}), got {reason!r}")
+    set_run_tags(run_id, {STOP_TAG: reason.strip()}, tracking_uri=tracking_uri)
+
+
+def stop_tags(reason: str, step: int) -> dict[str, str]:
+    """The tags a training run that stopped on a request at ``step`` carries: ``PRUNED_TAG`` = step when pruned, else
+    ``STOPPED_TAG`` with the reason."""
+    return {PRUNED_TAG: str(step)} if reason == PRUNED else {STOPPED_TAG: f"{reason} at step {step} (stop requested)"}
+
+
 # -- params ------------------------------------------------------------------------------------------------------------
 
 
@@ -352,6 +390,8 @@ class Tracker:
         self.tracking_uri: str | None = None
         self.resumed = False
         self._finished = False
+        self._stop_read: _Read | None = None
+        self._stop_read_failing = False
         if not self.enabled:
             return
 
@@ -541,6 +581,42 @@ class Tracker:
         if self._error is not None and not self._error_reported:
             self._check()
 
+    def stop_requested(self, timeout_s: float = 5.0) -> str | None:
+        """The reason of a stop request on this run (tag ``STOP_TAG``, set by ``request_stop``), else None. One
+        ``get_run`` (~ms on SQLite, one HTTP GET on a server) in a daemon thread, waited on for at most ``timeout_s``:
+        MLflow's HTTP client retries an unreachable server for minutes, which must not hold up training. A read that
+        fails or is still stalled counts as "no request" (a warning once per outage; a stalled read is not waited on
+        again, nor doubled). Disabled or finished: None."""
+        if not self.enabled or self._finished:
+            return None
+        pending = self._stop_read
+        if pending is not None and not pending.done.is_set():
+            return None  # the previous read is still stalled (the server is unreachable): do not wait on it again
+        read = self._stop_read = _Read(lambda: self._client.get_run(self.run_id).data.tags.get(STOP_TAG))
+        if not read.done.wait(timeout_s):
+            self._stop_read_failed(f"no answer within {timeout_s:g} s")
+            return None
+        if read.error is not None:
+            self._stop_read_failed(f"{type(read.error).__name__}: {read.error}")
+            return None
+        self._stop_read_failing = False
+        return (read.value or "").strip() or None
+
+    def _stop_read_failed(self, why: str) -> None:
+        level = logging.DEBUG if self._stop_read_failing else logging.WARNING
+        self._stop_read_failing = True
+        _log.log(level, "could not read the stop request of MLflow run %s (%s); training goes on", self.run_id, why)
+
+    def clear_stop(self) -> None:
+        """Delete ``STOP_TAG`` and ``PRUNED_TAG`` from this run, synchronously: a training run that (re)starts is
+        not stopped by a request an earlier attempt already honoured."""
+        if not self.enabled:
+            return
+        tags = self._client.get_run(self.run_id).data.tags
+        for key in (STOP_TAG, PRUNED_TAG):
+            if key in tags:
+                self._client.delete_tag(self.run_id, key)
+
     def __enter__(self) -> Tracker:
         return self
 
@@ -649,6 +725,25 @@ class Tracker:
         while len(self._table_paths) > 1 and len(json.dumps(self._table_paths)) > MAX_TAG_VALUE:
             del self._table_paths[0]  # MLflow's tag limit: list the newest tables only
         self._client.set_tag(self.run_id, LOGGED_ARTIFACTS_TAG, json.dumps(self._table_paths))
+
+
+class _Read:
+    """One call of ``fn`` in a daemon thread (a stalled MLflow read never keeps the process from exiting)."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self.value = fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                self.error = e
+            finally:
+                self.done.set()
+
+        threading.Thread(target=run, name="rpg-tracker-read", daemon=True).start()
 
 
 def _plain(v: Any) -> Any:

@@ -34,6 +34,7 @@ from rpg_core import rewards as rewards_mod
 from rpg_core.config import Device, Precision, RunConfig, Schedule
 from rpg_core.models import load_model, load_tokenizer
 from rpg_core.prompts import PromptStream, load_problems
+from rpg_core.tracking import CHECKPOINT_TAG, STOPPED_TAG, stop_tags
 from rpg_core.objectives import Overlong, ReferenceMode, compute_advantages, kl_in_reward, shape_rewards
 from rpg_core.rollout import (
     Generator,
@@ -57,6 +58,7 @@ class TrainResult:
     run_id: str | None
     step: int
     history: list[dict[str, float]] = field(default_factory=list)
+    stopped: str | None = None  # the reason of a stop request it honoured (tracking.STOP_TAG, e.g. "pruned"), else None
 
 
 class Trainer:
@@ -272,6 +274,7 @@ class Trainer:
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc=f"rpg {self.run_key}", disable=not self.is_main,
                    dynamic_ncols=True, leave=True)  # fmt: skip
         done_here = 0
+        stopped: str | None = None
         try:
             evaluates = cfg.train.eval_every and (self.eval_problems or self.benchmarks)
             if self.step == 0 and evaluates:
@@ -293,16 +296,27 @@ class Trainer:
                     time.perf_counter() - t_start > 60 * cfg.train.max_minutes
                 )
                 last = self.step == cfg.train.steps
-                if last or out_of_time or (cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0):
+                saved = last or out_of_time or bool(
+                    cfg.train.checkpoint_every and self.step % cfg.train.checkpoint_every == 0
+                )
+                if saved:
                     self.save_checkpoint()
                 done_here += 1
+                # A coordinator's stop request (a tuner pruning this run), read once per step after the step is
+                # logged, evaluated and checkpointed; a finished run has nothing left to stop.
+                stopped = None if last else self._stop_request()
+                if stopped is not None:
+                    if not saved:
+                        self.save_checkpoint()
+                    self.tracker.set_tags(stop_tags(stopped, self.step))
+                    break
                 if out_of_time:
-                    self.tracker.set_tags({"stopped": f"max_minutes={cfg.train.max_minutes} at step {self.step}"})
+                    self.tracker.set_tags({STOPPED_TAG: f"max_minutes={cfg.train.max_minutes} at step {self.step}"})
                     break
                 if stop_after is not None and done_here >= stop_after:
                     status = "KILLED"
                     return TrainResult(self.run_dir, self.run_id, self.step, self.history)
-            status = "FINISHED"
+            status = "KILLED" if stopped is not None else "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
             raise
@@ -317,7 +331,17 @@ class Trainer:
             self.tracker.finish(status=status)
             if self.scorer is not None:
                 self.scorer.close()
-        return TrainResult(self.run_dir, self.run_id, self.step, self.history)
+        return TrainResult(self.run_dir, self.run_id, self.step, self.history, stopped=stopped)
+
+    def _stop_request(self) -> str | None:
+        """The reason of a stop request on this run, or None: the main process reads its run's tags (one MLflow
+        read, bounded in time: ``Tracker.stop_requested``), and every process gets its answer, so all stop together."""
+        reason = self.tracker.stop_requested() if self.is_main else None
+        if self.world > 1:
+            from accelerate.utils import broadcast_object_list
+
+            reason = broadcast_object_list([reason], from_process=0)[0]
+        return reason
 
     def _evaluate(self, step: int) -> dict[str, float]:
         """The held-out hook (main process) and the benchmark evaluation (all processes share the samples), with
@@ -383,8 +407,6 @@ class Trainer:
                 config_yaml=self.cfg.to_yaml(), keep=self.cfg.train.keep_checkpoints,
             )  # fmt: skip
             if getattr(self, "tracker", None) is not None:  # where a resume finds it: this step, on rpg.host's disk
-                from rpg_core.tracking import CHECKPOINT_TAG
-
                 self.tracker.set_tags({CHECKPOINT_TAG: str(self.step)})
         self.acc.wait_for_everyone()
         return path
@@ -516,8 +538,10 @@ def _start_tracker(trainer: Trainer):
         kind=RunKind.TRAIN,
     )
     if enabled:
-        trainer.run_id = tracker.run_id
+        resumed, trainer.run_id = trainer.run_id is not None, tracker.run_id
         try:
+            if resumed:  # a stop request an earlier attempt honoured (or never saw) must not stop this one
+                tracker.clear_stop()
             tracker.log_dict(cfg.model_dump(mode="json"), "config.yaml")
         except BaseException as e:  # stopped (or failed) before fit() owns the run: it must not stay RUNNING
             tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")

@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: install demo test test-fast test-all bench bench-trainer bench-eval bench-fleet up down clean
+.PHONY: install demo test test-fast test-all bench bench-trainer bench-eval bench-fleet bench-tuning up down clean
 
 install: $(STAMP)
 
@@ -42,6 +42,9 @@ bench-eval: install      ## evaluation throughput (samples/s, tokens/s) vs batch
 
 bench-fleet: install     ## a sweep's scheduling overhead: local vs the work pool, one host vs two (~8 min)
 	$(BIN)/python benchmarks/bench_fleet.py
+
+bench-tuning: install    ## the tuner's overhead per trial vs direct runs; compute saved by pruning (~12 min)
+	$(BIN)/python benchmarks/bench_tuning.py
 
 up: install              ## the local stack: Prefect server + MLflow server + the served flows, on 127.0.0.1
 	$(BIN)/python infra/stack.py up

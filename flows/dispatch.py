@@ -232,7 +232,7 @@ class ProcessDispatcher(Dispatcher):
     where = Dispatch.LOCAL
 
     def __init__(self, parent: Tracker, *, workdir: str, gpus: str, retries: int, concurrency: int,
-                 fresh: bool = False):  # fmt: skip
+                 fresh: bool = False, lock_dir: str | None = None):  # fmt: skip
         from flows.core import GpuPool, gpus_of
 
         self.parent, self.workdir, self.retries, self.fresh = parent, workdir, retries, fresh
@@ -240,7 +240,7 @@ class ProcessDispatcher(Dispatcher):
         if devices and concurrency > len(devices):
             raise ValueError(f"concurrency={concurrency} exceeds the {len(devices)} GPUs in gpus={gpus!r}; "
                              f"allowed: 1..{len(devices)}")  # fmt: skip
-        self.pool = GpuPool(devices, f"{workdir}/locks/{host_slug()}")
+        self.pool = GpuPool(devices, lock_dir or f"{workdir}/locks")
         self.slots = threading.Semaphore(concurrency)
         self._lock = threading.Lock()
         self._cancelled = threading.Event()

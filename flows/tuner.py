@@ -391,7 +391,7 @@ class Tuner:
                 s.enqueue_trial(point, user_attrs={"defaults": True}, skip_if_exists=True)
         if fresh_study:
             for point in self.spec.enqueue:
-                s.enqueue_trial({k: self.spec.search[k].parse(v) for k, v in point.items()}, skip_if_exists=True)
+                s.enqueue_trial({k: self.spec.search[k].parse(v) for k, v in point.items()})  # as listed
         self.say(f"study {self.name}: {self._used()} of {self.max_trials or 'unlimited'} trials used"
                  + (f", {self.gpu_hours} device-hours budget" if self.gpu_hours else ""))  # fmt: skip
         try:
@@ -525,12 +525,18 @@ def better(a: float, b: float, goal: Goal) -> bool:
 
 
 def open_study(spec: Study, cell: Cell, storage: Any, *, prune: bool = True) -> optuna.Study:
-    """The cell's Optuna study in ``storage``: created, or loaded to continue it."""
-    return optuna.create_study(
+    """The cell's Optuna study in ``storage``: created, or loaded to continue it. A continued study's sampler is
+    seeded with the file's seed plus the trials it already has: the same seed again would draw the same first
+    points again (a resumed TPE's random start-up repeats the killed coordinator's asks)."""
+    study = optuna.create_study(
         study_name=study_name(spec, cell), storage=storage, load_if_exists=True,
         direction=spec.objective.direction.value, sampler=make_sampler(spec.sampler, spec),
         pruner=make_pruner(spec.pruner, cell.config.train.steps, enabled=prune),
     )  # fmt: skip
+    done = len(study.get_trials(deepcopy=False))
+    if done:
+        study.sampler = make_sampler(spec.sampler.model_copy(update={"seed": spec.sampler.seed + done}), spec)
+    return study
 
 
 def _parent(spec: Study, ostudy: optuna.Study, cell: Cell, params: dict[str, Any]) -> Tracker:
@@ -596,22 +602,6 @@ def study_warnings(spec: Study, cell_list: list[Cell]) -> list[str]:
 # -- rpg tune (rpg_core/cli.py) -----------------------------------------------------------------------------------------
 
 
-def add_arguments(p: Any) -> None:
-    p.add_argument("study", help="a study file (a sweep file with a search: section), e.g. sweeps/tune_smoke.yaml")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V",
-                   help="section.field=value for every trial (repeatable)")  # fmt: skip
-    p.add_argument("--trials", type=int, default=None, help="trials in all, running ones included (default: the file's budget)")
-    p.add_argument("--seeds", default=None, help="train.seed values of every trial, e.g. 0,1 (default: the file's)")
-    p.add_argument("--concurrency", type=int, default=None, help="runs at once (default: one per GPU, else 1)")
-    p.add_argument("--gpus", default="", help="CUDA devices, e.g. 0,1; cpu: CPU; default: $RPG_GPUS, else CPU")
-    p.add_argument("--no-prune", action="store_true", help="train every trial to the end")
-    p.add_argument("--retries", type=int, default=1, help="retries of a failed run (each resumes)")
-    p.add_argument("--storage", default=None, help="Optuna storage: a journal file or postgresql+psycopg://... "
-                   "(default: $RPG_OPTUNA_STORAGE, else .rpg/optuna.journal)")  # fmt: skip
-    p.add_argument("--workdir", default=".rpg/tune", help="configs, logs and device locks of the runs")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON (progress goes to stderr)")
-
-
 def cli(args: Any) -> int:
     """``rpg tune``: the study's runs as ``rpg train`` processes of this machine (ProcessDispatcher), no Prefect."""
     import sys
@@ -649,7 +639,8 @@ def cli(args: Any) -> int:
 
     def make(parent: Tracker, name: str) -> Dispatcher:
         return ProcessDispatcher(parent, workdir=str(Path(args.workdir) / name), gpus=",".join(devices) or "cpu",
-                                 retries=args.retries, concurrency=concurrency)  # fmt: skip
+                                 retries=args.retries, concurrency=concurrency,
+                                 lock_dir=str(Path(args.workdir) / "locks"))  # every study of this workdir  # fmt: skip
 
     try:
         summaries = run_study(args.study, make_dispatcher=make, overrides=args.overrides or None, seeds=seeds,

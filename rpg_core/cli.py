@@ -252,6 +252,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Tune a study file with Optuna on this machine (flows/tuner.py): validated before any compute."""
+    from flows.tuner import cli
+
+    return cli(args)
+
+
+def _tune_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study", help="a study file (a sweep file with a search: section), e.g. sweeps/tune_smoke.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V",
+                   help="section.field=value for every trial (repeatable)")  # fmt: skip
+    p.add_argument("--trials", type=int, default=None, help="trials in all, running ones included (default: the file's budget)")
+    p.add_argument("--seeds", default=None, help="train.seed values of every trial, e.g. 0,1 (default: the file's)")
+    p.add_argument("--concurrency", type=int, default=None, help="runs at once (default: one per GPU, else 1)")
+    p.add_argument("--gpus", default="", help="CUDA devices, e.g. 0,1; cpu: CPU; default: $RPG_GPUS, else CPU")
+    p.add_argument("--no-prune", action="store_true", help="train every trial to the end")
+    p.add_argument("--retries", type=int, default=1, help="retries of a failed run (each resumes)")
+    p.add_argument("--storage", default=None, help="Optuna storage: a journal file or postgresql+psycopg://... "
+                   "(default: $RPG_OPTUNA_STORAGE, else .rpg/optuna.journal)")  # fmt: skip
+    p.add_argument("--workdir", default=".rpg/tune", help="configs, logs and device locks of the runs")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (progress goes to stderr)")
+
+
 def cmd_sweep_expand(args: argparse.Namespace) -> int:
     import json
 
@@ -306,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints of this config")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("tune", help="tune a study file's coefficients with Optuna (pruned, resumable)")
+    _tune_arguments(p)
+    p.set_defaults(func=cmd_tune)
     p = sub.add_parser("sweep", help="sweep definitions (sweeps/*.yaml)")
     sweep_sub = p.add_subparsers(dest="sweep_command", required=True)
     q = sweep_sub.add_parser("expand", help="the resolved, de-duplicated runs of a sweep file with their config keys")

@@ -456,7 +456,11 @@ def make_sampler(spec: SamplerSpec, study: Study) -> Any:
 
     k = spec.kind
     if k is SamplerKind.TPE:  # parallel trials: a running point counts as a bad result (constant liar)
-        return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, group=True, constant_liar=True)
+        import warnings
+
+        with warnings.catch_warnings():  # multivariate/group/constant_liar are "experimental" in Optuna 5
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, group=True, constant_liar=True)
     if k is SamplerKind.GP:
         return optuna.samplers.GPSampler(seed=spec.seed)
     if k is SamplerKind.CMAES:

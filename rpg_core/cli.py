@@ -203,6 +203,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             what = "pruned" if res.stopped == PRUNED else f"stopped ({res.stopped})"
             print(f"rpg train: {what} at step {res.step} (stop requested by tag {STOP_TAG}={res.stopped} on MLflow run "
                   f"{res.run_id}); checkpoint in {trainer.ckpt_dir}, running it again resumes", flush=True)  # fmt: skip
+        if trainer.world > 1:
+            # Under accelerate the first process to exit non-zero makes torch's launcher SIGTERM the others: the
+            # other processes wait until the main one has ended the MLflow run and said so, and exit 0; the main
+            # process alone reports the outcome (accelerate launch itself then exits 1).
+            trainer.acc.wait_for_everyone()
+            return PRUNED_EXIT if trainer.is_main else 0
         return PRUNED_EXIT
     if trainer.is_main:
         print(f"done: step {res.step}, run dir {res.run_dir}, MLflow run {res.run_id}")

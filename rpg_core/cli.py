@@ -262,7 +262,7 @@ def cmd_sweep_expand(args: argparse.Namespace) -> int:
     import json
 
     from rpg_core.config import RunConfigError
-    from rpg_core.sweeps import SweepError, expand, load_sweep
+    from rpg_core.sweeps import SweepError, expand, kl_warnings, load_sweep
 
     try:
         seeds = None
@@ -275,12 +275,15 @@ def cmd_sweep_expand(args: argparse.Namespace) -> int:
     except (SweepError, RunConfigError) as e:
         print(f"rpg sweep expand: {e}", file=sys.stderr)
         return 2
+    warnings = kl_warnings(exp.sweep, exp)
     if args.json:
         print(json.dumps({"sweep": exp.sweep.name, "runs": exp.as_dicts(),
-                          "dropped": [{"seed": d.seed, "axes": d.axes, "reason": d.reason} for d in exp.dropped]},
-                         indent=1))  # fmt: skip
+                          "dropped": [{"seed": d.seed, "axes": d.axes, "reason": d.reason} for d in exp.dropped],
+                          "warnings": warnings}, indent=1))  # fmt: skip
     else:
         print(exp.table())
+    for w in warnings:  # not fatal: the runs are valid, the comparison is what is void
+        print(f"rpg sweep expand: warning: {w}", file=sys.stderr)
     return 0
 
 

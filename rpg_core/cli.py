@@ -203,6 +203,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             what = "pruned" if res.stopped == PRUNED else f"stopped ({res.stopped})"
             print(f"rpg train: {what} at step {res.step} (stop requested by tag {STOP_TAG}={res.stopped} on MLflow run "
                   f"{res.run_id}); checkpoint in {trainer.ckpt_dir}, running it again resumes", flush=True)  # fmt: skip
+        if trainer.world > 1:
+            # Under accelerate the first process to exit non-zero makes torch's launcher SIGTERM the others: the
+            # other processes wait until the main one has ended the MLflow run and said so, and exit 0; the main
+            # process alone reports the outcome (accelerate launch itself then exits 1).
+            trainer.acc.wait_for_everyone()
+            return PRUNED_EXIT if trainer.is_main else 0
         return PRUNED_EXIT
     if trainer.is_main:
         print(f"done: step {res.step}, run dir {res.run_dir}, MLflow run {res.run_id}")
@@ -279,7 +285,7 @@ def cmd_sweep_expand(args: argparse.Namespace) -> int:
     import json
 
     from rpg_core.config import RunConfigError
-    from rpg_core.sweeps import SweepError, expand, load_sweep
+    from rpg_core.sweeps import SweepError, expand, kl_warnings, load_sweep
 
     try:
         seeds = None
@@ -292,12 +298,15 @@ def cmd_sweep_expand(args: argparse.Namespace) -> int:
     except (SweepError, RunConfigError) as e:
         print(f"rpg sweep expand: {e}", file=sys.stderr)
         return 2
+    warnings = kl_warnings(exp.sweep, exp)
     if args.json:
         print(json.dumps({"sweep": exp.sweep.name, "runs": exp.as_dicts(),
-                          "dropped": [{"seed": d.seed, "axes": d.axes, "reason": d.reason} for d in exp.dropped]},
-                         indent=1))  # fmt: skip
+                          "dropped": [{"seed": d.seed, "axes": d.axes, "reason": d.reason} for d in exp.dropped],
+                          "warnings": warnings}, indent=1))  # fmt: skip
     else:
         print(exp.table())
+    for w in warnings:  # not fatal: the runs are valid, the comparison is what is void
+        print(f"rpg sweep expand: warning: {w}", file=sys.stderr)
     return 0
 
 

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rpg_core.benchmarks import check_benchmark
 from rpg_core.data import ArithmeticLevel, PromptTemplate
-from rpg_core.objectives import PRESETS, AdvantageEstimator, ObjectiveConfig, ReferenceMode, get_preset
+from rpg_core.objectives import PRESETS, AdvantageEstimator, Form, ObjectiveConfig, ReferenceMode, get_preset
 from rpg_core.rewards import AnswerRule
 from rpg_core.tracking import AXIS_TAGS
 
@@ -37,6 +37,7 @@ __all__ = [
     "Device",
     "EvalConfig",
     "GeneratorKind",
+    "KL_SETTINGS",
     "ModelConfig",
     "OptimConfig",
     "Precision",
@@ -216,6 +217,14 @@ class TrackingConfig(_Section):
     tags: dict[str, str] = Field(default_factory=dict, description="extra MLflow tags (e.g. sweep: kl_design)")
 
 
+# The KL design settings (spec §10.1): what a KL ablation varies. Where RunConfig.kl_inert_reason() says the KL term
+# cannot act, none of them changes what a run learns (beyond zero-mean noise); rpg_core.sweeps warns about sweeps that
+# set them there.
+KL_SETTINGS = (
+    "objective.beta", "objective.form", "objective.direction", "objective.normalized", "objective.estimator",
+    "objective.kl_is_weight", "algorithm.reference", "algorithm.ref_refresh_every",
+)  # fmt: skip
+
 # Fields that do not change what a run computes; left out of the key.
 _BOOKKEEPING = {
     "train": {"output_dir", "checkpoint_every", "keep_checkpoints", "log_samples", "max_minutes", "device", "deterministic"},
@@ -279,6 +288,38 @@ class RunConfig(_Section):
         if self.objective.beta == 0:
             return False
         return self.algorithm.reference is ReferenceMode.FIXED or self.algorithm.ref_refresh_every > 1
+
+    def kl_inert_reason(self) -> str | None:
+        """Why this run's KL term cannot act (one line naming the fix), or None when it can (or beta = 0: none).
+
+        With the reference refreshed every step (iterative, ``ref_refresh_every=1``) pi_ref = pi_old (spec §5):
+        * the KL in the reward (form=reward) is taken at rollout time, between pi_old and pi_ref: k(1) = 0 for every
+          estimator, however many updates follow (spec §6.4);
+        * with one optimizer update per rollout (epochs x mini_batches = 1) the loss's gradient is taken at
+          pi_theta = pi_old = pi_ref: the KL's value is 0 and so is its gradient for UFKL/URKL, k2 and k3; for
+          FKL/RKL and k1 it is +-beta * dlog pi_theta (``objectives.exact.kl_gradient_at_reference``), zero in
+          expectation (spec §2.6), so beta only scales noise.
+        Checked numerically for every KL term, and on the trainer, in tests/test_kl_inert.py."""
+        o, a = self.objective, self.algorithm
+        if o.beta == 0 or a.reference is not ReferenceMode.ITERATIVE or a.ref_refresh_every > 1:
+            return None
+        ref = "the reference refreshed every step (algorithm.reference=iterative, ref_refresh_every=1: pi_ref = pi_old)"
+        other = "algorithm.reference=fixed or algorithm.ref_refresh_every >= 2"
+        if o.form is Form.REWARD:
+            return (f"the KL term is identically zero: objective.form=reward takes the KL between pi_old and pi_ref at "
+                    f"rollout time, with {ref}; set {other}")  # fmt: skip
+        if a.epochs * a.mini_batches > 1:
+            return None
+        from rpg_core.objectives.exact import kl_gradient_at_reference
+
+        c = kl_gradient_at_reference(o)
+        what = "identically zero" if c == 0 else (
+            f"zero in value and in expected gradient (for {o.divergence_name} its gradient per token is "
+            f"{'+' if c > 0 else '-'}beta * dlog pi, mean 0: beta only scales noise)"
+        )  # fmt: skip
+        return (f"the KL term is {what}: one optimizer update per rollout (algorithm.epochs=1, mini_batches=1) with "
+                f"{ref} takes the gradient at pi_theta = pi_ref = pi_old; set algorithm.mini_batches >= 2 (or epochs "
+                f">= 2), or {other}")  # fmt: skip
 
     def key(self) -> str:
         """The configuration key: a 12-hex content hash of everything that changes the computation (objective in

@@ -24,6 +24,10 @@ axis). Every combination is validated as ``rpg train`` would validate it: an inv
 error as its reason (e.g. the objective rejects a penalty-form forward KL as an importance weight). A combination
 that computes the same run as an earlier one (same config key and seed; the objective is compared in canonical
 form) is dropped as a duplicate of it.
+
+``kl_warnings`` flags a sweep that sets KL settings (``config.KL_SETTINGS``: beta, direction, estimator, ...) for runs
+whose KL term cannot act (``RunConfig.kl_inert_reason``, e.g. one update per rollout with pi_ref = pi_old): such a
+comparison compares nothing. ``rpg sweep expand`` prints them; a tuner's study validation calls it too.
 """
 
 from __future__ import annotations
@@ -36,16 +40,28 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from rpg_core.config import (
+    KL_SETTINGS,
     RunConfig,
     RunConfigError,
     deep_merge,
     load_run_config,
     parse_overrides,
+    preset_dict,
     read_yaml_mapping,
     run_key,
 )
 
-__all__ = ["Dropped", "Expansion", "Sweep", "SweepError", "SweepRun", "expand", "load_sweep"]
+__all__ = [
+    "Dropped",
+    "Expansion",
+    "Sweep",
+    "SweepError",
+    "SweepRun",
+    "expand",
+    "kl_settings_set",
+    "kl_warnings",
+    "load_sweep",
+]
 
 PRESET_AXIS = "preset"
 SEED_FIELD = "train.seed"  # set by `seeds` only
@@ -262,3 +278,54 @@ def expand(sweep: Sweep) -> Expansion:
                 over = {"preset": preset, **over}
             out.runs.append(SweepRun(len(out.runs) + 1, cfg.key(), seed, labels, over, cfg))
     return out
+
+
+# -- KL settings that cannot act ---------------------------------------------------------------------------------
+
+
+def _dotted(nested: dict[str, Any], prefix: str = "") -> list[str]:
+    """{"optim": {"lr": 1}} (or dotted keys) -> ["optim.lr"]."""
+    out: list[str] = []
+    for key, value in _nested(nested).items():
+        path = f"{prefix}{key}"
+        out += _dotted(value, path + ".") if isinstance(value, dict) and value else [path]
+    return out
+
+
+def kl_settings_set(sweep: Sweep) -> list[str]:
+    """The KL settings (``config.KL_SETTINGS``) the sweep's ``base`` or ``grid`` sets (a plain axis, a bundle's fields,
+    a preset axis's objective and reference), in that order. The base config and ``preset:`` are not the sweep's
+    choice and do not count."""
+    fields = set(_dotted(sweep.base))
+    for axis, values in sweep.grid.items():
+        for value in values:
+            if axis == PRESET_AXIS:
+                try:
+                    fields.update(_dotted(preset_dict(str(value))))
+                except RunConfigError:  # an unknown preset: expand() drops it with the reason
+                    pass
+            elif isinstance(value, dict):
+                fields.update(_dotted({k: v for k, v in value.items() if k != LABEL}))
+            else:
+                fields.add(axis)
+    return [f for f in KL_SETTINGS if f in fields]
+
+
+def kl_warnings(sweep: Sweep, expansion: Expansion) -> list[str]:
+    """One line per reason why some of the sweep's runs cannot feel the KL settings the sweep sets
+    (``RunConfig.kl_inert_reason``), naming the runs and the fix; [] when it sets none or every run's KL acts."""
+    touched = kl_settings_set(sweep)
+    if not touched:
+        return []
+    inert: dict[str, list[SweepRun]] = {}
+    for r in expansion.runs:
+        reason = r.config.kl_inert_reason()
+        if reason is not None:
+            inert.setdefault(reason, []).append(r)
+    out = []
+    for reason, runs in inert.items():
+        shown = ", ".join(f"#{r.index}" for r in runs[:8]) + (", ..." if len(runs) > 8 else "")
+        out.append(f"sweep {sweep.name}: {len(runs)} of {len(expansion.runs)} runs ({shown}) set KL settings "
+                   f"({', '.join(touched)}) but {reason}")  # fmt: skip
+    return out
+

@@ -203,3 +203,43 @@ def test_rpg_train_stopped_by_request_stop_exits_pruned(tmp_path):
     pruned_at = int(_tags(uri, run_id)[PRUNED_TAG])
     assert 2 <= pruned_at == out.step < 400 and (ckpts / f"step_{pruned_at:06d}" / "COMPLETE").exists()
     assert f"rpg train: pruned at step {pruned_at} (stop requested by tag {STOP_TAG}=pruned" in out.log.read_text()
+
+
+@pytest.mark.system
+@pytest.mark.subprocess
+def test_two_processes_stop_together(tmp_path):
+    """Under `accelerate launch` (2 gloo processes) only the main process reads the request; both stop after the same
+    step (neither waits in a collective for the other); the main process exits PRUNED_EXIT after ending the run, the
+    other one 0, so torch's launcher SIGTERMs nobody (accelerate launch itself then exits 1)."""
+    from rpg_core.config import load_run_config
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_run_config(preset="rpg_reinforce_urkl", overrides=[
+        *TINY, "data.n_eval=0", "train.steps=400", "train.checkpoint_every=1", f"train.output_dir={tmp_path / 'runs'}",
+        f"tracking.tracking_uri={uri}"])  # fmt: skip
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "infra/accelerate/cpu_2proc.yaml"),
+         "--main_process_port", "0", "-m", "rpg_core.cli", "train", "--config", str(path)],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    ckpts = tmp_path / "runs" / cfg.run_key() / "checkpoints"
+    try:
+        deadline = time.monotonic() + 240
+        while not (ckpts / "step_000002" / "COMPLETE").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        run_id = json.loads((ckpts / "step_000002" / "state.json").read_text())["run_id"]
+        request_stop(run_id, tracking_uri=uri)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    pruned_at = int(_tags(uri, run_id)[PRUNED_TAG])
+    assert f"rpg train: pruned at step {pruned_at} " in out, out[-3000:]
+    assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
+    assert (ckpts / f"step_{pruned_at:06d}" / "COMPLETE").exists() and pruned_at < 400
+    # torch's elastic launcher lists the processes that exited non-zero: the main one alone, with PRUNED_EXIT
+    assert proc.returncode == 1 and out.count("exitcode  :") == out.count("exitcode  : 3 ") == 1, out[-3000:]
+    assert "rank      : 0 " in out and "SIGTERM" not in out, out[-3000:]

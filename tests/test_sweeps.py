@@ -178,3 +178,65 @@ def test_rpg_sweep_expand_cli():
     r = subprocess.run([sys.executable, "-m", "rpg_core.cli", "sweep", "expand", "nope.yaml"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 2 and "sweep file 'nope.yaml' does not exist" in r.stderr
+
+
+def test_kl_warnings_when_the_sweep_sets_kl_settings_the_runs_cannot_feel(tmp_path, capsys):
+    """A beta sweep on the README demo (one update per rollout, reference refreshed every step: the KL term is 0)
+    warns, naming the runs and the fix; with two mini-batches it does not, nor does a sweep that sets no KL setting.
+    `rpg sweep expand` prints the warnings to stderr (and in --json) and still succeeds."""
+    from rpg_core.cli import main
+    from rpg_core.sweeps import kl_settings_set, kl_warnings
+
+    demo = ROOT / "configs" / "demo_add2_urkl.yaml"
+    path = tmp_path / "beta.yaml"
+    path.write_text(f"name: beta\nconfig: {demo}\ngrid:\n  objective.beta: [1.0e-4, 1.0e-3]\n")
+    exp = expand(load_sweep(path))
+    warnings = kl_warnings(exp.sweep, exp)
+    assert len(warnings) == 1
+    assert warnings[0].startswith("sweep beta: 2 of 2 runs (#1, #2) set KL settings (objective.beta) but the KL term "
+                                  "is identically zero: one optimizer update per rollout")  # fmt: skip
+    assert "set algorithm.mini_batches >= 2" in warnings[0]
+    two = expand(load_sweep(path, overrides=["algorithm.mini_batches=2"]))
+    assert kl_warnings(two.sweep, two) == []
+    (tmp_path / "lr.yaml").write_text(f"name: lr\nconfig: {demo}\ngrid:\n  optim.lr: [1.0e-5, 4.0e-5]\n")
+    lr = expand(load_sweep(tmp_path / "lr.yaml"))
+    assert kl_settings_set(lr.sweep) == [] and kl_warnings(lr.sweep, lr) == []
+    # a preset axis sets the objective and the reference; a bundle its own fields
+    methods = load_sweep(_write(tmp_path, f"""
+name: m
+config: {demo}
+grid:
+  preset: [rpg_reinforce_urkl, rpg_reinforce_fkl]
+  v: [{{label: a, optim.lr: 1.0e-5}}, {{label: b, objective.estimator: k1}}]
+"""))
+    assert kl_settings_set(methods) == ["objective.beta", "objective.form", "objective.direction",
+                                        "objective.normalized", "objective.estimator", "objective.kl_is_weight",
+                                        "algorithm.reference"]  # fmt: skip
+    exp_m = expand(methods)
+    assert [w.split(" but ")[0] for w in kl_warnings(methods, exp_m)] == [
+        "sweep m: 2 of 4 runs (#1, #2) set KL settings (" + ", ".join(kl_settings_set(methods)) + ")",  # URKL
+        "sweep m: 2 of 4 runs (#3, #4) set KL settings (" + ", ".join(kl_settings_set(methods)) + ")",  # FKL: noise
+    ]
+    assert main(["sweep", "expand", str(path), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["warnings"] == warnings and err == f"rpg sweep expand: warning: {warnings[0]}\n"
+    assert main(["sweep", "expand", str(path), "--set", "algorithm.mini_batches=2"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_kl_warnings_of_the_shipped_sweeps():
+    """smoke (two mini-batches) and paper (16) do not warn. kl_design does, for its 15 reward-form runs: the KL in the
+    reward is taken between pi_old and pi_ref at rollout time, 0 with the iterative reference it uses, whatever
+    algorithm.mini_batches is."""
+    from rpg_core.sweeps import kl_warnings
+
+    found = {}
+    for name in ("smoke", "paper", "kl_design"):
+        exp = expand(load_sweep(ROOT / "sweeps" / f"{name}.yaml"))
+        found[name] = kl_warnings(exp.sweep, exp)
+        inert = [r for r in exp.runs if r.config.kl_inert_reason()]
+        assert len(inert) == (15 if name == "kl_design" else 0)
+        assert all(r.config.objective.form.value == "reward" for r in inert)
+    assert found["smoke"] == found["paper"] == [] and len(found["kl_design"]) == 1
+    assert found["kl_design"][0].startswith("sweep kl_design: 15 of 61 runs (#47, #48,")
+    assert "objective.form=reward" in found["kl_design"][0]

@@ -15,7 +15,15 @@ from torch import Tensor
 from .config import Direction, Form, ObjectiveConfig
 from .losses import policy_loss
 
-__all__ = ["GradientCheck", "Identification", "exact_divergence", "gradient_check", "identify_objective", "onpolicy_kl_gradient"]
+__all__ = [
+    "GradientCheck",
+    "Identification",
+    "exact_divergence",
+    "gradient_check",
+    "identify_objective",
+    "kl_gradient_at_reference",
+    "onpolicy_kl_gradient",
+]
 
 Param = Literal["softmax", "exp"]
 
@@ -157,3 +165,18 @@ def onpolicy_kl_gradient(cfg: ObjectiveConfig, k: int = 6, seed: int = 0, tol: f
         if float((g_l - g_d).abs().max()) < tol:
             return name
     return "zero" if float(g_l.abs().max()) < tol else "other"
+
+
+def kl_gradient_at_reference(cfg: ObjectiveConfig) -> float:
+    """The per-token gradient of the loss's KL term where pi_theta = pi_ref = pi_old (one optimizer update per
+    rollout, reference refreshed every step, spec §5), in units of beta * dlog pi_theta: f'(1) of the RPG forms, the
+    estimator's slope at ratio 1 for the penalty form (the weight w = 1 adds nothing), 0 for the reward form (its KL
+    is not in the loss). 0 for UFKL/URKL, k2 and k3; -1 for FKL and forward k1, +1 for RKL and reverse k1: a score
+    term whose expectation E_pi[dlog pi] is 0 (spec §2.6). Read off ``policy_loss`` itself at advantage 0."""
+    if cfg.beta == 0 or cfg.form is Form.REWARD:
+        return 0.0
+    logp = torch.zeros(1, 1, dtype=torch.float64, requires_grad=True)
+    zero, one = torch.zeros(1, dtype=torch.float64), torch.ones(1, 1, dtype=torch.bool)
+    out = policy_loss(cfg, logp, logp.detach(), None, zero, one)
+    (g,) = torch.autograd.grad(out.loss, logp)
+    return float(g) / cfg.beta + 0.0  # + 0.0: -0.0 reads as 0.0

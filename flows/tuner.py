@@ -268,6 +268,8 @@ class Tuner:
             trial.set_user_attr("device_seconds", seconds)
             trial.set_user_attr("mlflow_run_ids", runs)
             failed = [t for t in f.tickets if t.state is RunState.FAILED]
+            if f.pruned_at is None and any(t.state is RunState.PRUNED for t in f.tickets):
+                f.pruned_at = max(f.reported, default=0)  # stopped on an earlier coordinator's request
             if f.pruned_at is not None:
                 self.study.tell(trial, state=TrialState.PRUNED)
                 state, note = TrialState.PRUNED, f"pruned at step {f.pruned_at}"
@@ -591,12 +593,21 @@ def run_study(path: str | Path, *, make_dispatcher: Callable[[Tracker, str], Dis
 
 
 def study_warnings(spec: Study, cell_list: list[Cell]) -> list[str]:
-    """Settings under which the study cannot learn what it searches (e.g. a KL coefficient whose term is zero)."""
-    try:
-        from rpg_core.sweeps import kl_warnings_for
-    except ImportError:  # pragma: no cover
+    """The KL settings the study searches or sets, in cells whose KL term cannot act (``RunConfig.kl_inert_reason``,
+    the same rule ``rpg sweep expand`` warns with): tuning beta there tunes nothing."""
+    from rpg_core.config import KL_SETTINGS
+    from rpg_core.sweeps import kl_settings_set
+
+    touched = [f for f in KL_SETTINGS if f in spec.search or f in kl_settings_set(spec)]
+    if not touched:
         return []
-    return kl_warnings_for(list(spec.search) + list(spec.base) + list(spec.grid), [c.config for c in cell_list])
+    out = []
+    for c in cell_list:
+        reason = c.config.kl_inert_reason()
+        if reason is not None:
+            out.append(f"{'cell ' + c.label if c.label else 'every trial'} searches or sets KL settings "
+                       f"({', '.join(touched)}) but {reason}")  # fmt: skip
+    return out
 
 
 # -- rpg tune (rpg_core/cli.py) -----------------------------------------------------------------------------------------

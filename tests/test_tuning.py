@@ -185,3 +185,16 @@ def test_storage_is_a_journal_file_by_default_and_sqlite_is_refused(tmp_path, mo
         open_storage(f"sqlite:///{tmp_path}/o.db")
     with pytest.raises(StudyError, match="allowed: a journal file path"):
         open_storage("redis://localhost")
+
+
+def test_a_study_of_kl_settings_where_the_kl_cannot_act_is_warned_naming_the_fix():
+    """The README demo's single update per rollout with the reference refreshed every step: pi_theta = pi_ref =
+    pi_old when the gradient is taken, so beta cannot matter; tune_urkl.yaml's two mini-batches make it act."""
+    from flows.tuner import study_warnings
+
+    study = load_study(ROOT / "sweeps" / "tune_urkl.yaml")
+    assert study_warnings(study, cells(study)[0]) == []
+    inert = load_study(ROOT / "sweeps" / "tune_urkl.yaml", overrides=["algorithm.mini_batches=1"])
+    (line,) = study_warnings(inert, cells(inert)[0])
+    assert "searches or sets KL settings (objective.beta) but the KL term is identically zero" in line
+    assert "set algorithm.mini_batches >= 2" in line

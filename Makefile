@@ -43,7 +43,7 @@ bench-eval: install      ## evaluation throughput (samples/s, tokens/s) vs batch
 bench-fleet: install     ## a sweep's scheduling overhead: local vs the work pool, one host vs two (~8 min)
 	$(BIN)/python benchmarks/bench_fleet.py
 
-up: install              ## the local stack: Prefect server + MLflow server + the served flows, on 127.0.0.1
+up: install              ## the local stack: Prefect server + MLflow server + optuna-dashboard + the served flows, on 127.0.0.1
 	$(BIN)/python infra/stack.py up
 
 down:                    ## stop the local stack

@@ -46,7 +46,7 @@ bench-fleet: install     ## a sweep's scheduling overhead: local vs the work poo
 bench-tuning: install    ## the tuner's overhead per trial vs direct runs; compute saved by pruning (~12 min)
 	$(BIN)/python benchmarks/bench_tuning.py
 
-up: install              ## the local stack: Prefect server + MLflow server + the served flows, on 127.0.0.1
+up: install              ## the local stack: Prefect server + MLflow server + optuna-dashboard + the served flows, on 127.0.0.1
 	$(BIN)/python infra/stack.py up
 
 down:                    ## stop the local stack

@@ -1,6 +1,6 @@
-"""The stack in one command: Prefect server, MLflow server and the flows' deployments.
+"""The stack in one command: Prefect server, MLflow server, optuna-dashboard and the flows' deployments.
 
-    python infra/stack.py up   [--prefect-port 4200] [--mlflow-port 5000] [--home .rpg/stack]
+    python infra/stack.py up   [--prefect-port 4200] [--mlflow-port 5000] [--optuna-port 8080] [--home .rpg/stack]
     python infra/stack.py up   --db postgres [--pg-port 5432 | --pg-url postgresql://user:pw@host:port]
                                [--host 0.0.0.0] [--pool gpu-pool]                       (a team's head node)
     python infra/stack.py down [--home .rpg/stack]
@@ -11,10 +11,12 @@ node: ``--db postgres`` puts Prefect (``postgresql+asyncpg``) and MLflow (``post
 from ``<home>/mlartifacts``) on Postgres: a cluster of its own in ``<home>/postgres`` (``initdb``/``pg_ctl``, run as
 the ``postgres`` user when started by root; password in ``<home>/postgres.json``, data kept across ``down``/``up``)
 or an existing server (``--pg-url``); ``--pool`` registers the deployments on a Prefect process work pool instead of
-serving them, and GPU machines run them with ``infra/team/worker.sh``.
+serving them, and GPU machines run them with ``infra/team/worker.sh``. optuna-dashboard shows the tuning studies:
+a journal file ``<home>/optuna.journal`` locally, the database ``optuna`` on Postgres.
 
 ``up`` starts each process in its own session (logs and pid files in ``--home``), waits for its health endpoint,
-and writes ``<home>/env.sh`` with the client settings (``PREFECT_API_URL``, ``MLFLOW_TRACKING_URI``); ``down``
+and writes ``<home>/env.sh`` with the client settings (``PREFECT_API_URL``, ``MLFLOW_TRACKING_URI``,
+``RPG_OPTUNA_STORAGE``, ``RPG_OPTUNA_DASHBOARD_URL``; the served flows get the same); ``down``
 stops every process group (SIGTERM, then SIGKILL; Postgres with ``pg_ctl stop``). Telemetry is off everywhere and
 the Prefect UI is the V1 UI, which makes no external requests (../shared/docs/stack.md).
 """
@@ -22,9 +24,11 @@ the Prefect UI is the V1 UI, which makes no external requests (../shared/docs/st
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -45,8 +49,8 @@ QUIET = {
     "PREFECT_SERVER_UI_V2_ENABLED": "false",  # the V2 UI fetches an analytics config from the internet
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # 2 processes and ~0.5 GiB instead of 16 and ~3 GiB
 }
-ORDER = ("postgres", "prefect", "mlflow", "serve")  # started in this order, stopped in the reverse
-DATABASES = ("prefect", "mlflow")
+ORDER = ("postgres", "prefect", "mlflow", "optuna", "serve")  # started in this order, stopped in the reverse
+DATABASES = ("prefect", "mlflow", "optuna")
 
 
 def _port_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -143,7 +147,8 @@ def _pg_cluster(home: Path, data: Path, port: int) -> str:
 
 
 def _create_databases(server_url: str) -> None:
-    """The ``prefect`` and ``mlflow`` databases, created if missing (their schemas are the servers' own migrations)."""
+    """The ``prefect``, ``mlflow`` and ``optuna`` databases, created if missing (their schemas: the servers' own
+    migrations; Optuna's by ``_init_optuna_schema``)."""
     try:
         import psycopg
     except ImportError:
@@ -153,6 +158,13 @@ def _create_databases(server_url: str) -> None:
         for db in DATABASES:
             if db not in have:
                 conn.execute(f'CREATE DATABASE "{db}"')
+
+
+def _init_optuna_schema(url: str) -> None:
+    """Optuna's tables in an empty database: the dashboard does not create them and exits without them."""
+    import optuna  # only here: 0.4 s
+
+    optuna.storages.RDBStorage(url).engine.dispose()
 
 
 def _stop_postgres(home: Path) -> None:
@@ -167,8 +179,9 @@ def _stop_postgres(home: Path) -> None:
 
 
 def up(home: Path, prefect_port: int, mlflow_port: int, cron: str = "0 2 * * *", *, db: str = "sqlite",
-       pg_port: int = 5432, pg_url: str | None = None, pg_data: Path | None = None, host: str = "127.0.0.1",
-       pool: str | None = None, mlflow_allowed_hosts: str | None = None) -> dict[str, str]:  # fmt: skip
+       optuna_port: int = 8080, pg_port: int = 5432, pg_url: str | None = None, pg_data: Path | None = None,
+       host: str = "127.0.0.1", pool: str | None = None,
+       mlflow_allowed_hosts: str | None = None) -> dict[str, str]:  # fmt: skip
     home = home.resolve()
     home.mkdir(parents=True, exist_ok=True)
     if any((home / f"{n}.pid").exists() for n in ORDER):
@@ -178,12 +191,16 @@ def up(home: Path, prefect_port: int, mlflow_port: int, cron: str = "0 2 * * *",
     if pg_url and not pg_url.startswith(("postgresql://", "postgres://")):
         scheme = pg_url.split("://")[0]
         raise SystemExit(f"--pg-url: {scheme!r} is not allowed; allowed: postgresql://user:password@host:port")
+    if importlib.util.find_spec("optuna_dashboard") is None:
+        raise SystemExit('optuna-dashboard is not installed: pip install -c constraints.txt -e ".[dev,team]"')
     own_pg = db == "postgres" and not pg_url
-    for port in (prefect_port, mlflow_port, *((pg_port,) if own_pg else ())):
+    for port in (prefect_port, mlflow_port, optuna_port, *((pg_port,) if own_pg else ())):
         if not _port_free(port, host):
-            raise SystemExit(f"port {port} is in use; pick another (--prefect-port/--mlflow-port/--pg-port)")
+            raise SystemExit(f"port {port} is in use; pick another "
+                             "(--prefect-port/--mlflow-port/--optuna-port/--pg-port)")  # fmt: skip
     public = socket.getfqdn() if host == "0.0.0.0" else host  # what other machines and browsers use
     prefect_url, mlflow_url = f"http://{public}:{prefect_port}", f"http://{public}:{mlflow_port}"
+    optuna_url = f"http://{public}:{optuna_port}"
     base = {**os.environ, **QUIET, "PREFECT_HOME": str(home / "prefect")}
     try:
         if db == "postgres":
@@ -193,8 +210,12 @@ def up(home: Path, prefect_port: int, mlflow_port: int, cron: str = "0 2 * * *",
             after_scheme = server.split("://", 1)[1]  # the same server, through each store's driver
             prefect_db = f"postgresql+asyncpg://{after_scheme}/prefect"
             mlflow_db = f"postgresql+psycopg://{after_scheme}/mlflow"
+            optuna_db = f"postgresql+psycopg://{after_scheme}/optuna"
+            _init_optuna_schema(optuna_db)
         else:
             prefect_db, mlflow_db = None, f"sqlite:///{home / 'mlflow.db'}"  # Prefect: $PREFECT_HOME/prefect.db
+            optuna_db = str(home / "optuna.journal")  # a JournalFileBackend file: safe for several processes
+            Path(optuna_db).touch()  # the dashboard takes a path as a journal only if the file exists
         prefect_env = {**base, "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(prefect_port),
                        "PREFECT_UI_API_URL": f"{prefect_url}/api"}
         if prefect_db:
@@ -207,11 +228,18 @@ def up(home: Path, prefect_port: int, mlflow_port: int, cron: str = "0 2 * * *",
         if mlflow_allowed_hosts:
             mlflow_cmd += ["--allowed-hosts", mlflow_allowed_hosts]
         m = _start("mlflow", mlflow_cmd, base, home)
+        # wsgiref: one process (the default, gunicorn, forks two and puts a control socket in ~/.gunicorn)
+        o = _start("optuna", [sys.executable, "-m", "optuna_dashboard._cli", optuna_db, "--host", host,
+                              "--port", str(optuna_port), "--server", "wsgiref"], base, home)  # fmt: skip
         local = lambda port: f"http://127.0.0.1:{port}"  # noqa: E731  (health checks from this node)
         _wait(f"{local(prefect_port)}/api/health", p, home / "prefect.log")
         _wait(f"{local(mlflow_port)}/health", m, home / "mlflow.log")
-        client = {"PREFECT_API_URL": f"{prefect_url}/api", "MLFLOW_TRACKING_URI": mlflow_url}
-        local_client = {"PREFECT_API_URL": f"{local(prefect_port)}/api", "MLFLOW_TRACKING_URI": local(mlflow_port)}
+        _wait(f"{local(optuna_port)}/api/studies", o, home / "optuna.log")
+        # the tuner's storage and the dashboard link it writes into MLflow (a link for browsers: the public URL)
+        optuna_client = {"RPG_OPTUNA_STORAGE": optuna_db, "RPG_OPTUNA_DASHBOARD_URL": optuna_url}
+        client = {"PREFECT_API_URL": f"{prefect_url}/api", "MLFLOW_TRACKING_URI": mlflow_url, **optuna_client}
+        local_client = {"PREFECT_API_URL": f"{local(prefect_port)}/api", "MLFLOW_TRACKING_URI": local(mlflow_port),
+                        **optuna_client}  # fmt: skip
         if pool:  # the deployments on a process work pool: workers on the GPU machines run them
             r = subprocess.run([sys.executable, "-m", "flows.deploy", "--pool", pool, "--cron", cron], cwd=ROOT,
                                env={**base, **local_client}, capture_output=True, text=True)  # fmt: skip
@@ -223,10 +251,12 @@ def up(home: Path, prefect_port: int, mlflow_port: int, cron: str = "0 2 * * *",
     except BaseException:
         down(home)
         raise
-    lines = [f"export {k}={v}" for k, v in {**client, **QUIET}.items()]
+    lines = [f"export {k}={shlex.quote(v)}" for k, v in {**client, **QUIET}.items()]
     (home / "env.sh").write_text("\n".join(lines) + "\n")
-    urls = {"prefect_ui": prefect_url, "mlflow_ui": mlflow_url, **client}
-    info = {**urls, "ports": [prefect_port, mlflow_port], "db": db, "pool": pool}
+    (home / "env.sh").chmod(0o600)  # RPG_OPTUNA_STORAGE holds the Postgres password
+    urls = {"prefect_ui": prefect_url, "mlflow_ui": mlflow_url, "optuna_dashboard": optuna_url, **client}
+    public_urls = {k: v for k, v in urls.items() if k != "RPG_OPTUNA_STORAGE"}  # `status` prints stack.json
+    info = {**public_urls, "ports": [prefect_port, mlflow_port, optuna_port], "db": db, "pool": pool}
     (home / "stack.json").write_text(json.dumps(info, indent=1))
     return urls
 
@@ -262,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--home", type=Path, default=Path(os.environ.get("RPG_STACK_HOME", ROOT / ".rpg" / "stack")))
     p.add_argument("--prefect-port", type=int, default=int(os.environ.get("PREFECT_PORT", 4200)))
     p.add_argument("--mlflow-port", type=int, default=int(os.environ.get("MLFLOW_PORT", 5000)))
+    p.add_argument("--optuna-port", type=int, default=int(os.environ.get("OPTUNA_PORT", 8080)), help="optuna-dashboard")
     p.add_argument("--cron", default="0 2 * * *", help="nightly_eval schedule")
     p.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite", help="the servers' stores")
     p.add_argument("--pg-port", type=int, default=int(os.environ.get("PG_PORT", 5432)), help="the stack's own cluster")
@@ -273,12 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.action == "up":
         db = "postgres" if args.pg_url else args.db
-        urls = up(args.home, args.prefect_port, args.mlflow_port, args.cron, db=db, pg_port=args.pg_port,
-                  pg_url=args.pg_url, pg_data=args.pg_data, host=args.host, pool=args.pool,
+        urls = up(args.home, args.prefect_port, args.mlflow_port, args.cron, db=db, optuna_port=args.optuna_port,
+                  pg_port=args.pg_port, pg_url=args.pg_url, pg_data=args.pg_data, host=args.host, pool=args.pool,
                   mlflow_allowed_hosts=args.mlflow_allowed_hosts)  # fmt: skip
         where = f"on work pool {args.pool}: start workers with infra/team/worker.sh" if args.pool else "served here"
         print(f"Prefect UI  {urls['prefect_ui']}   (deployments sweep, train, evaluate, nightly_eval; {where})")
         print(f"MLflow UI   {urls['mlflow_ui']}   (store: {db})")
+        studies = urls["RPG_OPTUNA_STORAGE"] if db == "sqlite" else "postgres, database optuna"
+        print(f"Optuna UI   {urls['optuna_dashboard']}   (studies: {studies})")
         print(f"clients:    source {args.home / 'env.sh'}   stop: python infra/stack.py down")
     elif args.action == "down":
         stopped = down(args.home)

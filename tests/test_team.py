@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -103,10 +104,10 @@ def test_team_sweep_fills_both_hosts_and_a_cancelled_sweep_resumes(reachable_tmp
 
     base = reachable_tmp
     home, pool = base / "head", "test-pool"
-    pp, mp, pgp = free_port(), free_port(), free_port()
+    pp, mp, op, pgp = free_port(), free_port(), free_port(), free_port()
     cmd = [sys.executable, "infra/stack.py", "--home", str(home)]
     head = [*cmd, "--db", "postgres", "--pg-data", str(base / "pg"), "--pg-port", str(pgp),
-            "--prefect-port", str(pp), "--mlflow-port", str(mp), "--pool", pool]  # fmt: skip
+            "--prefect-port", str(pp), "--mlflow-port", str(mp), "--optuna-port", str(op), "--pool", pool]  # fmt: skip
     workers: dict[str, subprocess.Popen] = {}
     copies = {h: _copy_project(base / f"machine-{h}" / ("deep" * (i + 1)) / "rpg-lab") for i, h in enumerate(HOSTS)}
     try:
@@ -117,6 +118,8 @@ def test_team_sweep_fills_both_hosts_and_a_cancelled_sweep_resumes(reachable_tmp
         exports = (home / "env.sh").read_text().splitlines()
         client_env = dict(line.removeprefix("export ").split("=", 1) for line in exports if line)
         assert client_env["PREFECT_API_URL"] == f"http://127.0.0.1:{pp}/api"
+        assert client_env["RPG_OPTUNA_STORAGE"].endswith(f"@127.0.0.1:{pgp}/optuna")
+        assert urllib.request.urlopen(f"http://127.0.0.1:{op}/api/studies", timeout=10).status == 200  # on Postgres
         # Two machines join, each from its own copy: here both on this machine, with two device ids each (this
         # CPU-only torch runs on the CPU whatever CUDA_VISIBLE_DEVICES says). The forms leave `gpus` empty.
         for h in HOSTS:
@@ -243,8 +246,8 @@ def test_team_sweep_fills_both_hosts_and_a_cancelled_sweep_resumes(reachable_tmp
                 os.killpg(w.pid, signal.SIGKILL)
                 w.wait()
         down = subprocess.run([*cmd, "down"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert down.returncode == 0 and down.stdout.strip() == "stopped: mlflow, prefect, postgres", down.stderr
-    assert not any(listening(port) for port in (pp, mp, pgp))
+    assert down.returncode == 0 and down.stdout.strip() == "stopped: optuna, mlflow, prefect, postgres", down.stderr
+    assert not any(listening(port) for port in (pp, mp, op, pgp))
     deadline = time.monotonic() + 10
     while alive(postmaster) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -139,6 +139,11 @@ class Dispatcher:
         """Stop every unfinished run (they keep their last checkpoint)."""
         raise NotImplementedError
 
+    def adopt(self, ticket: Ticket, handle: str) -> bool:
+        """Take over a run an earlier coordinator started and that may still be going (``handle``: what ``start``
+        recorded in ``ticket.flow_run_id``); False when it is not running any more (start it again)."""
+        return False
+
 
 # -- this machine ------------------------------------------------------------------------------------------------------
 
@@ -356,6 +361,7 @@ class PoolDispatcher(Dispatcher):
         )  # fmt: skip
         self.shared, self.deployment = shared_checkpoints, deployment
         self._resume: dict[str, tuple[str, int]] | None = None  # run key -> (host, checkpoint step)
+        self._looked: set[str] = set()
         self._queue: dict[str, str] = {}  # ticket run key -> the host queue it was sent to
         self._workers_checked = 0.0
 
@@ -363,6 +369,10 @@ class PoolDispatcher(Dispatcher):
         """run key -> (machine, step) of the newest unfinished earlier attempt that left a checkpoint (one search)."""
         if self._resume is None:
             self._resume = {}
+        new = [t for t in tickets if t.run_key not in self._looked]  # a tuner plans its trials as it asks them
+        self._looked.update(t.run_key for t in new)
+        if new:
+            tickets = new
             if not self.shared and not self.fresh and tickets:
                 runs = find_runs(kind=RunKind.TRAIN, experiments=tickets[0].cfg.tracking.experiment,
                                  status=["KILLED", "FAILED", "RUNNING"], tracking_uri=self.parent.tracking_uri)  # fmt: skip
@@ -450,6 +460,22 @@ class PoolDispatcher(Dispatcher):
         if any(t.state is not RunState.QUEUED for t in tickets):
             _fill_from_mlflow(tickets, self.parent)
         return before != [(t.state, t.run_id) for t in tickets]
+
+    def adopt(self, ticket: Ticket, handle: str) -> bool:
+        """A flow run of ``train`` that a killed coordinator left on the pool keeps going (a sub-flow outlives its
+        parent's process): wait for it rather than start a second run in the same run folder."""
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            try:
+                run = client.read_flow_run(handle)
+            except Exception:  # noqa: BLE001 - deleted, or never existed: start it again
+                return False
+        if run.state is None or run.state.is_final():
+            return False
+        ticket.flow_run_id, ticket.attempts = handle, 1
+        ticket.state = RunState.RUNNING if run.state.is_running() else RunState.QUEUED
+        return True
 
     def cancel(self, tickets: Sequence[Ticket]) -> None:
         """Cancel every unfinished flow run: a queued one at once, a running one through its worker (which stops the

@@ -201,7 +201,8 @@ class Tuner:
         self._infeasible_streak = 0
         self._launch(trial, params, cfgs)
 
-    def _launch(self, trial: optuna.Trial, params: dict[str, Any], cfgs: dict, *, resume: bool = False) -> None:
+    def _launch(self, trial: optuna.Trial, params: dict[str, Any], cfgs: dict, *, resume: bool = False,
+                handles: dict[str, str] | None = None) -> None:
         key = next(iter(cfgs.values())).key()
         trial.set_user_attr("config_key", key)
         trial.set_user_attr("run_keys", [c.run_key() for c in cfgs.values()])
@@ -221,7 +222,14 @@ class Tuner:
                 t = Ticket(trial.number, child, name=f"{self.name}-t{trial.number}-{cfg.run_key()}")
                 self.tickets.append(t)
                 flight.tickets.append(t)
-                self.dispatcher.start(t)
+                handle = (handles or {}).get(cfg.run_key())
+                if not (handle and self.dispatcher.adopt(t, handle)):
+                    if resume:
+                        self.dispatcher.plan([t])  # pool: back to the machine holding its checkpoint
+                    self.dispatcher.start(t)
+            started = {t.run_key: t.flow_run_id for t in flight.tickets if t.flow_run_id}
+            if started:  # pool: where each run went, so a re-run coordinator can wait for it instead
+                trial.set_user_attr("flow_runs", started)
         self.flights.append(flight)
         how = "resumes" if resume else ("reused from finished runs" if not flight.tickets else "started")
         self.say(f"trial {trial.number} {_fmt(params)}: {how} (config {key}, {len(flight.tickets)} runs)")
@@ -362,9 +370,10 @@ class Tuner:
                 continue
             rows = find_runs(kind=RunKind.TRAIN, experiments=self.experiment, config_key=key, tracking_uri=self.uri)
             ckpt = rows["checkpoint_step"].notna().any() if "checkpoint_step" in rows else False
-            if ckpt:
-                self.say(f"trial {fz.number}: its runs resume from their checkpoints")
-                self._launch(trial, params, cfgs, resume=True)
+            handles = fz.user_attrs.get("flow_runs") or {}
+            if ckpt or handles:
+                self.say(f"trial {fz.number}: its runs resume from their checkpoints, or are still running")
+                self._launch(trial, params, cfgs, resume=True, handles=handles)
                 continue
             retries = int(fz.user_attrs.get("retries", 0))
             trial.set_user_attr("requeued", retries < self.spec.trial_retries)

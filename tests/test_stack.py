@@ -69,7 +69,7 @@ def test_stack_up_and_down(tmp_path):
             with urllib.request.urlopen(req, timeout=10) as resp:
                 names = {d["name"] for d in json.loads(resp.read())}
             time.sleep(0.5)
-        assert names == {"sweep", "train", "evaluate", "nightly"}
+        assert names == {"sweep", "tune", "train", "evaluate", "nightly"}
         again = subprocess.run([*cmd, "up"], cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert again.returncode != 0 and "already recorded" in again.stderr
     finally:

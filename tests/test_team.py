@@ -236,6 +236,31 @@ def test_team_sweep_fills_both_hosts_and_a_cancelled_sweep_resumes(reachable_tmp
                 assert resumed.info.status == "FINISHED" and resumed.data.tags["rpg.host"] == c.data.tags["rpg.host"]
                 log = copies[c.data.tags["rpg.host"]] / ".rpg" / "sweeps" / "smoke" / "logs" / f"{key}.log"
                 assert f"resumed {key}" in log.read_text()
+
+                # -- 3. a tuning study on the pool: its trials are train flow runs, its study on the head's Postgres ----
+                tune_over = ["train.steps=2", "train.eval_every=2", "train.checkpoint_every=2"]
+                tuned = run_deployment("tune/tune", parameters={"study_file": "sweeps/tune_smoke.yaml", "trials": 3,
+                                                                "overrides": tune_over}, timeout=900, poll_interval=2)  # fmt: skip
+                assert tuned.state.is_completed(), tuned.state
+                assert tuned.work_queue_name == "control"
+                import optuna
+
+                from rpg_core.tuning import cells, load_study, study_name
+
+                spec = load_study(ROOT / "sweeps" / "tune_smoke.yaml", tune_over)
+                name = study_name(spec, cells(spec)[0][0])
+                study = optuna.load_study(study_name=name, storage=client_env["RPG_OPTUNA_STORAGE"])  # head's Postgres
+                assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+                parent_id = study.user_attrs["mlflow_parent_run_id"]
+                tex = mlflow.get_experiment_by_name("tune-smoke").experiment_id
+                trial_runs = mlflow.search_runs([tex], f"tags.mlflow.parentRunId = '{parent_id}'")
+                assert sorted(r.info.run_id for r in trial_runs) == sorted(t.user_attrs["mlflow_run_ids"][0]
+                                                                           for t in study.trials)  # fmt: skip
+                assert {r.data.tags["rpg.host"] for r in trial_runs} <= set(HOSTS)
+                assert mlflow.get_run(parent_id).data.tags["best.value"] == str(study.best_value)
+                with get_client(sync_client=True) as client:
+                    subs = [f for f in client.read_flow_runs() if f.name.startswith(name)]
+                    assert len(subs) == 3 and all(f.work_queue_name == "gpu" for f in subs)
     finally:
         for w in workers.values():
             os.killpg(w.pid, signal.SIGTERM)

@@ -198,3 +198,21 @@ def test_a_study_of_kl_settings_where_the_kl_cannot_act_is_warned_naming_the_fix
     (line,) = study_warnings(inert, cells(inert)[0])
     assert "searches or sets KL settings (objective.beta) but the KL term is identically zero" in line
     assert "set algorithm.mini_batches >= 2" in line
+
+
+@pytest.mark.parametrize("kind", ["tpe", "gp", "cmaes", "random", "brute_force"])
+def test_every_sampler_asks_points_inside_the_space(tmp_path, kind):
+    """Each sampler a study file may name is installed and samples the space (a finite one for brute force)."""
+    from rpg_core.tuning import make_sampler
+
+    search = {"optim.lr": {"type": "float", "low": 1e-5, "high": 1e-2, "log": kind != "brute_force",
+                           **({"step": 1e-3} if kind == "brute_force" else {})},
+              "algorithm.epochs": {"type": "int", "low": 1, "high": 3}}  # fmt: skip
+    study = load_study(write(tmp_path, search=search, sampler=kind))
+    cell = cells(study)[0][0]
+    s = optuna.create_study(sampler=make_sampler(study.sampler, study))
+    for i in range(4):
+        t = s.ask()
+        params = suggest(t, study, cell)
+        assert 1e-5 <= params["optim.lr"] <= 1e-2 and params["algorithm.epochs"] in (1, 2, 3)
+        s.tell(t, float(i))

@@ -249,6 +249,7 @@ class ProcessDispatcher(Dispatcher):
         self.slots = threading.Semaphore(concurrency)
         self._lock = threading.Lock()
         self._cancelled = threading.Event()
+        self.wake = threading.Event()  # set when a run ends: the coordinator acts at once instead of at its next poll
 
     def _run(self, t: Ticket) -> None:
         from flows.submit import submit
@@ -276,10 +277,12 @@ class ProcessDispatcher(Dispatcher):
                         else:
                             tail = "".join(out.log.read_text().splitlines(keepends=True)[-8:])
                             t.state, t.message = RunState.FAILED, f"exited with {out.returncode} (log {out.log}):\n{tail}"
+                    self.wake.set()
                     return
         except Exception as e:  # noqa: BLE001 - the ticket says what went wrong; the coordinator goes on
             with self._lock:
                 t.state, t.message = RunState.FAILED, f"{type(e).__name__}: {e}"
+            self.wake.set()
 
     def start(self, ticket: Ticket) -> Ticket:
         ticket.attempts += 1

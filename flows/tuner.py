@@ -420,7 +420,11 @@ class Tuner:
                     self.on_change(self.tickets)
                 if not self.flights and not self._budget_left():
                     break
-                time.sleep(self.poll_s)
+                wake = getattr(self.dispatcher, "wake", None)  # ProcessDispatcher: a run ended
+                if wake is not None and wake.wait(self.poll_s):
+                    wake.clear()
+                elif wake is None:
+                    time.sleep(self.poll_s)
         except BaseException:
             self.dispatcher.cancel(self.tickets)
             raise

@@ -85,6 +85,16 @@ def test_a_study_completes_its_budget_and_a_point_equal_to_a_finished_run_is_reu
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal")))
     study = optuna.load_study(study_name=out["study"], storage=storage)
     assert [t.user_attrs["mlflow_run_ids"] for t in study.trials] == [t["mlflow_run_ids"] for t in trials]
+    # Another study over the same space (its objective reads the curve differently: another name) starts from the
+    # finished runs inside its space, as trials with their curves: its budget of 2 is met without training.
+    path2 = study_file(tmp_path, search={"optim.lr": {"type": "categorical", "choices": [1.0e-3, 1.0e-2]},
+                                         "objective.beta": {"type": "categorical", "choices": [0.01]}},
+                       objective={"metric": "actor/kl_k3", "direction": "minimize", "reduce": "last"},
+                       budget={"trials": 2}, pruner="none")  # fmt: skip
+    other = run_tune(tmp_path, path2)
+    assert other["study"] != out["study"] and [t["note"] for t in other["trials"]] == ["imported", "imported"]
+    assert sorted(t["config_key"] for t in other["trials"]) == sorted({t["config_key"] for t in trials})
+    assert len(train_runs(tmp_path)[1]) == 2  # nothing trained
 
 
 def test_a_planted_bad_region_is_pruned_and_its_run_stops_with_a_checkpoint(tmp_path):

@@ -1,6 +1,6 @@
 """The tuner's cost and what pruning saves, on the tiny model (CPU).
 
-    python benchmarks/bench_tuning.py [--trials 8] [--steps 12] [--out benchmarks/results/tuning.json]
+    python benchmarks/bench_tuning.py [--trials 8] [--steps 60] [--out benchmarks/results/tuning.json]
 
 Three measurements on one study (sweeps/tune_smoke.yaml with ``--steps`` steps a trial, one seed, concurrency 1):
 - ``direct``: the study's trial configs (the points a first, unpruned study chose) trained one after another by
@@ -63,7 +63,7 @@ def device_seconds(tmp: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tuning.json"))
     args = ap.parse_args()
     from flows.core import run_training

@@ -63,7 +63,7 @@ def test_stack_up_and_down(tmp_path):
                 assert resp.status == 200
         deadline = time.monotonic() + 120
         names: set[str] = set()
-        while time.monotonic() < deadline and len(names) < 4:
+        while time.monotonic() < deadline and len(names) < 5:
             req = urllib.request.Request(f"http://127.0.0.1:{pp}/api/deployments/filter", data=b"{}",
                                          headers={"Content-Type": "application/json"})  # fmt: skip
             with urllib.request.urlopen(req, timeout=10) as resp:

@@ -62,6 +62,17 @@ def gpus_of(spec: str) -> list[str]:
     return devices
 
 
+def local_devices(gpus: str, concurrency: int | None) -> tuple[list[str], int]:
+    """This machine's devices for ``gpus`` and the runs at once: ``concurrency``, else one per device (1 on CPU).
+    More runs at once than devices is refused before any compute (the extra ones would only wait for a device)."""
+    devices = gpus_of(gpus)
+    concurrency = concurrency or max(1, len(devices))
+    if devices and concurrency > len(devices):
+        raise ValueError(f"concurrency={concurrency} exceeds the {len(devices)} GPUs in gpus={','.join(devices)!r}; "
+                         f"allowed: 1..{len(devices)}")  # fmt: skip
+    return devices, concurrency
+
+
 class GpuPool:
     """Hands out one device per training process. ``devices`` are CUDA ids ("0", "1", ...); an empty list means CPU
     (``acquire`` yields ""). Exclusive across threads and processes through one lock file per device in

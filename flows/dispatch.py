@@ -238,13 +238,10 @@ class ProcessDispatcher(Dispatcher):
 
     def __init__(self, parent: Tracker, *, workdir: str, gpus: str, retries: int, concurrency: int,
                  fresh: bool = False, lock_dir: str | None = None):  # fmt: skip
-        from flows.core import GpuPool, gpus_of
+        from flows.core import GpuPool, local_devices
 
         self.parent, self.workdir, self.retries, self.fresh = parent, workdir, retries, fresh
-        devices = gpus_of(gpus)
-        if devices and concurrency > len(devices):
-            raise ValueError(f"concurrency={concurrency} exceeds the {len(devices)} GPUs in gpus={gpus!r}; "
-                             f"allowed: 1..{len(devices)}")  # fmt: skip
+        devices, concurrency = local_devices(gpus, concurrency)
         self.pool = GpuPool(devices, lock_dir or f"{workdir}/locks")
         self.slots = threading.Semaphore(concurrency)
         self._lock = threading.Lock()

@@ -29,7 +29,7 @@ from prefect.concurrency.sync import concurrency as concurrency_slots
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from flows.core import GpuPool, finished_runs, gpus_of, host_slug
+from flows.core import GpuPool, finished_runs, gpus_of, host_slug, local_devices
 from flows.dispatch import Dispatch, RunState, Ticket, is_cancelled, make_dispatcher, mark_started, pool_of_current_run
 from flows.progress import Progress
 from flows.submit import child_config, parent_run, submit
@@ -165,12 +165,9 @@ def sweep(
     _enter_project()
     logger = get_run_logger()
     where = dispatch if dispatch is not Dispatch.AUTO else (Dispatch.POOL if pool_of_current_run() else Dispatch.LOCAL)
-    devices = gpus_of(gpus) if where is Dispatch.LOCAL else []
     if where is Dispatch.LOCAL:
+        devices, concurrency = local_devices(gpus, concurrency)
         gpus = ",".join(devices) or "cpu"  # resolved here, once: the tasks run on this machine
-        concurrency = concurrency or max(1, len(devices))
-        if devices and concurrency > len(devices):  # before any compute: the extra slots would only wait for a GPU
-            raise ValueError(f"concurrency={concurrency} exceeds the {len(devices)} GPUs in gpus={gpus!r}; allowed: 1..{len(devices)}")
     exp = expand(load_sweep(sweep_file, overrides=overrides or None, seeds=seeds or None))
     sw = exp.sweep
     if not exp.runs:
@@ -308,11 +305,8 @@ def tune(
     load_study(study_file, overrides or None, seeds or None)  # a bad file fails here, before any compute
     where = dispatch if dispatch is not Dispatch.AUTO else (Dispatch.POOL if pool_of_current_run() else Dispatch.LOCAL)
     if where is Dispatch.LOCAL:
-        devices = gpus_of(gpus)
+        devices, concurrency = local_devices(gpus, concurrency)
         gpus = ",".join(devices) or "cpu"
-        concurrency = concurrency or max(1, len(devices))
-        if devices and concurrency > len(devices):
-            raise ValueError(f"concurrency={concurrency} exceeds the {len(devices)} GPUs in gpus={gpus!r}; allowed: 1..{len(devices)}")
     concurrency = concurrency or 4
     progress: dict[str, Progress] = {}
 

@@ -630,7 +630,7 @@ def cli(args: Any) -> int:
     """``rpg tune``: the study's runs as ``rpg train`` processes of this machine (ProcessDispatcher), no Prefect."""
     import sys
 
-    from flows.core import gpus_of
+    from flows.core import local_devices
     from flows.dispatch import ProcessDispatcher
     from rpg_core.tuning import StudyError
 
@@ -647,14 +647,9 @@ def cli(args: Any) -> int:
         spec = load_study(args.study, args.overrides or None, seeds)
         cells(spec)
         open_storage(args.storage)
-        devices = gpus_of(args.gpus)
+        devices, concurrency = local_devices(args.gpus, args.concurrency)
     except (StudyError, ValueError) as e:
         print(f"rpg tune: {e}", file=sys.stderr)
-        return 2
-    concurrency = args.concurrency or max(1, len(devices))
-    if devices and concurrency > len(devices):
-        print(f"rpg tune: --concurrency {concurrency} exceeds the {len(devices)} GPUs in --gpus; allowed: 1..{len(devices)}",
-              file=sys.stderr)  # fmt: skip
         return 2
     out = sys.stderr if args.json else sys.stdout
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 
 
@@ -41,3 +42,17 @@ def training_processes(marker: str) -> list[int]:
         if "rpg_core.cli train" in cmd and marker in cmd and alive(int(proc.name)):
             pids.append(int(proc.name))
     return pids
+
+
+def wait_healthy(url: str, proc, timeout: float = 120, what: str = "mlflow server") -> None:
+    """Poll ``<url>/health`` until it answers; fail if ``proc`` died or ``timeout`` passed."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            return
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, f"{what} did not start"
+            time.sleep(0.5)

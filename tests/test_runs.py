@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +19,7 @@ from rpg_core.runs import RunStatus, find_runs, get_run, get_runs, histories
 from rpg_core.tracking import AXIS_TAGS, GPU_TAG, GROUP_TAG, HOST_TAG, RunKind, Tracker
 
 sys.path.insert(0, str(Path(__file__).parent))
-from servers import free_port  # noqa: E402
+from servers import free_port, wait_healthy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 5
@@ -186,14 +185,7 @@ def test_histories_through_a_tracking_server_match_the_store(store, tmp_path, mo
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
         http = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{http}/health", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
+        wait_healthy(http, proc)
         local = histories(find_runs(kind="train", tracking_uri=uri), tracking_uri=uri)
         remote = histories(find_runs(kind="train", tracking_uri=http), tracking_uri=http)
         pd.testing.assert_frame_equal(remote, local)

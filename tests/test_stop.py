@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ from rpg_core.tracking import (
     request_stop,
     stop_tags,
 )
-from servers import free_port
+from servers import free_port, wait_healthy
 
 pytestmark = pytest.mark.integration
 
@@ -83,14 +82,7 @@ def test_stop_read_survives_a_stalled_and_a_dead_server(tmp_path, monkeypatch, c
                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     http = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{http}/health", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
+        wait_healthy(http, proc)
         t = Tracker(run_name="r", tracking_uri=http)
         request_stop(t.run_id, tracking_uri=http)
         assert t.stop_requested() == "pruned"

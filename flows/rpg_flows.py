@@ -328,9 +328,14 @@ def tune(
     held = concurrency if where is Dispatch.LOCAL else 0
     if held:
         ensure_gpu_limit(concurrency)
-    with gpu_slots(held) if held else contextlib.nullcontext():
-        summaries = run_study(study_file, make_dispatcher=make, overrides=overrides or None, seeds=seeds or None,
-                              trials=trials, concurrency=concurrency, prune=prune, say=logger.info, on_change=on_change)  # fmt: skip
+    try:
+        with gpu_slots(held) if held else contextlib.nullcontext():
+            summaries = run_study(study_file, make_dispatcher=make, overrides=overrides or None, seeds=seeds or None,
+                                  trials=trials, concurrency=concurrency, prune=prune, say=logger.info,
+                                  on_change=on_change)  # fmt: skip
+    finally:
+        for p in progress.values():
+            _LOCAL_SLOTS.pop(p.parent.run_id, None)
     rows = []
     for sm in summaries:
         for t in sm["trials"]:

@@ -484,27 +484,36 @@ class Tuner:
         self._log_figures(importances)
 
     def _log_figures(self, importances: dict[str, float]) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from optuna.visualization import matplotlib as ov
-
-        with tempfile.TemporaryDirectory() as tmp, contextlib.suppress(Exception), _quiet():
-            if any(t.state is TrialState.COMPLETE for t in self.study.trials):
-                ax = ov.plot_optimization_history(self.study)
-                ax.figure.set_size_inches(8, 4.5)
-                ax.figure.tight_layout()
-                ax.figure.savefig(Path(tmp) / "optimization_history.png", dpi=110)
-                plt.close(ax.figure)
-            if importances:
-                ax = ov.plot_param_importances(self.study)
-                ax.figure.set_size_inches(8, 3 + 0.3 * len(importances))
-                ax.figure.tight_layout()
-                ax.figure.savefig(Path(tmp) / "param_importances.png", dpi=110)
-                plt.close(ax.figure)
-            for p in sorted(Path(tmp).glob("*.png")):
+        with tempfile.TemporaryDirectory() as tmp, contextlib.suppress(Exception):
+            for p in figures(self.study, Path(tmp), importances=bool(importances)):
                 self.parent.log_artifact(p, "figures")
+
+
+def figures(study: optuna.Study, folder: Path, *, importances: bool = True, prefix: str = "") -> list[Path]:
+    """The study's optimization history (every trial's value and the best so far) and its parameter importances
+    (fANOVA, with 2+ complete trials) as PNGs in ``folder``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ov
+
+    out = []
+    complete = [t for t in study.trials if t.state is TrialState.COMPLETE]
+    with _quiet():
+        plots = [("optimization_history", ov.plot_optimization_history, bool(complete))]
+        plots.append(("param_importances", ov.plot_param_importances, importances and len(complete) >= 2))
+        for name, plot, wanted in plots:
+            if not wanted:
+                continue
+            ax = plot(study)
+            ax.figure.set_size_inches(8, 4.5)
+            ax.figure.tight_layout()
+            path = folder / f"{prefix}{name}.png"
+            ax.figure.savefig(path, dpi=110)
+            plt.close(ax.figure)
+            out.append(path)
+    return out
 
 
 @contextlib.contextmanager

@@ -43,6 +43,10 @@ NIGHTLY_TAG = "rpg.nightly"  # on a training run: the nightly run that evaluated
 SUMMARY_METRICS = ("eval/acc_strict", "acc/strict", "reward/mean")
 GPUS_PATTERN = r"^(cpu|[0-9, ]*)$"
 GPUS_HELP = "CUDA devices, e.g. 0,1,2,3; cpu: CPU; empty: the machine's GPUs ($RPG_GPUS, set by worker.sh), else CPU"
+# Form fields the flows share (one declaration, one help text in every Run form)
+Gpus = Annotated[str, Field(pattern=GPUS_PATTERN, description=GPUS_HELP)]
+RunRetries = Annotated[int, Field(ge=0, le=10, description="retries of a failed run (each resumes)")]
+WhereRuns = Annotated[Dispatch, Field(description="auto: the work pool when deployed on one, else this machine")]
 
 
 def gpu_limit_name(host: str | None = None) -> str:
@@ -151,9 +155,9 @@ def sweep(
     concurrency: Annotated[int | None, Field(ge=1, le=1024, description="runs at once; empty: one per GPU of this "
                                              "machine, or on a work pool every run queued for any free GPU")] = None,  # fmt: skip
     force: Annotated[bool, Field(description="re-run configs that already finished")] = False,
-    gpus: Annotated[str, Field(pattern=GPUS_PATTERN, description=GPUS_HELP)] = "",
-    retries: Annotated[int, Field(ge=0, le=10, description="retries of a failed run (each resumes)")] = 1,
-    dispatch: Annotated[Dispatch, Field(description="auto: the work pool when deployed on one, else this machine")] = Dispatch.AUTO,
+    gpus: Gpus = "",
+    retries: RunRetries = 1,
+    dispatch: WhereRuns = Dispatch.AUTO,
     shared_checkpoints: Annotated[bool, Field(description="train.output_dir is a folder every machine shares: a "
                                               "run resumes on any machine, not only where it stopped")] = False,  # fmt: skip
     workdir: Annotated[str, Field(description="configs, logs and GPU locks of the runs")] = ".rpg/sweeps",
@@ -290,9 +294,9 @@ def tune(
     concurrency: Annotated[int | None, Field(ge=1, le=1024, description="runs at once; empty: one per GPU of this "
                                              "machine, or 4 on a work pool")] = None,  # fmt: skip
     prune: Annotated[bool, Field(description="stop trials whose learning curves fall behind (the file's pruner)")] = True,
-    gpus: Annotated[str, Field(pattern=GPUS_PATTERN, description=GPUS_HELP)] = "",
-    retries: Annotated[int, Field(ge=0, le=10, description="retries of a failed run (each resumes)")] = 1,
-    dispatch: Annotated[Dispatch, Field(description="auto: the work pool when deployed on one, else this machine")] = Dispatch.AUTO,
+    gpus: Gpus = "",
+    retries: RunRetries = 1,
+    dispatch: WhereRuns = Dispatch.AUTO,
     workdir: Annotated[str, Field(description="configs, logs and GPU locks of the runs")] = ".rpg/tune",
 ) -> list[dict[str, Any]]:
     """Tune a study file with Optuna: each trial's runs go where a sweep's go (this machine's GPUs, or the team's
@@ -351,7 +355,7 @@ def tune(
 def train(
     config: Annotated[str, Field(description="a run config YAML")] = "configs/demo_add2_urkl.yaml",
     overrides: Annotated[list[str], Field(description="section.field=value")] = [],  # noqa: B006
-    gpus: Annotated[str, Field(pattern=GPUS_PATTERN, description=GPUS_HELP)] = "",
+    gpus: Gpus = "",
     fresh: Annotated[bool, Field(description="ignore the config's checkpoints")] = False,
     workdir: Annotated[str, Field(description="configs, logs and GPU locks")] = ".rpg/sweeps",
     retries: Annotated[int, Field(ge=0, le=10, description="retries of a failed process, here (each resumes)")] = 0,
@@ -403,7 +407,7 @@ def evaluate(
     max_new_tokens: Annotated[int | None, Field(ge=1, description="default: the run's, else 2048")] = None,
     limit: Annotated[int | None, Field(ge=1, description="first N problems of each benchmark")] = None,
     precision: Precision = Precision.FP32,
-    gpus: Annotated[str, Field(pattern=GPUS_PATTERN, description=GPUS_HELP)] = "",
+    gpus: Gpus = "",
     tracking_uri: Annotated[str | None, Field(description="default $MLFLOW_TRACKING_URI, else .rpg/mlflow.db")] = None,
     workdir: str = ".rpg/sweeps",
 ) -> dict[str, float]:
@@ -448,7 +452,7 @@ def nightly_eval(
     precision: Precision = Precision.FP32,
     experiment: Annotated[str, Field(description="MLflow experiment of the training runs")] = "rpg",
     tracking_uri: Annotated[str | None, Field(description="default $MLFLOW_TRACKING_URI, else .rpg/mlflow.db")] = None,
-    gpus: Annotated[str, Field(pattern=GPUS_PATTERN, description=GPUS_HELP)] = "",
+    gpus: Gpus = "",
     workdir: str = ".rpg/sweeps",
 ) -> list[dict[str, Any]]:
     """Evaluate the newest checkpoints on AIME24/AIME25/AMC23: every training run finished since the previous

@@ -1,0 +1,1 @@
+"""Dashboards: statistics and comparisons read from recorded runs."""

@@ -161,6 +161,47 @@ def bootstrap_ci(x, statistic="mean", *, strata=None, level=0.95, reps=2000, see
     return Estimate(value, float(low), float(high), a.size)
 
 
+def bootstrap_band(matrix, statistic="mean", *, level=0.95, reps=1000, seed=0):
+    """Per column of a runs x steps ``matrix`` (NaN: the run did not log that step), the statistic over the runs that
+    did and its percentile bootstrap interval: a curve's band over seeds.
+
+    Output: arrays ``(value, low, high, n)``, one entry per column; ``n`` counts the column's finite entries (a column
+    with none gives NaN and n = 0). Definition: each column is ``bootstrap_ci`` of its finite entries; columns with the
+    same set of runs share their resample indices (one vectorised draw per set, in order of first appearance), so a
+    band is smooth across steps rather than noisy from step to step.
+    """
+    try:
+        m = np.asarray(matrix, dtype=float)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"matrix: not numeric ({e})") from None
+    if m.ndim != 2 or m.size == 0:
+        raise ValueError(f"matrix: expected a non-empty 2-D array (runs x steps), got shape {m.shape}")
+    if np.isinf(m).any():
+        raise ValueError("matrix: contains infinite values (NaN marks a missing point)")
+    _check(level, reps)
+    if isinstance(statistic, str) and statistic not in STATISTICS:
+        raise ValueError(f"statistic: unknown {statistic!r}; allowed: {', '.join(STATISTICS)}")
+    stat = {"mean": lambda a: a.mean(axis=1), "median": lambda a: np.median(a, axis=1),
+            "iqm": lambda a: _st.trim_mean(a, 0.25, axis=1)}.get(statistic) if isinstance(statistic, str) else (
+        lambda a: np.apply_along_axis(lambda r: float(statistic(r)), 1, a))  # fmt: skip
+    cols = m.shape[1]
+    value, low, high = (np.full(cols, np.nan) for _ in range(3))
+    present = np.isfinite(m)
+    n = present.sum(axis=0)
+    rng = np.random.default_rng(seed)
+    patterns: dict[bytes, list[int]] = {}
+    for j in range(cols):
+        if n[j]:
+            patterns.setdefault(present[:, j].tobytes(), []).append(j)
+    for key, js in patterns.items():
+        rows = np.flatnonzero(np.frombuffer(key, dtype=bool))
+        sub = m[np.ix_(rows, js)]  # (runs, columns)
+        value[js] = stat(sub[None, :, :])[0]
+        boot = stat(sub[_indices(rng, rows.size, reps)])  # (reps, runs, columns) -> (reps, columns)
+        low[js], high[js] = _interval(boot, level)
+    return value, low, high, n
+
+
 def benchmark_ci(correct, *, level=0.95, reps=2000, seed=0) -> Estimate:
     """Confidence interval of a benchmark score from a seeds x problems matrix, resampling problems and seeds.
 

@@ -320,6 +320,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    chosen = [n for n, v in (("--sweep", args.sweep), ("--runs", args.runs), ("--study", args.study)) if v]
+    if len(chosen) != 1:  # checked before anything is imported or read
+        print(f"rpg report: give exactly one of --sweep, --runs, --study (got {', '.join(chosen) or 'none'})",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    from dashboards.report import cli
+
+    return cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rpg", description="rpg-lab: KL-regularized policy gradient design space")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -375,6 +386,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="default $MLFLOW_TRACKING_URI, else .rpg/mlflow.db")
     p.add_argument("--output", help="also write every result (per problem and per sample) to this JSON file")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("report", help="an offline HTML report (figures, tables, CIs over seeds) of a sweep, runs or a study")
+    p.add_argument("--sweep", help="a sweep's name (its runs' tag sweep), e.g. kl_divergences")
+    p.add_argument("--runs", help="comma-separated MLflow run ids of training runs")
+    p.add_argument("--study", help="a tuning study's name, as `rpg tune` prints it")
+    p.add_argument("--out", help="output folder (default .rpg/reports/<selection>)")
+    p.add_argument("--by", default="label", help="group runs by: label (default: the configuration), or a design "
+                   "axis (method, divergence, direction, normalized, estimator, form, clip, beta, ...)")  # fmt: skip
+    p.add_argument("--metric", help="the metric the table, grid and trade-off rank by (default: the first "
+                   "benchmark's Mean@k, else eval/acc_strict)")  # fmt: skip
+    p.add_argument("--baseline", help="a group (e.g. GRPO) every other is compared with: difference, P(improvement), "
+                   "paired per-problem differences")  # fmt: skip
+    p.add_argument("--stat", default="mean", choices=["mean", "iqm"], help="statistic over a group's runs")
+    p.add_argument("--x", default="step", choices=["step", "tokens", "wall"], help="the curves' x axis")
+    p.add_argument("--no-png", action="store_true", help="skip the PNG figures (they need Chromium: make browser)")
+    p.add_argument("--no-log", action="store_true", help="do not log the report to the parent MLflow run")
+    p.add_argument("--mlflow-url", help="the MLflow UI's URL for run links (default $RPG_MLFLOW_URL)")
+    p.add_argument("--tracking-uri", default=None, help="default $MLFLOW_TRACKING_URI, else .rpg/mlflow.db")
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("plot", help="accuracy curves of a run (from MLflow) as a PNG")
     p.add_argument("run", help="a run directory (.rpg/runs/<key>) or an MLflow run id")
     p.add_argument("--out", default="accuracy.png")

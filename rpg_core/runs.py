@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import datetime as dt
 import numbers
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
@@ -60,6 +61,9 @@ __all__ = [
     "get_run",
     "get_runs",
     "histories",
+    "list_artifacts",
+    "load_table",
+    "run_tags",
 ]
 
 LEGACY_TRAIN_TAG = "run_dir"  # the trainer's run folder; before rpg.kind, the only mark of a training run
@@ -263,6 +267,39 @@ def _history_reader(client: Any):
 
         return http
     return per_run
+
+
+# -- artifacts ---------------------------------------------------------------------------------------------------------
+
+
+def run_tags(run_id: str, *, tracking_uri: str | None = None) -> dict[str, str]:
+    """Every tag of one run (the frames hold only the axis and bookkeeping tags)."""
+    return dict(_client(tracking_uri).get_run(run_id).data.tags)
+
+
+def list_artifacts(run_id: str, path: str | None = None, *, tracking_uri: str | None = None) -> list[str]:
+    """The artifact paths directly under ``path`` of one run (folders and files, relative to the run's root)."""
+    return [f.path for f in _client(tracking_uri).list_artifacts(run_id, path)]
+
+
+def load_table(run_id: str, path: str, *, tracking_uri: str | None = None) -> pd.DataFrame | None:
+    """A table artifact written by ``Tracker.log_table`` (``mlflow.log_table``'s JSON, ``orient="split"``) as a
+    DataFrame, or None when the run has no such artifact. Works for every artifact store (downloads the one file)."""
+    import json
+    import tempfile
+
+    client = _client(tracking_uri)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one small file: no progress bar
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, path, tmp)
+        except Exception as e:  # MLflow raises its own exceptions (or OSError) for a missing file, per store
+            if "not" in str(e).lower() or isinstance(e, OSError):
+                return None
+            raise
+        with open(local, encoding="utf-8") as f:
+            data = json.load(f)
+    return pd.DataFrame(data["data"], columns=data["columns"])
 
 
 # -- internals ---------------------------------------------------------------------------------------------------------

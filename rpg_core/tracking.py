@@ -251,6 +251,15 @@ def set_run_tags(run_id: str, tags: Mapping[str, Any], tracking_uri: str | None 
     )
 
 
+def log_artifacts_to_run(run_id: str, folder: str | os.PathLike, artifact_path: str | None = None,
+                         tracking_uri: str | None = None) -> None:
+    """Upload every file of ``folder`` (recursively) into an existing run's artifacts under ``artifact_path``, without
+    re-attaching to it (its status and end time stay as they are): e.g. a report logged on a finished sweep's run."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=tracking_uri or default_tracking_uri()).log_artifacts(run_id, str(folder), artifact_path)
+
+
 def request_stop(run_id: str, reason: str = PRUNED, *, tracking_uri: str | None = None) -> None:
     """Ask the running training run ``run_id`` to stop after its current step (tag ``STOP_TAG`` = ``reason``): it
     checkpoints, ends KILLED and ``rpg train`` exits ``PRUNED_EXIT``. Works from any machine that reaches the store.

@@ -484,9 +484,13 @@ def lr_factor(cfg: RunConfig, step: int) -> float:
 # -- held-out evaluation (the default periodic hook) ------------------------------------------------------------
 
 
+HELDOUT_TABLE = "heldout_problems.json"  # eval/step_NNNNNN/heldout_problems.json: id, answer, correct, lenient, length
+
+
 def heldout_eval(trainer: Trainer, step: int) -> dict[str, float]:
     """Strict (paper rule) and lenient accuracy of one sample per held-out problem at ``train.eval_temperature``.
-    Seeded by step only, so every evaluation of a run is comparable and resumes reproduce it."""
+    Seeded by step only, so every evaluation of a run is comparable and resumes reproduce it. Logs the per-problem
+    table ``eval/step_NNNNNN/heldout_problems.json`` (strict ``correct`` as 0/1)."""
     cfg = trainer.cfg
     probs = trainer.eval_problems
     r = cfg.rollout
@@ -499,6 +503,10 @@ def heldout_eval(trainer: Trainer, step: int) -> dict[str, float]:
     strict = rewards_mod.score_responses(rewards_mod.AnswerRule.PAPER, texts, gts)
     lenient = rewards_mod.score_responses(rewards_mod.AnswerRule.LENIENT, texts, gts)
     n = max(1, len(probs))
+    if getattr(trainer, "tracker", None) is not None:  # per problem, for paired comparisons (dashboards): the same problems every run
+        rows = [{"id": p.id, "answer": p.answer, "correct": float(s.acc), "lenient": float(le.acc),
+                 "response_length": len(o[0])} for p, s, le, o in zip(probs, strict, lenient, outs)]  # fmt: skip
+        trainer.tracker.log_table(rows, f"eval/step_{step:06d}/{HELDOUT_TABLE}")
     return {
         "acc_strict": sum(s.acc for s in strict) / n,
         "acc_lenient": sum(s.acc for s in lenient) / n,

@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 
+from dashboards import stats
 from dashboards.stats import (
     Estimate,
     PairedDifference,
@@ -306,3 +307,34 @@ def test_bad_input_raises_value_error_naming_the_argument(call, argument):
 def test_unknown_statistic_lists_the_allowed_ones():
     with pytest.raises(ValueError, match="mean, iqm, median"):
         bootstrap_ci([0.0, 1.0], "mode")
+
+
+# -- bootstrap_band -----------------------------------------------------------------------------------------------
+
+
+def test_bootstrap_band_per_column_with_missing_points():
+    # runs x steps; NaN = the run did not log that step.
+    #   column 0: [0, 1]  -> mean 0.5; resampling two runs gives {0: 1/4, 0.5: 1/2, 1: 1/4} -> 95% interval [0, 1]
+    #   column 1: [1, 1]  -> constant: 1 [1, 1]
+    #   column 2: [nan, 2] -> one run: 2 [2, 2], n = 1
+    #   column 3: [nan, nan] -> nothing: NaN, n = 0
+    m = [[0.0, 1.0, np.nan, np.nan], [1.0, 1.0, 2.0, np.nan]]
+    value, low, high, n = stats.bootstrap_band(m, "mean", reps=2000, seed=0)
+    assert value[:3].tolist() == [0.5, 1.0, 2.0] and np.isnan(value[3])
+    assert low[:3].tolist() == [0.0, 1.0, 2.0] and high[:3].tolist() == [1.0, 1.0, 2.0]
+    assert n.tolist() == [2, 2, 1, 0]
+
+
+def test_bootstrap_band_matches_bootstrap_ci_of_each_column():
+    # a column's band is bootstrap_ci of that column: same statistic value; with the same seed and a single column
+    # the same draws, so the same interval
+    x = np.array([[0.2], [0.5], [0.9], [0.4]])
+    v, lo, hi, n = stats.bootstrap_band(x, "iqm", reps=500, seed=3)
+    e = stats.bootstrap_ci(x[:, 0], "iqm", reps=500, seed=3)
+    assert (v[0], lo[0], hi[0], n[0]) == pytest.approx((e.value, e.low, e.high, e.n))
+
+
+@pytest.mark.parametrize("bad, name", [([[np.inf]], "matrix"), ([1.0, 2.0], "matrix"), ([[]], "matrix")])
+def test_bootstrap_band_refuses_bad_input(bad, name):
+    with pytest.raises(ValueError, match=f"^{name}:"):
+        stats.bootstrap_band(bad)

@@ -42,3 +42,13 @@ def make_store(folder: Path) -> tuple[str, dict[str, str]]:
     parent.log_metrics({"runs_finished": float(len(SEEDS) * len(DIRECTIONS))})
     parent.finish()
     return uri, ids
+
+
+_SHARED: dict[str, tuple[str, dict[str, str]]] = {}
+
+
+def shared_store(tmp_path_factory) -> tuple[str, dict[str, str]]:
+    """One store per test process, shared by every dashboard test module (it takes a minute or two to train)."""
+    if "store" not in _SHARED:
+        _SHARED["store"] = make_store(tmp_path_factory.mktemp("dashstore"))
+    return _SHARED["store"]

@@ -1,0 +1,226 @@
+"""dashboards/ on a real MLflow store of tiny-model runs (tests/dashboard_store.py: forward and reverse KL, 3 seeds):
+the tidy frames, every number a view shows recomputed with dashboards.stats, the report written and logged to the
+sweep's parent run, a tuning study's views from a real Optuna journal. The browser checks are in
+tests/test_dashboards_browser.py."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dashboards import stats, views
+from dashboards.data import AXES, load, problem_scores, summary
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dashboard_store import DIRECTIONS, SEEDS, SWEEP, shared_store  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+METRIC = "actor/kl_k3"  # differs between seeds on the tiny model (accuracy is 0 everywhere)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return shared_store(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def data(store):
+    uri, _ = store
+    return load(sweep=SWEEP, tracking_uri=uri)
+
+
+def test_runs_frame_one_row_per_run_with_axes_seed_group_and_label(data, store):
+    _, ids = store
+    r = data.runs
+    assert len(r) == len(SEEDS) * len(DIRECTIONS)
+    assert set(r["run_id"]) == {v for k, v in ids.items() if k != "parent"}
+    assert sorted(r["seed"].tolist()) == sorted(list(SEEDS) * len(DIRECTIONS))
+    assert r.groupby("group")["seed"].apply(sorted).tolist() == [list(SEEDS)] * len(DIRECTIONS)
+    # preset rpg_reinforce_urkl is unnormalized: forward = UFKL, reverse = URKL (spec §2); only direction varies
+    assert dict(zip(r["direction"], r["label"])) == {"forward": "UFKL", "reverse": "URKL"}
+    assert set(AXES) <= set(r.columns)
+    assert "direction" in data.varying_axes and "divergence" in data.varying_axes and "form" not in data.varying_axes
+    assert data.parent is not None and data.parent["run_id"] == ids["parent"]
+    assert data.headline == "eval/acc_strict"
+
+
+def test_history_full_resolution_with_wall_clock_and_tokens(data):
+    h = data.history
+    kl = h[(h["key"] == METRIC)]
+    assert kl.groupby("run_id")["step"].apply(list).tolist() == [[1, 2]] * 6  # every step of every run
+    assert (h["wall_s"] >= 0).all()
+    # tokens at step s = the sum over steps <= s of tokens_per_s x step time: strictly increasing per run
+    tok = kl.sort_values(["run_id", "step"]).groupby("run_id")["tokens"].apply(list)
+    assert all(t[0] > 0 and t[1] > t[0] for t in tok)
+    assert "perf/tokens_per_s" in set(h["key"])  # kept when every metric was asked for
+    assert data.metrics[0] == "eval/acc_strict" and METRIC in data.metrics
+
+
+def test_summary_last_best_mean_per_run(data):
+    s = summary(data, METRIC).set_index("run_id")
+    h = data.history[data.history["key"] == METRIC]
+    for rid, g in h.groupby("run_id"):
+        g = g.sort_values("step")
+        assert s.at[rid, "last"] == g["value"].iloc[-1]
+        assert s.at[rid, "best"] == g["value"].max()
+        assert s.at[rid, "mean"] == pytest.approx(g["value"].mean())
+        assert s.at[rid, "last_step"] == 2 and s.at[rid, "n_points"] == 2
+
+
+def test_paper_table_cells_are_the_stats_modules_numbers(data):
+    t = views.paper_table(data, metrics=[METRIC], baseline="URKL", reps=500, seed=1)
+    s = summary(data, METRIC)
+    for label in ("UFKL", "URKL"):
+        for which in ("last", "best"):
+            vals = s.loc[s["label"] == label, which].to_numpy()
+            e = stats.bootstrap_ci(vals, "mean", reps=500, seed=1)
+            row = t.cells.loc[label]
+            assert (row[(METRIC, which, "value")], row[(METRIC, which, "low")], row[(METRIC, which, "high")]) == (
+                e.value, e.low, e.high)  # fmt: skip
+            assert row[(METRIC, which, "n")] == 3
+    uf = s.loc[s["label"] == "UFKL", "last"].to_numpy()
+    ur = s.loc[s["label"] == "URKL", "last"].to_numpy()
+    assert t.cells.loc["UFKL", (METRIC, "last", "p_improve")] == stats.probability_of_improvement(uf, ur)
+    assert t.cells.loc["UFKL", (METRIC, "last", "delta")] == pytest.approx(uf.mean() - ur.mean())
+    # the text: value to 3 decimals, half the interval, n; the better Last is bold, the other underlined
+    first = t.cells.index[0]
+    e = t.cells.loc[first]
+    half = (e[(METRIC, "last", "high")] - e[(METRIC, "last", "low")]) / 2
+    assert t.text.loc[first, f"{METRIC} Last"].startswith(f"**{e[(METRIC, 'last', 'value')]:.3f} ± {half:.3f} (3)**")
+    assert t.text.iloc[1][f"{METRIC} Last"].startswith("__")
+    md, tex = t.markdown(), t.latex()
+    assert "<u>" in md and "| label |" in md
+    assert "\\textbf{" in tex and "\\underline{" in tex and "$\\pm$" in tex
+
+
+def test_curve_bands_are_bootstrap_bands_over_the_groups_runs(data):
+    b = views.curve_bands(data, METRIC, reps=300, seed=2)
+    h = data.history[data.history["key"] == METRIC]
+    for label in ("UFKL", "URKL"):
+        ids = data.runs.loc[data.runs["label"] == label, "run_id"]
+        mat = h[h["run_id"].isin(ids)].pivot(index="run_id", columns="step", values="value").to_numpy()
+        v, lo, hi, n = stats.bootstrap_band(mat, "mean", reps=300, seed=2)
+        got = b[b["group"] == label].sort_values("step")
+        assert got["value"].tolist() == v.tolist() and got["low"].tolist() == lo.tolist()
+        assert got["high"].tolist() == hi.tolist() and got["n"].tolist() == [3, 3]
+    by_dir = views.curve_bands(data, METRIC, by="direction", x="tokens", reps=100)
+    assert set(by_dir["group"]) == {"forward", "reverse"} and (by_dir["x"] > 0).all()
+
+
+def test_grid_tradeoff_stability_and_profile(data):
+    g = views.grid_values(data, METRIC, reps=200)
+    assert sorted(g["row"]) == ["forward / unnormalized", "reverse / unnormalized"]
+    assert (g["n"] == 3).all() and (g["failed"] == 0).all()
+    s = summary(data, METRIC)
+    fwd = s.loc[s["direction"] == "forward", "last"].to_numpy()
+    assert g.loc[g["row"].str.startswith("forward"), "value"].item() == stats.iqm(fwd)
+    p = views.tradeoff_points(data, "actor/entropy", kl=METRIC)
+    assert p["n"].tolist() == [3, 3] and p["pareto"].any()
+    st = views.stability_table(data)
+    assert st["runs"].tolist() == [3, 3] and st["failed"].tolist() == [0, 0] and st["nan"].tolist() == [0, 0]
+    assert (st["length_cap"] == 1.0).all()  # the random tiny model always writes max_new_tokens
+    fig = views.performance_profiles(data, METRIC, reps=100)
+    assert len(fig.data) == 4  # a band and a line per group
+
+
+def test_pareto_front_by_hand():
+    # four configurations (kl, accuracy): a (0.1, 0.5), b (0.2, 0.7), c (0.3, 0.6), d (0.1, 0.4)
+    # a: nothing has kl <= 0.1 and acc >= 0.5 but itself (d has less acc)     -> on the front
+    # b: only a/d have less kl, both less acc                                 -> on the front
+    # c: b has less kl and more acc                                           -> dominated
+    # d: a has equal kl and more acc                                          -> dominated
+    from dashboards.data import Data
+
+    runs = pd.DataFrame({"run_id": list("abcd"), "group": list("abcd"), "label": list("abcd"), "seed": [0] * 4,
+                         "status": ["FINISHED"] * 4, "direction": ["forward"] * 4, "normalized": ["true"] * 4})  # fmt: skip
+    kl = {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.1}
+    acc = {"a": 0.5, "b": 0.7, "c": 0.6, "d": 0.4}
+    rows = [(r, "actor/kl_k3", 1, kl[r], 0) for r in "abcd"] + [(r, "eval/acc_strict", 1, acc[r], 0) for r in "abcd"]
+    hist = pd.DataFrame(rows, columns=["run_id", "key", "step", "value", "timestamp"])
+    p = views.tradeoff_points(Data("t", "runs", runs, hist), "eval/acc_strict", "actor/kl_k3")
+    assert dict(zip(p["group"], p["pareto"])) == {"a": True, "b": True, "c": False, "d": False}
+
+
+def test_heldout_problem_tables_give_paired_differences(data):
+    ps = problem_scores(data, "heldout")
+    assert len(ps) == 6 * 6  # 6 runs x n_eval 6 problems, at the last evaluation (step 2)
+    assert set(ps["step"]) == {2} and set(ps["score"]) <= {0.0, 1.0}
+    # train.seed draws the held-out split: the configurations of one seed are evaluated on the same problems
+    sets = ps.groupby(["seed", "label"])["problem"].apply(lambda p: tuple(sorted(p))).unstack("label")
+    assert (sets["UFKL"] == sets["URKL"]).all()
+    from dashboards.report import paired_table
+
+    t = paired_table(data, "URKL")
+    n = ps["problem"].nunique()  # every problem of every seed, each averaged over the seeds that drew it
+    assert t["label"].tolist() == ["UFKL"] and t["problems"].tolist() == [n]
+    assert t["wins"].item() + t["losses"].item() + t["ties"].item() == n
+
+
+def test_report_is_written_offline_and_logged_to_the_parent_run(data, store, tmp_path):
+    from dashboards import report
+    from rpg_core import runs
+
+    uri, ids = store
+    rep = report.write(data, tmp_path / "rep", metric=METRIC, baseline="URKL", png=False)
+    import plotly.offline
+
+    page = rep.html.read_text()
+    js = plotly.offline.get_plotlyjs()
+    assert js in page  # plotly's JavaScript inline (its source names sites in attributions: not requests)
+    page = page.replace(js, "")
+    urls = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)""", page)
+    assert not [u for u in urls if u.startswith(("http:", "https:", "//"))], urls  # nothing from another host
+    assert {"paper_panel", "design_grid", "tradeoff", "performance_profile", "stability"} <= set(rep.figures)
+    for name in ("paper_table.md", "paper_table.tex", "paper_table.csv", "runs.csv", "stability.csv"):
+        assert (tmp_path / "rep" / "tables" / name).exists()
+    assert rep.logged_to == ids["parent"]
+    logged = runs.list_artifacts(ids["parent"], "report", tracking_uri=uri)
+    assert {"report/index.html", "report/tables"} <= set(logged)
+
+
+def test_load_refuses_bad_selections(store):
+    uri, ids = store
+    with pytest.raises(ValueError, match="exactly one of sweep, runs, study"):
+        load(sweep=SWEEP, study="x", tracking_uri=uri)
+    with pytest.raises(ValueError, match="sweep: no training runs tagged sweep='nope'"):
+        load(sweep="nope", tracking_uri=uri)
+    with pytest.raises(ValueError, match="runs: no such run"):
+        load(runs=["0" * 32], tracking_uri=uri)
+    with pytest.raises(ValueError, match="baseline: 'GRPO' is not a label"):
+        views.paper_table(load(runs=[ids["forward-s0"], ids["reverse-s0"]], tracking_uri=uri), baseline="GRPO")
+
+
+def test_study_views_from_a_real_optuna_journal(store, tmp_path):
+    """A study over the store's two configurations (each seed a trial): its parent run records the journal, the
+    trials record their MLflow runs; the views draw Optuna's figures and link every trial to its runs."""
+    import optuna
+
+    from rpg_core.tracking import RunKind, Tracker
+
+    uri, ids = store
+    journal = tmp_path / "optuna.journal"
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    study = optuna.create_study(study_name="st-abc123", storage=storage, direction="maximize")
+    for i, (key, rid) in enumerate((k, v) for k, v in ids.items() if k != "parent"):
+        t = study.ask({"objective.beta": optuna.distributions.FloatDistribution(0.01, 1, log=True),
+                       "algorithm.clip_eps_high": optuna.distributions.FloatDistribution(0.1, 0.4)})  # fmt: skip
+        t.set_user_attr("mlflow_run_ids", [rid])
+        study.tell(t, 0.1 * i + (0.05 if key.startswith("forward") else 0.0))
+    parent = Tracker(run_name="st-abc123", tracking_uri=uri, kind=RunKind.TUNE,
+                     tags={"rpg.study": "st-abc123", "rpg.optuna_storage": str(journal)})  # fmt: skip
+    parent.finish()
+    d = load(study="st-abc123", tracking_uri=uri)
+    assert d.study is not None and len(d.runs) == 6 and d.runs["trial"].notna().all()
+    assert d.parent["run_id"] == parent.run_id
+    names = [n for n, _ in views.study_figures(d)]
+    assert names == ["optimization_history", "param_importances", "slice", "contour"]
+    trials = views.trials_table(d, "http://127.0.0.1:5000")
+    assert trials["number"].tolist() == list(range(6)) and trials["state"].eq("COMPLETE").all()
+    assert trials["links"].iloc[0] == f"http://127.0.0.1:5000/#/runs/{trials['runs'].iloc[0]}"
+    # values 0.1 i (+ 0.05 for forward): i = 5 is reverse-s2 (0.5), i = 4 forward-s2 (0.45)
+    assert trials["value"].max() == pytest.approx(0.5)

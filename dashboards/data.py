@@ -39,6 +39,7 @@ PANEL = ("eval/acc_strict", "reward/mean", "acc/strict", "actor/entropy", "respo
          "response_length/clip_frac", "actor/kl_k1", "actor/kl_k2", "actor/kl_k3", "actor/clipfrac",
          "actor/clipfrac_dual", "actor/grad_norm")  # fmt: skip
 _TOKENS_KEYS = ("perf/tokens_per_s", "time/step")
+_VIEW_EXTRA = ("actor/kl_value", "actor/loss", "eval/best_acc_strict", "actor/clipfrac_high", "actor/clipfrac_low")
 _STUDY_TAG, _TRIAL_TAG = "rpg.study", "rpg.trial"  # flows.tuner's tags (dashboards does not import flows)
 _MEAN_AT_K = re.compile(r"^eval/(?P<bench>[^/]+)/mean_at_(?P<k>\d+)$")
 
@@ -96,12 +97,13 @@ def load(
     sweep: str | None = None,
     runs: Sequence[str] | None = None,
     study: str | None = None,
-    keys: Sequence[str] | None = None,
+    keys: Sequence[str] | str | None = None,
     tracking_uri: str | None = None,
 ) -> Data:
     """The training runs of one sweep (its tag ``sweep``), of the given run ids, or of one tuning study (tag
-    ``rpg.study``), with their histories of ``keys`` (None: every metric they have). Exactly one selection. Raises
-    ValueError naming the selection when it matches no training run."""
+    ``rpg.study``), with their histories of ``keys`` (None: what the views draw, ``PANEL``, every benchmark's Mean@k
+    and the KL values; ``"all"``: every metric they logged). Exactly one selection. Raises ValueError naming the
+    selection when it matches no training run."""
     chosen = [n for n, v in (("sweep", sweep), ("runs", runs), ("study", study)) if v]
     if len(chosen) != 1:
         raise ValueError(f"give exactly one of sweep, runs, study (got {', '.join(chosen) or 'none'})")
@@ -135,9 +137,12 @@ def load(
         ostudy = _optuna_study(study, parent, tracking_uri, notes)
         frame = _study_runs(ostudy, frame, tracking_uri)
     frame = _tidy(frame, tracking_uri)
-    hist = read.histories(frame, None if keys is None else [*keys, *_TOKENS_KEYS], tracking_uri=tracking_uri)
-    hist = _with_time_and_tokens(hist)
-    if keys is not None:
+    if keys is None:  # what the views draw: the panel, every benchmark's Mean@k, the KL estimates
+        logged = [c.removeprefix("metrics.") for c in frame.columns if frame[c].dtype.kind == "f" and c != "seed"]
+        keys = [k for k in logged if k in PANEL or k in _VIEW_EXTRA or _MEAN_AT_K.match(k)]
+    wanted = None if keys == "all" else [*keys, *_TOKENS_KEYS]
+    hist = _with_time_and_tokens(read.histories(frame, wanted, tracking_uri=tracking_uri))
+    if keys != "all":
         hist = hist[hist["key"].isin(set(keys))].reset_index(drop=True)
     failed = frame[frame["status"] == "FAILED"]
     if len(failed):

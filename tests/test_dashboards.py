@@ -49,7 +49,7 @@ def test_runs_frame_one_row_per_run_with_axes_seed_group_and_label(data, store):
     assert data.headline == "eval/acc_strict"
 
 
-def test_history_full_resolution_with_wall_clock_and_tokens(data):
+def test_history_full_resolution_with_wall_clock_and_tokens(data, store):
     h = data.history
     kl = h[(h["key"] == METRIC)]
     assert kl.groupby("run_id")["step"].apply(list).tolist() == [[1, 2]] * 6  # every step of every run
@@ -57,7 +57,10 @@ def test_history_full_resolution_with_wall_clock_and_tokens(data):
     # tokens at step s = the sum over steps <= s of tokens_per_s x step time: strictly increasing per run
     tok = kl.sort_values(["run_id", "step"]).groupby("run_id")["tokens"].apply(list)
     assert all(t[0] > 0 and t[1] > t[0] for t in tok)
-    assert "perf/tokens_per_s" in set(h["key"])  # kept when every metric was asked for
+    # by default what the views draw (the throughput behind tokens is dropped); keys="all": every metric logged
+    assert "perf/tokens_per_s" not in set(h["key"]) and "actor/entropy" in set(h["key"])
+    every = load(sweep=SWEEP, tracking_uri=store[0], keys="all").history
+    assert {"perf/tokens_per_s", "time/step", "lr"} <= set(every["key"]) and set(h["key"]) < set(every["key"])
     assert data.metrics[0] == "eval/acc_strict" and METRIC in data.metrics
 
 

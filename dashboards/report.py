@@ -75,8 +75,8 @@ def build(data: Data, *, by: str = "label", metric: str | None = None, baseline:
         figs["tradeoff"] = views.tradeoff(data, metric)
         tables["tradeoff"] = points
     figs["performance_profile"] = views.performance_profiles(data, metric, by=by)
-    figs["stability"] = views.stability(data)
     tables["stability"] = views.stability_table(data)
+    figs["stability"] = views.stability(data, tables["stability"])
     if problems and baseline:
         paired = paired_table(data, baseline, by=by)
         if paired is not None:

@@ -72,52 +72,72 @@ def _rgba(hex_color: str, alpha: float) -> str:
 def curve_bands(data: Data, metric: str, *, by: str = "label", stat: Stat | str = Stat.MEAN,
                 x: XAxis | str = XAxis.STEP, level: float = 0.95, reps: int = 1000, seed: int = 0) -> pd.DataFrame:  # fmt: skip
     """``group, step, x, value, low, high, n``: per group and step, the statistic of ``metric`` over the group's runs
-    that logged that step, with its percentile bootstrap interval over those runs (``stats.bootstrap_band``)."""
+    that logged that step, with its percentile bootstrap interval over those runs (``stats.bootstrap_band``); ``x``
+    is the step, or the mean over those runs of their tokens or seconds at that step."""
     stat, x = Stat(stat), XAxis(x)
-    h = data.history[data.history["key"] == metric]
-    groups = data.runs.set_index("run_id")[by].astype(str)
-    h = h.assign(group=h["run_id"].map(groups)).dropna(subset=["group"])
-    out = []
-    for g, gh in h.groupby("group", sort=False):
-        gh = gh.drop_duplicates(["run_id", "step"], keep="last")
-        mat = gh.pivot(index="run_id", columns="step", values="value")
-        xs = gh.pivot(index="run_id", columns="step", values=_X_COLUMN[x]).mean(axis=0)
-        value, low, high, n = stats.bootstrap_band(mat.to_numpy(), stat.value, level=level, reps=reps, seed=seed)
-        out.append(pd.DataFrame({"group": g, "step": mat.columns.to_numpy(), "x": xs.to_numpy(), "value": value,
-                                 "low": low, "high": high, "n": n}))  # fmt: skip
     cols = ["group", "step", "x", "value", "low", "high", "n"]
+    h = data.history[data.history["key"] == metric].drop_duplicates(["run_id", "step"], keep="last")
+    if h.empty:
+        return pd.DataFrame(columns=cols)
+    values = h.pivot(index="run_id", columns="step", values="value")  # one pivot for every group
+    xs = h.pivot(index="run_id", columns="step", values=_X_COLUMN[x]).reindex_like(values).to_numpy()
+    group_of = data.runs.set_index("run_id")[by].astype(str).reindex(values.index).to_numpy()
+    steps, mat = values.columns.to_numpy(), values.to_numpy()
+    out = []
+    for g in pd.unique(group_of[~pd.isna(group_of)]):
+        rows = group_of == g
+        keep = ~np.isnan(mat[rows]).all(axis=0)  # the steps this group logged
+        m = mat[rows][:, keep]
+        value, low, high, n = stats.bootstrap_band(m, stat.value, level=level, reps=reps, seed=seed)
+        out.append(pd.DataFrame({"group": g, "step": steps[keep], "x": np.nanmean(xs[rows][:, keep], axis=0),
+                                 "value": value, "low": low, "high": high, "n": n}))  # fmt: skip
     return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
+
+
+def _top_groups(data: Data, by: str, max_groups: int) -> tuple[Data, list[str], str]:
+    """At most ``max_groups`` groups, the best by their mean Last headline metric: the data restricted to them, their
+    names, and a phrase for the figure's title ("" when every group is kept)."""
+    groups = data.groups(by)
+    if len(groups) <= max_groups:
+        return data, groups, ""
+    s = summary(data, data.headline)
+    rank = s.assign(_g=s[by].astype(str)).groupby("_g")["last"].mean().sort_values(ascending=False)
+    groups = [g for g in rank.index if g in set(groups)][:max_groups]
+    keep = set(data.runs.loc[data.runs[by].astype(str).isin(groups), "run_id"])
+    sub = Data(data.title, data.kind, data.runs[data.runs["run_id"].isin(keep)],
+               data.history[data.history["run_id"].isin(keep)], data.parent, data.study, data.tracking_uri)  # fmt: skip
+    return sub, groups, f" (the best {max_groups} of {rank.size} by Last {data.headline})"
 
 
 def paper_panel(data: Data, *, metrics: Sequence[str] | None = None, by: str = "label", stat: Stat | str = Stat.MEAN,
                 x: XAxis | str = XAxis.STEP, level: float = 0.95, reps: int = 1000, seed: int = 0,
-                cols: int = 3) -> go.Figure:  # fmt: skip
+                cols: int = 3, max_groups: int = 10) -> go.Figure:  # fmt: skip
     """One subplot per metric (default: every declared metric of ``data.metrics`` in the panel's order, at most 12),
-    one line per group with its bootstrap band."""
+    one line per group with its bootstrap band. With more than ``max_groups`` groups only the best ``max_groups`` by
+    their mean Last headline metric are drawn (the title says so; the table and the grid show every group)."""
     stat, x = Stat(stat), XAxis(x)
     metrics = list(metrics or data.metrics[:12])
-    groups = data.groups(by)
+    data, groups, shown = _top_groups(data, by, max_groups)
     color = _colors(groups)
     rows = max(1, math.ceil(len(metrics) / cols))
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=metrics, horizontal_spacing=0.07, vertical_spacing=0.12)
     for i, m in enumerate(metrics):
         r, c = i // cols + 1, i % cols + 1
         bands = curve_bands(data, m, by=by, stat=stat, x=x, level=level, reps=reps, seed=seed)
-        for g in groups:
-            b = bands[bands["group"] == g].sort_values("x")
-            if b.empty:
-                continue
-            fig.add_trace(go.Scatter(x=np.r_[b["x"], b["x"][::-1]], y=np.r_[b["high"], b["low"][::-1]], fill="toself",
+        for g, b in bands.groupby("group", sort=False):
+            b = b.sort_values("x")
+            bx, lo, hi, val = (b[c].to_numpy(float) for c in ("x", "low", "high", "value"))
+            fig.add_trace(go.Scatter(x=np.r_[bx, bx[::-1]], y=np.r_[hi, lo[::-1]], fill="toself",
                                      mode="lines", fillcolor=_rgba(color[g], 0.18), line={"width": 0}, hoverinfo="skip",
                                      showlegend=False, legendgroup=g), row=r, col=c)  # fmt: skip
-            fig.add_trace(go.Scatter(x=b["x"], y=b["value"], mode="lines+markers", name=g, legendgroup=g,
+            fig.add_trace(go.Scatter(x=bx, y=val, mode="lines+markers", name=g, legendgroup=g,
                                      line={"color": color[g], "width": 2}, marker={"size": 4}, showlegend=i == 0,
-                                     customdata=np.c_[b["low"], b["high"], b["n"]],
+                                     customdata=np.c_[lo, hi, b["n"].to_numpy(float)],
                                      hovertemplate=f"{g}<br>{m}: %{{y:.4g}} [%{{customdata[0]:.4g}}, "
                                                    f"%{{customdata[1]:.4g}}] n=%{{customdata[2]}}<extra></extra>"),
                           row=r, col=c)  # fmt: skip
         fig.update_xaxes(title_text=_X_TITLE[x] if r == rows else None, row=r, col=c)
-    fig.update_layout(title=f"{data.title}: {stat.value} over runs, {round(level * 100)}% bootstrap band, by {by}",
+    fig.update_layout(title=f"{data.title}: {stat.value} over runs, {round(level * 100)}% bootstrap band, by {by}{shown}",
                       height=300 * rows + 80, template="plotly_white", legend={"orientation": "h", "y": -0.08},
                       margin={"t": 80, "l": 50, "r": 20, "b": 40})  # fmt: skip
     return fig
@@ -385,36 +405,37 @@ def tradeoff(data: Data, metric: str | None = None, kl: str | None = None) -> go
 
 
 def stability_table(data: Data, *, collapse: float = 0.1) -> pd.DataFrame:
-    """Per configuration: ``runs``, ``failed`` (status FAILED), ``nan`` (a NaN or infinite loss or reward logged),
-    ``entropy_collapsed`` (runs whose last entropy fell below ``collapse`` x their first), ``entropy_ratio`` (mean last
-    / first), ``length_cap`` (mean fraction of responses at the length cap over the last third of steps)."""
+    """Per configuration: ``runs``, ``failed`` (status FAILED), ``nan`` (runs that logged a NaN or infinite loss,
+    reward or gradient norm), ``entropy_collapsed`` (runs whose last entropy fell below ``collapse`` x their first),
+    ``entropy_ratio`` (mean over runs of last / first entropy), ``length_cap`` (mean over runs of the fraction of
+    responses at the length cap over the last third of the run's steps)."""
     h = data.history
-    out = []
-    for g, runs in data.runs.groupby("group", sort=False):
-        ids = set(runs["run_id"])
-        hh = h[h["run_id"].isin(ids)]
-        bad = hh[hh["key"].isin(["actor/loss", "reward/mean", "actor/grad_norm"]) & ~np.isfinite(hh["value"])]
-        ent = hh[hh["key"] == "actor/entropy"].sort_values("step")
-        ratios = []
-        for _rid, e in ent.groupby("run_id"):
-            if len(e) >= 2 and e["value"].iloc[0] > 0:
-                ratios.append(e["value"].iloc[-1] / e["value"].iloc[0])
-        cap = hh[hh["key"] == "response_length/clip_frac"]
-        caps = []
-        for _rid, c in cap.groupby("run_id"):
-            tail = c[c["step"] >= c["step"].max() * 2 / 3]
-            caps.append(tail["value"].mean())
-        out.append({"group": g, "label": runs["label"].iloc[0], "runs": len(runs),
-                    "failed": int((runs["status"] == "FAILED").sum()), "nan": bad["run_id"].nunique(),
-                    "entropy_collapsed": int(sum(r < collapse for r in ratios)),
-                    "entropy_ratio": float(np.mean(ratios)) if ratios else np.nan,
-                    "length_cap": float(np.mean(caps)) if caps else np.nan})  # fmt: skip
-    return pd.DataFrame(out, columns=["group", "label", "runs", "failed", "nan", "entropy_collapsed", "entropy_ratio",
-                                      "length_cap"])  # fmt: skip
+    per_run = data.runs.set_index("run_id")[["group"]].copy()
+    bad = h[h["key"].isin(["actor/loss", "reward/mean", "actor/grad_norm"]) & ~np.isfinite(h["value"])]
+    per_run["nan"] = per_run.index.isin(bad["run_id"].unique())
+    ent = h[h["key"] == "actor/entropy"].sort_values(["run_id", "step"]).groupby("run_id")["value"]
+    first, last, count = ent.first(), ent.last(), ent.count()
+    ratio = (last / first).where((count >= 2) & (first > 0))
+    per_run["entropy_ratio"] = ratio.reindex(per_run.index)
+    cap = h[h["key"] == "response_length/clip_frac"]
+    tail = cap[cap["step"] >= cap.groupby("run_id")["step"].transform("max") * 2 / 3]
+    per_run["length_cap"] = tail.groupby("run_id")["value"].mean().reindex(per_run.index)
+    per_run["failed"] = (data.runs.set_index("run_id")["status"] == "FAILED").reindex(per_run.index)
+    g = per_run.groupby("group", sort=False)
+    out = pd.DataFrame({
+        "label": data.runs.drop_duplicates("group").set_index("group")["label"],
+        "runs": g.size(), "failed": g["failed"].sum().astype(int), "nan": g["nan"].sum().astype(int),
+        "entropy_collapsed": g["entropy_ratio"].apply(lambda r: int((r < collapse).sum())),
+        "entropy_ratio": g["entropy_ratio"].mean(), "length_cap": g["length_cap"].mean(),
+    })  # fmt: skip
+    out.index.name = "group"
+    return out.reset_index()[["group", "label", "runs", "failed", "nan", "entropy_collapsed", "entropy_ratio",
+                              "length_cap"]]  # fmt: skip
 
 
-def stability(data: Data, **kw: Any) -> go.Figure:
-    t = stability_table(data, **kw)
+def stability(data: Data, table: pd.DataFrame | None = None, **kw: Any) -> go.Figure:
+    """Bars of ``stability_table`` (given, or computed with ``kw``) per configuration."""
+    t = stability_table(data, **kw) if table is None else table
     fig = make_subplots(rows=1, cols=3, subplot_titles=["last / first entropy (mean over runs)",
                                                         "responses at the length cap (last third)",
                                                         "failed or NaN runs"])  # fmt: skip
@@ -431,15 +452,15 @@ def stability(data: Data, **kw: Any) -> go.Figure:
 
 
 def performance_profiles(data: Data, metric: str | None = None, *, by: str = "label", points: int = 101,
-                         level: float = 0.95, reps: int = 1000, seed: int = 0) -> go.Figure:  # fmt: skip
+                         level: float = 0.95, reps: int = 1000, seed: int = 0, max_groups: int = 10) -> go.Figure:  # fmt: skip
     """The run-score distributions (rliable): for each threshold tau, the fraction of a group's runs whose Last
     ``metric`` exceeds tau, with a bootstrap band."""
     metric = metric or data.headline
+    data, groups, shown = _top_groups(data, by, max_groups)
     s = summary(data, metric)
     vals = s["last"].dropna()
     lo, hi = (float(vals.min()), float(vals.max())) if len(vals) else (0.0, 1.0)
     taus = np.linspace(lo - 1e-9, hi, points)
-    groups = data.groups(by)
     color = _colors(groups)
     fig = go.Figure()
     for g in groups:
@@ -451,7 +472,7 @@ def performance_profiles(data: Data, metric: str | None = None, *, by: str = "la
         fig.add_trace(go.Scatter(x=np.r_[taus, taus[::-1]], y=np.r_[high, low[::-1]], fill="toself", hoverinfo="skip", mode="lines",
                                  fillcolor=_rgba(color[g], 0.15), line={"width": 0}, showlegend=False))  # fmt: skip
         fig.add_trace(go.Scatter(x=taus, y=y, name=g, line={"color": color[g], "shape": "hv"}))
-    fig.update_layout(title=f"{data.title}: performance profile of Last {metric}", xaxis_title=f"threshold τ on {metric}",
+    fig.update_layout(title=f"{data.title}: performance profile of Last {metric}{shown}", xaxis_title=f"threshold τ on {metric}",
                       yaxis_title="fraction of runs > τ", template="plotly_white", height=420)  # fmt: skip
     return fig
 

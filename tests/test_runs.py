@@ -150,12 +150,18 @@ def test_histories_full_resolution_in_one_query_per_metric(store, monkeypatch):
     uri, ids, _ = store
     train = find_runs(kind="train", tracking_uri=uri)
     calls: list[int] = []
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
 
-    real = SqlAlchemyStore.get_metric_history_bulk
-    monkeypatch.setattr(SqlAlchemyStore, "get_metric_history_bulk",
-                        lambda self, run_ids, key, n: calls.append(len(run_ids)) or real(self, run_ids, key, n))  # fmt: skip
-    h = histories(train, ["reward/mean", "loss"], tracking_uri=uri)
+    def count(conn, cursor, statement, params, context, many):  # every SQL statement any engine runs
+        if "FROM metrics" in statement and "run_uuid IN" in statement:
+            calls.append(len(params) - 1 if isinstance(params, (tuple, list)) else -1)  # run ids bound, less the key
+
+    event.listen(Engine, "before_cursor_execute", count)
+    try:
+        h = histories(train, ["reward/mean", "loss"], tracking_uri=uri)
+    finally:
+        event.remove(Engine, "before_cursor_execute", count)
     assert calls == [4, 4]  # one query per metric for all four runs
     assert list(h.columns) == list(runs.HISTORY_COLUMNS)
     expected = sorted(

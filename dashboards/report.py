@@ -77,12 +77,15 @@ def build(data: Data, *, by: str = "label", metric: str | None = None, baseline:
     figs["performance_profile"] = views.performance_profiles(data, metric, by=by)
     tables["stability"] = views.stability_table(data)
     figs["stability"] = views.stability(data, tables["stability"])
-    if problems and baseline:
-        paired = paired_table(data, baseline, by=by)
-        if paired is not None:
-            tables["paired_problems"] = paired
-        else:
-            notes.append("no per-problem evaluation tables: paired per-problem differences not shown")
+    scores = problem_scores(data) if problems else None
+    if scores is not None and len(scores):
+        tables["benchmark_ci"] = benchmark_table(data, scores, by=by)
+        if baseline:
+            paired = paired_table(data, baseline, by=by, scores=scores)
+            if paired is not None:
+                tables["paired_problems"] = paired
+    elif problems:
+        notes.append("no per-problem evaluation tables: benchmark CIs over problems and paired differences not shown")
     if data.study is not None:
         for name, f in views.study_figures(data):
             figs[f"study_{name}"] = f
@@ -91,12 +94,33 @@ def build(data: Data, *, by: str = "label", metric: str | None = None, baseline:
     return figs, tables, notes, table
 
 
-def paired_table(data: Data, baseline: str, *, by: str = "label", bench: str | None = None) -> pd.DataFrame | None:
+def benchmark_table(data: Data, scores: pd.DataFrame, *, by: str = "label") -> pd.DataFrame:
+    """Per benchmark and group, the score at the last evaluation with a CI that covers the finite problem set as well
+    as the seeds (``stats.benchmark_ci``: problems and runs resampled; AIME's 30 problems make one problem 3.3
+    points). When a group's runs were evaluated on different problems (the held-out split follows ``train.seed``)
+    the matrix is not rectangular: the CI resamples the runs' scores only, and ``over`` says so."""
+    from dashboards import stats
+
+    scores = scores.assign(g=scores["run_id"].map(data.runs.set_index("run_id")[by].astype(str)))
+    rows = []
+    for (b, g), sg in scores.groupby(["bench", "g"]):
+        mat = sg.pivot_table(index="run_id", columns="problem", values="score", aggfunc="mean")
+        if mat.notna().all().all():
+            e, over = stats.benchmark_ci(mat.to_numpy()), "runs and problems"
+        else:
+            e, over = stats.bootstrap_ci(mat.mean(axis=1).to_numpy()), "runs (problem sets differ)"
+        rows.append({"bench": b, by: g, "score": e.value, "low": e.low, "high": e.high, "runs": mat.shape[0],
+                     "problems": mat.shape[1], "over": over})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def paired_table(data: Data, baseline: str, *, by: str = "label", bench: str | None = None,
+                 scores: pd.DataFrame | None = None) -> pd.DataFrame | None:  # fmt: skip
     """Per group vs ``baseline``, on the problems both evaluated at their last evaluation (each problem's score
     averaged over a group's runs first): ``stats.paired_difference`` (mean, CI, wins/losses/ties, sign-test p)."""
     from dashboards import stats
 
-    scores = problem_scores(data, bench)
+    scores = problem_scores(data, bench) if scores is None else scores
     if scores.empty:
         return None
     scores = scores.assign(g=scores["run_id"].map(data.runs.set_index("run_id")[by].astype(str)))
@@ -203,6 +227,15 @@ _TITLES = {
     "study_slice": "Study: slices",
     "study_contour": "Study: contour",
 }
+_TABLE_TITLES = {
+    "benchmark_ci": "Benchmark scores with CIs over runs and problems",
+    "paired_problems": "Paired per-problem differences against the baseline",
+    "design_grid": "The design grid's cells",
+    "tradeoff": "The trade-off's points",
+    "stability": "Stability per configuration",
+    "trials": "The study's trials",
+    "runs": "Every run",
+}
 
 
 def _page(data: Data, figs: dict[str, Any], tables: dict[str, pd.DataFrame], table: views.Table, notes: list[str],
@@ -221,7 +254,7 @@ def _page(data: Data, figs: dict[str, Any], tables: dict[str, pd.DataFrame], tab
         parts.append(f"<p class='meta'><a href='{e(views.run_url(mlflow_url, data.parent['run_id']))}'>parent run in MLflow</a></p>")
     parts += [f"<p class='warn'>{e(n)}</p>" for n in notes]
     nav = ["<a href='#table'>table</a>", *[f"<a href='#{k}'>{e(_TITLES.get(k, k))}</a>" for k in figs],
-           *[f"<a href='#t-{k}'>{e(k)}</a>" for k in tables if k != "paper_table"]]  # fmt: skip
+           *[f"<a href='#t-{k}'>{e(_TABLE_TITLES.get(k, k))}</a>" for k in tables if k != "paper_table"]]  # fmt: skip
     parts.append("<nav>" + "".join(nav) + "</nav>")
     parts.append("<h2 id='table'>The paper's table</h2>" + table.html())
     for k, f in figs.items():
@@ -236,7 +269,7 @@ def _page(data: Data, figs: dict[str, Any], tables: dict[str, pd.DataFrame], tab
             frame["run_id"] = [f"<a href='{e(views.run_url(mlflow_url, r))}'>{e(r[:12])}</a>" for r in frame["run_id"]]
         if "links" in frame:
             frame["links"] = [" ".join(f"<a href='{e(u)}'>run</a>" for u in str(v).split()) for v in frame["links"]]
-        parts.append(f"<h2 id='t-{k}'>{e(k.replace('_', ' '))}</h2>")
+        parts.append(f"<h2 id='t-{k}'>{e(_TABLE_TITLES.get(k, k.replace('_', ' ')))}</h2>")
         parts.append(frame.to_html(index=False, escape=False, float_format=lambda v: f"{v:.4g}", na_rep="—",
                                    classes="data", table_id=f"table-{k}"))  # fmt: skip
     parts.append(f"<script>window.RPG_REPORT = {json.dumps({'figures': list(figs), 'tables': list(tables)})};</script>")

@@ -162,6 +162,18 @@ def test_heldout_problem_tables_give_paired_differences(data):
     n = ps["problem"].nunique()  # every problem of every seed, each averaged over the seeds that drew it
     assert t["label"].tolist() == ["UFKL"] and t["problems"].tolist() == [n]
     assert t["wins"].item() + t["losses"].item() + t["ties"].item() == n
+    from dashboards import stats as st
+    from dashboards.report import benchmark_table
+
+    b = benchmark_table(data, ps).set_index("label")
+    assert b["over"].eq("runs (problem sets differ)").all() and b["runs"].tolist() == [3, 3]
+    per_run = ps[ps["label"] == "UFKL"].groupby("run_id")["score"].mean().to_numpy()
+    assert b.at["UFKL", "score"] == st.bootstrap_ci(per_run).value
+    # one problem set for every run of a group (as on a benchmark): the two-way bootstrap over runs and problems
+    seed0 = ps[ps["seed"] == 0]
+    one = benchmark_table(data, seed0).set_index("label")
+    assert one["over"].eq("runs and problems").all() and one["problems"].tolist() == [6, 6]
+    assert one.at["UFKL", "score"] == seed0.loc[seed0["label"] == "UFKL", "score"].mean()
 
 
 def test_report_is_written_offline_and_logged_to_the_parent_run(data, store, tmp_path):

@@ -25,6 +25,7 @@ import collections
 import datetime as dt
 import hashlib
 import logging
+import os
 import threading
 import urllib.parse
 from typing import Any
@@ -98,6 +99,13 @@ def _from_query(search: str | None) -> str | None:
         if q.get(kind):
             return f"{kind}:{q[kind][0]}"
     return None
+
+
+def _choose(search: str | None, value: str | None, from_url: bool, found: list[tuple[str, str]]) -> str | None:
+    """The selection to show: the URL's on load or when it changes, else the one chosen, else the newest."""
+    if from_url or value is None:
+        value = _from_query(search) or value
+    return value or (f"{found[0][0]}:{found[0][1]}" if found else None)
 
 
 # -- rendering ---------------------------------------------------------------------------------------------------------
@@ -193,6 +201,7 @@ def _content(data: Data, *, by: str, metric: str, baseline: str | None, stat: st
     parts += [html.H2(f"Runs ({metric})", style={"font-size": "18px"}), _frame_table(runs, "runs-table", ("mlflow",))]
     if data.kind == "study":
         trials = views.trials_table(data, mlflow_url)
+        trials = trials.drop(columns="runs") if "links" in trials else trials  # the links name the same runs
         parts += [html.H2("Trials", style={"font-size": "18px"}), _frame_table(trials, "trials-table", ("links",))]
     return parts
 
@@ -235,6 +244,22 @@ def create_app(tracking_uri: str | None = None, mlflow_url: str | None = None, r
     lock = threading.Lock()  # one computation at a time: a second request for the same view waits, then hits the cache
     datas: collections.OrderedDict[str, Data] = collections.OrderedDict()
     pages: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
+    # The store is read by one poll at a time; a poll that finds a read in flight (a slow or unreachable store, or a
+    # second page) answers from the last read at once. Dash drops the answer of a callback that is triggered again
+    # before it returns, so a poll slower than the refresh must not make every tick wait for the store.
+    reading = threading.Lock()
+    seen: dict[str, Any] = {}  # "found": the selections; "error": why the last read failed; selection -> (runs, time)
+
+    def read_store(search: str | None, value: str | None, from_url: bool) -> None:
+        try:
+            seen["found"] = selections(tracking_uri)
+            chosen = _choose(search, value, from_url, seen["found"])
+            if chosen:
+                seen[chosen] = (_runs_now(*_parse(chosen), tracking_uri), dt.datetime.now().strftime("%H:%M:%S"))
+            seen.pop("error", None)
+        except Exception as e:  # noqa: BLE001  (an unreachable store: say so, keep polling)
+            log.exception("reading %s failed", store)
+            seen["error"] = f"cannot read {store}: {type(e).__name__}: {e}"
 
     @app.callback(Output("selection", "options"), Output("selection", "value"), Output("url", "search"),
                   Output("status", "children"), Output("version", "data"),
@@ -242,32 +267,34 @@ def create_app(tracking_uri: str | None = None, mlflow_url: str | None = None, r
                   State("version", "data"))  # fmt: skip
     def poll(search, _n, value, version):
         """Every tick: the selections, the chosen one's runs, the status line, and a new version if they changed."""
-        now = dt.datetime.now().strftime("%H:%M:%S")
-        try:
-            found = selections(tracking_uri)
-        except Exception as e:  # noqa: BLE001  (an unreachable store: say so, keep polling)
-            log.exception("listing the store failed")
-            return no_update, no_update, no_update, f"last refreshed {now}: cannot read {store}: {e}", no_update
-        options = [{"label": f"{k} {n}", "value": f"{k}:{n}"} for k, n in found]
-        if ctx.triggered_id == "url" or value is None:
-            value = _from_query(search) or value or (options[0]["value"] if options else None)
+        from_url = ctx.triggered_id == "url"
+        if reading.acquire(blocking=False):
+            try:
+                read_store(search, value, from_url)
+            finally:
+                reading.release()
+        if "found" not in seen:
+            return no_update, no_update, no_update, seen.get("error", f"reading {store} ..."), no_update
+        options = [{"label": f"{k} {n}", "value": f"{k}:{n}"} for k, n in seen["found"]]
+        value = _choose(search, value, from_url, seen["found"])
         if value is None:
-            msg = f"last refreshed {now}: no sweep or study in {store} yet (start one: rpg sweep, rpg tune)"
-            return options, None, no_update, msg, None
+            return options, None, no_update, f"no sweep or study in {store} yet (start one: rpg sweep, rpg tune)", None
         if value not in {o["value"] for o in options}:
             options.append({"label": f"{value.replace(':', ' ')} (no parent run)", "value": value})
         kind, name = _parse(value)
         wanted = "?" + urllib.parse.urlencode({kind: name})
-        try:
-            frame = _runs_now(kind, name, tracking_uri)
-        except Exception as e:  # noqa: BLE001
-            log.exception("reading the runs failed")
-            return options, value, no_update, f"last refreshed {now}: cannot read {store}: {e}", no_update
+        url = wanted if wanted != search else no_update
+        if value not in seen:
+            return options, value, url, seen.get("error", f"reading the runs of {kind} {name} ..."), no_update
+        frame, when = seen[value]
         train = frame[frame["kind"] == RunKind.TRAIN.value]
         running = int((train["status"] == read.RunStatus.RUNNING.value).sum())
-        status = f"last refreshed {now}, {len(train)} runs ({running} running); {kind} {name}, store {store}"
+        status = f"last refreshed {when}, {len(train)} runs ({running} running); {kind} {name}, store {store}"
+        if "error" in seen:
+            status += f"; the last read failed: {seen['error']}"
         sig = _signature(value, frame)
-        return options, value, wanted if wanted != search else no_update, status, sig if sig != version else no_update
+        # a new version only when no view is being drawn: one superseded before it returns would never be shown
+        return options, value, url, status, sig if sig != version and not lock.locked() else no_update
 
     @app.callback(Output("content", "children"), Output("message", "children"),
                   Output("by", "options"), Output("by", "value"), Output("metric", "options"), Output("metric", "value"),
@@ -298,9 +325,10 @@ def create_app(tracking_uri: str | None = None, mlflow_url: str | None = None, r
                         pages.popitem(last=False)
                 content, message = pages[key]
             except Exception as e:  # noqa: BLE001  (a readable message, never a traceback)
-                if not isinstance(e, ValueError):
+                if not isinstance(e, ValueError):  # load's ValueErrors name the selection and what is missing
                     log.exception("rendering %s failed", selection)
-                return [], f"{selection.replace(':', ' ')}: {e}", [], None, [], None, [], None
+                    e = f"{selection.replace(':', ' ')}: {type(e).__name__}: {e}"
+                return [], str(e), [], None, [], None, [], None
         return (content, message, ["label", *data.varying_axes], by, data.metrics, metric, groups, baseline)
 
     return app
@@ -318,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--refresh-s must be > 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not one line per poll
+    # a tracking server that does not answer: say so within seconds, not after MLflow's minutes of retries
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     app = create_app(args.tracking_uri, args.mlflow_url, args.refresh_s)
     print(f"rpg live dashboard on http://{args.host}:{args.port}/  (?sweep=NAME or ?study=NAME)", flush=True)
     app.run(host=args.host, port=args.port, debug=False, dev_tools_disable_version_check=True)  # no version fetch

@@ -83,9 +83,9 @@ def _runs_now(kind: str, name: str, tracking_uri: str | None) -> pd.DataFrame:
     return pd.concat([frame, parent], ignore_index=True)  # the parent's metrics move as trials finish
 
 
-def _signature(selection: str, frame: pd.DataFrame) -> str:
-    """Changes whenever a run appears, changes status or logs a new latest value of any metric."""
-    return hashlib.sha1((selection + frame.to_csv(index=False)).encode()).hexdigest()[:16]
+def _version(selection: str, frame: pd.DataFrame) -> str:
+    """``<selection>@<hash>``: changes whenever a run appears, changes status or logs a new latest value of a metric."""
+    return f"{selection}@{hashlib.sha1(frame.to_csv(index=False).encode()).hexdigest()[:16]}"
 
 
 def _parse(selection: str) -> tuple[str, str]:
@@ -292,19 +292,20 @@ def create_app(tracking_uri: str | None = None, mlflow_url: str | None = None, r
         status = f"last refreshed {when}, {len(train)} runs ({running} running); {kind} {name}, store {store}"
         if "error" in seen:
             status += f"; the last read failed: {seen['error']}"
-        sig = _signature(value, frame)
+        new = _version(value, frame)
         # a new version only when no view is being drawn: one superseded before it returns would never be shown
-        return options, value, url, status, sig if sig != version and not lock.locked() else no_update
+        return options, value, url, status, new if new != version and not lock.locked() else no_update
 
     @app.callback(Output("content", "children"), Output("message", "children"),
                   Output("by", "options"), Output("by", "value"), Output("metric", "options"), Output("metric", "value"),
                   Output("baseline", "options"), Output("baseline", "value"),
                   Input("version", "data"), Input("by", "value"), Input("metric", "value"), Input("baseline", "value"),
-                  Input("stat", "value"), Input("x", "value"), State("selection", "value"))  # fmt: skip
-    def render(version, by, metric, baseline, stat, x, selection):
+                  Input("stat", "value"), Input("x", "value"))  # fmt: skip
+    def render(version, by, metric, baseline, stat, x):
         """The selection's data (read again only for a new version) and every view for the chosen controls."""
-        if not version or not selection:
+        if not version:
             return [], "", [], None, [], None, [], None
+        selection = version.rsplit("@", 1)[0]
         with lock:
             try:
                 data = datas.get(version)

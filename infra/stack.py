@@ -1,6 +1,8 @@
-"""The stack in one command: Prefect server, MLflow server, optuna-dashboard and the flows' deployments.
+"""The stack in one command: Prefect server, MLflow server, optuna-dashboard, the live dashboard and the flows'
+deployments.
 
-    python infra/stack.py up   [--prefect-port 4200] [--mlflow-port 5000] [--optuna-port 8080] [--home .rpg/stack]
+    python infra/stack.py up   [--prefect-port 4200] [--mlflow-port 5000] [--optuna-port 8080] [--dashboard-port 8050]
+                               [--home .rpg/stack]
     python infra/stack.py up   --db postgres [--pg-port 5432 | --pg-url postgresql://user:pw@host:port]
                                [--host 0.0.0.0] [--pool gpu-pool]                       (a team's head node)
     python infra/stack.py down [--home .rpg/stack]
@@ -12,11 +14,13 @@ from ``<home>/mlartifacts``) on Postgres: a cluster of its own in ``<home>/postg
 the ``postgres`` user when started by root; password in ``<home>/postgres.json``, data kept across ``down``/``up``)
 or an existing server (``--pg-url``); ``--pool`` registers the deployments on a Prefect process work pool instead of
 serving them, and GPU machines run them with ``infra/team/worker.sh``. optuna-dashboard shows the tuning studies:
-a journal file ``<home>/optuna.journal`` locally, the database ``optuna`` on Postgres.
+a journal file ``<home>/optuna.journal`` locally, the database ``optuna`` on Postgres. The live dashboard
+(``python -m dashboards.app``) compares the runs of a sweep or a study as they come in, read from the MLflow server;
+``<its URL>/?sweep=NAME`` (or ``?study=NAME``) opens on one.
 
 ``up`` starts each process in its own session (logs and pid files in ``--home``), waits for its health endpoint,
 and writes ``<home>/env.sh`` with the client settings (``PREFECT_API_URL``, ``MLFLOW_TRACKING_URI``,
-``RPG_OPTUNA_STORAGE``, ``RPG_OPTUNA_DASHBOARD_URL``; the served flows get the same); ``down``
+``RPG_OPTUNA_STORAGE``, ``RPG_OPTUNA_DASHBOARD_URL``, ``RPG_DASHBOARD_URL``; the served flows get the same); ``down``
 stops every process group (SIGTERM, then SIGKILL; Postgres with ``pg_ctl stop``). Telemetry is off everywhere and
 the Prefect UI is the V1 UI, which makes no external requests (../shared/docs/stack.md).
 """
@@ -49,7 +53,7 @@ QUIET = {
     "PREFECT_SERVER_UI_V2_ENABLED": "false",  # the V2 UI fetches an analytics config from the internet
     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # 2 processes and ~0.5 GiB instead of 16 and ~3 GiB
 }
-ORDER = ("postgres", "prefect", "mlflow", "optuna", "serve")  # started in this order, stopped in the reverse
+ORDER = ("postgres", "prefect", "mlflow", "optuna", "dashboard", "serve")  # started in this order, stopped in the reverse
 DATABASES = ("prefect", "mlflow", "optuna")
 
 
@@ -179,8 +183,8 @@ def _stop_postgres(home: Path) -> None:
 
 
 def up(home: Path, prefect_port: int, mlflow_port: int, cron: str = "0 2 * * *", *, db: str = "sqlite",
-       optuna_port: int = 8080, pg_port: int = 5432, pg_url: str | None = None, pg_data: Path | None = None,
-       host: str = "127.0.0.1", pool: str | None = None,
+       optuna_port: int = 8080, dashboard_port: int = 8050, pg_port: int = 5432, pg_url: str | None = None,
+       pg_data: Path | None = None, host: str = "127.0.0.1", pool: str | None = None,
        mlflow_allowed_hosts: str | None = None) -> dict[str, str]:  # fmt: skip
     home = home.resolve()
     home.mkdir(parents=True, exist_ok=True)
@@ -194,13 +198,13 @@ def up(home: Path, prefect_port: int, mlflow_port: int, cron: str = "0 2 * * *",
     if importlib.util.find_spec("optuna_dashboard") is None:
         raise SystemExit('optuna-dashboard is not installed: pip install -c constraints.txt -e ".[dev,team]"')
     own_pg = db == "postgres" and not pg_url
-    for port in (prefect_port, mlflow_port, optuna_port, *((pg_port,) if own_pg else ())):
+    for port in (prefect_port, mlflow_port, optuna_port, dashboard_port, *((pg_port,) if own_pg else ())):
         if not _port_free(port, host):
             raise SystemExit(f"port {port} is in use; pick another "
-                             "(--prefect-port/--mlflow-port/--optuna-port/--pg-port)")  # fmt: skip
+                             "(--prefect-port/--mlflow-port/--optuna-port/--dashboard-port/--pg-port)")  # fmt: skip
     public = socket.getfqdn() if host == "0.0.0.0" else host  # what other machines and browsers use
     prefect_url, mlflow_url = f"http://{public}:{prefect_port}", f"http://{public}:{mlflow_port}"
-    optuna_url = f"http://{public}:{optuna_port}"
+    optuna_url, dashboard_url = f"http://{public}:{optuna_port}", f"http://{public}:{dashboard_port}"
     base = {**os.environ, **QUIET, "PREFECT_HOME": str(home / "prefect")}
     try:
         if db == "postgres":
@@ -232,11 +236,17 @@ def up(home: Path, prefect_port: int, mlflow_port: int, cron: str = "0 2 * * *",
         o = _start("optuna", [sys.executable, "-m", "optuna_dashboard._cli", optuna_db, "--host", host,
                               "--port", str(optuna_port), "--server", "wsgiref"], base, home)  # fmt: skip
         local = lambda port: f"http://127.0.0.1:{port}"  # noqa: E731  (health checks from this node)
+        # the live dashboard reads the MLflow server from this node; its run links are for browsers (the public URL)
+        d = _start("dashboard", [sys.executable, "-m", "dashboards.app", "--host", host, "--port", str(dashboard_port),
+                                 "--tracking-uri", local(mlflow_port), "--mlflow-url", mlflow_url], base, home)  # fmt: skip
         _wait(f"{local(prefect_port)}/api/health", p, home / "prefect.log")
         _wait(f"{local(mlflow_port)}/health", m, home / "mlflow.log")
         _wait(f"{local(optuna_port)}/api/studies", o, home / "optuna.log")
-        # the tuner's storage and the dashboard link it writes into MLflow (a link for browsers: the public URL)
-        optuna_client = {"RPG_OPTUNA_STORAGE": optuna_db, "RPG_OPTUNA_DASHBOARD_URL": optuna_url}
+        _wait(f"{local(dashboard_port)}/", d, home / "dashboard.log")
+        # the tuner's storage and the dashboard link it writes into MLflow (a link for browsers: the public URL), and
+        # the live dashboard's URL (for links too)
+        optuna_client = {"RPG_OPTUNA_STORAGE": optuna_db, "RPG_OPTUNA_DASHBOARD_URL": optuna_url,
+                         "RPG_DASHBOARD_URL": dashboard_url}  # fmt: skip
         client = {"PREFECT_API_URL": f"{prefect_url}/api", "MLFLOW_TRACKING_URI": mlflow_url, **optuna_client}
         local_client = {"PREFECT_API_URL": f"{local(prefect_port)}/api", "MLFLOW_TRACKING_URI": local(mlflow_port),
                         **optuna_client}  # fmt: skip
@@ -254,9 +264,10 @@ def up(home: Path, prefect_port: int, mlflow_port: int, cron: str = "0 2 * * *",
     lines = [f"export {k}={shlex.quote(v)}" for k, v in {**client, **QUIET}.items()]
     (home / "env.sh").write_text("\n".join(lines) + "\n")
     (home / "env.sh").chmod(0o600)  # RPG_OPTUNA_STORAGE holds the Postgres password
-    urls = {"prefect_ui": prefect_url, "mlflow_ui": mlflow_url, "optuna_dashboard": optuna_url, **client}
+    urls = {"prefect_ui": prefect_url, "mlflow_ui": mlflow_url, "optuna_dashboard": optuna_url, "dashboard": dashboard_url,
+            **client}  # fmt: skip
     public_urls = {k: v for k, v in urls.items() if k != "RPG_OPTUNA_STORAGE"}  # `status` prints stack.json
-    info = {**public_urls, "ports": [prefect_port, mlflow_port, optuna_port], "db": db, "pool": pool}
+    info = {**public_urls, "ports": [prefect_port, mlflow_port, optuna_port, dashboard_port], "db": db, "pool": pool}
     (home / "stack.json").write_text(json.dumps(info, indent=1))
     return urls
 
@@ -293,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefect-port", type=int, default=int(os.environ.get("PREFECT_PORT", 4200)))
     p.add_argument("--mlflow-port", type=int, default=int(os.environ.get("MLFLOW_PORT", 5000)))
     p.add_argument("--optuna-port", type=int, default=int(os.environ.get("OPTUNA_PORT", 8080)), help="optuna-dashboard")
+    p.add_argument("--dashboard-port", type=int, default=int(os.environ.get("DASHBOARD_PORT", 8050)),
+                   help="the live dashboard (python -m dashboards.app)")  # fmt: skip
     p.add_argument("--cron", default="0 2 * * *", help="nightly_eval schedule")
     p.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite", help="the servers' stores")
     p.add_argument("--pg-port", type=int, default=int(os.environ.get("PG_PORT", 5432)), help="the stack's own cluster")
@@ -305,13 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "up":
         db = "postgres" if args.pg_url else args.db
         urls = up(args.home, args.prefect_port, args.mlflow_port, args.cron, db=db, optuna_port=args.optuna_port,
-                  pg_port=args.pg_port, pg_url=args.pg_url, pg_data=args.pg_data, host=args.host, pool=args.pool,
-                  mlflow_allowed_hosts=args.mlflow_allowed_hosts)  # fmt: skip
+                  dashboard_port=args.dashboard_port, pg_port=args.pg_port, pg_url=args.pg_url, pg_data=args.pg_data,
+                  host=args.host, pool=args.pool, mlflow_allowed_hosts=args.mlflow_allowed_hosts)  # fmt: skip
         where = f"on work pool {args.pool}: start workers with infra/team/worker.sh" if args.pool else "served here"
         print(f"Prefect UI  {urls['prefect_ui']}   (deployments sweep, train, evaluate, nightly_eval; {where})")
         print(f"MLflow UI   {urls['mlflow_ui']}   (store: {db})")
         studies = urls["RPG_OPTUNA_STORAGE"] if db == "sqlite" else "postgres, database optuna"
         print(f"Optuna UI   {urls['optuna_dashboard']}   (studies: {studies})")
+        print(f"Dashboard   {urls['dashboard']}   (live comparison: {urls['dashboard']}/?sweep=NAME or /?study=NAME)")
         print(f"clients:    source {args.home / 'env.sh'}   stop: python infra/stack.py down")
     elif args.action == "down":
         stopped = down(args.home)

@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="rpg-bench-fleet-"))
     home, pool = base / "head", "bench-pool"
-    pp, mp, op = _free_port(), _free_port(), _free_port()
+    pp, mp, op, dp = _free_port(), _free_port(), _free_port(), _free_port()
     stack = [sys.executable, "infra/stack.py", "--home", str(home), "--prefect-port", str(pp), "--mlflow-port", str(mp),
-             "--optuna-port", str(op)]  # fmt: skip
+             "--optuna-port", str(op), "--dashboard-port", str(dp)]  # fmt: skip
     workers: list[subprocess.Popen] = []
     results: dict[str, dict] = {}
     try:

@@ -35,6 +35,7 @@ from dash import Dash, Input, Output, State, ctx, dcc, html, no_update
 
 from dashboards import views
 from dashboards.data import Data, load, summary
+from dashboards.report import figure_makers
 from rpg_core import runs as read
 from rpg_core.tracking import RunKind
 
@@ -147,21 +148,12 @@ def _frame_table(frame: pd.DataFrame, table_id: str, links: tuple[str, ...] = ()
 
 
 def _figures(data: Data, *, by: str, metric: str, stat: str, x: str) -> dict[str, Any]:
-    """The figures the report draws for the same choices (name -> Figure, or the message of the view that failed)."""
-    makers = {"paper_panel": lambda: views.paper_panel(data, by=by, stat=stat, x=x)}
-    if len(views.grid_values(data, metric)) > 1:
-        makers["design_grid"] = lambda: views.design_grid(data, metric)
-    if views.tradeoff_points(data, metric)["kl"].notna().any():
-        makers["tradeoff"] = lambda: views.tradeoff(data, metric)
-    makers["performance_profile"] = lambda: views.performance_profiles(data, metric, by=by)
-    makers["stability"] = lambda: views.stability(data)
-    out: dict[str, Any] = {}
-    for name, make in makers.items():
-        out[name] = _safely(make)
-    if data.study is not None:
-        for name, f in _safely(lambda: views.study_figures(data), []):
-            out[f"study_{name}"] = f
-    return out
+    """The figures the report draws for the same choices (``report.figure_makers``: name -> Figure, or the message
+    of the view that failed)."""
+    makers = _safely(lambda: figure_makers(data, by=by, metric=metric, stat=stat, x=x))
+    if isinstance(makers, str):  # the selection could not be laid out: its message in the panel's place
+        return {"paper_panel": makers}
+    return {name: _safely(make) for name, make in makers.items()}
 
 
 def _safely(make, default: Any = None) -> Any:
@@ -311,7 +303,7 @@ def create_app(tracking_uri: str | None = None, mlflow_url: str | None = None, r
                 data = datas.get(version)
                 if data is None:
                     kind, name = _parse(selection)
-                    data = datas[version] = load(**{kind: name}, tracking_uri=tracking_uri)
+                    data = datas[version] = load(**{kind: name}, tracking_uri=tracking_uri, keys="all")  # any metric
                     while len(datas) > 4:
                         datas.popitem(last=False)
                 by = by if by in ["label", *data.varying_axes] else "label"

@@ -98,11 +98,12 @@ def load(
     runs: Sequence[str] | None = None,
     study: str | None = None,
     keys: Sequence[str] | str | None = None,
+    extra: Sequence[str] = (),
     tracking_uri: str | None = None,
 ) -> Data:
     """The training runs of one sweep (its tag ``sweep``), of the given run ids, or of one tuning study (tag
     ``rpg.study``), with their histories of ``keys`` (None: what the views draw, ``PANEL``, every benchmark's Mean@k
-    and the KL values; ``"all"``: every metric they logged). Exactly one selection. Raises ValueError naming the
+    and the KL values, plus ``extra``; ``"all"``: every metric they logged). Exactly one selection. Raises ValueError naming the
     selection when it matches no training run."""
     chosen = [n for n, v in (("sweep", sweep), ("runs", runs), ("study", study)) if v]
     if len(chosen) != 1:
@@ -139,7 +140,7 @@ def load(
     frame = _tidy(frame, tracking_uri)
     if keys is None:  # what the views draw: the panel, every benchmark's Mean@k, the KL estimates
         logged = [c.removeprefix("metrics.") for c in frame.columns if frame[c].dtype.kind == "f" and c != "seed"]
-        keys = [k for k in logged if k in PANEL or k in _VIEW_EXTRA or _MEAN_AT_K.match(k)]
+        keys = [k for k in logged if k in PANEL or k in _VIEW_EXTRA or _MEAN_AT_K.match(k) or k in extra]
     wanted = None if keys == "all" else [*keys, *_TOKENS_KEYS]
     hist = _with_time_and_tokens(read.histories(frame, wanted, tracking_uri=tracking_uri))
     if keys != "all":

@@ -29,7 +29,7 @@ import pandas as pd
 from dashboards import views
 from dashboards.data import Data, load, problem_scores
 
-__all__ = ["Report", "build", "find_browser", "write"]
+__all__ = ["Report", "benchmark_table", "build", "figure_makers", "find_browser", "paired_table", "write"]
 
 ARTIFACT_DIR = "report"
 _BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
@@ -57,26 +57,23 @@ def find_browser() -> str | None:
 
 def build(data: Data, *, by: str = "label", metric: str | None = None, baseline: str | None = None,
           stat: views.Stat | str = views.Stat.MEAN, x: views.XAxis | str = views.XAxis.STEP,
-          mlflow_url: str | None = None, problems: bool = True) -> tuple[dict[str, Any], dict[str, pd.DataFrame], list[str]]:  # fmt: skip
-    """Every figure and table of the report (the live app draws the same functions)."""
+          mlflow_url: str | None = None, problems: bool = True,
+          ) -> tuple[dict[str, Any], dict[str, pd.DataFrame], list[str], views.Table]:  # fmt: skip
+    """Every figure and table of the report (the live app draws the same functions): ``(figures, tables, notes, the
+    paper's table)``. ``problems``: read the per-problem tables (one artifact read per run and benchmark)."""
     metric = metric or data.headline
     notes = list(data.notes)
     figs: dict[str, Any] = {}
     tables: dict[str, pd.DataFrame] = {}
     table = views.paper_table(data, metrics=None if metric == data.headline else [metric], by=by, baseline=baseline, stat=stat)
     tables["paper_table"] = table.cells
-    figs["paper_panel"] = views.paper_panel(data, by=by, stat=stat, x=x)
-    grid = views.grid_values(data, metric)
-    if len(grid) > 1:
-        figs["design_grid"] = views.design_grid(data, metric)
-        tables["design_grid"] = grid
-    points = views.tradeoff_points(data, metric)
-    if points["kl"].notna().any():
-        figs["tradeoff"] = views.tradeoff(data, metric)
-        tables["tradeoff"] = points
-    figs["performance_profile"] = views.performance_profiles(data, metric, by=by)
+    for name, make in figure_makers(data, by=by, metric=metric, stat=stat, x=x).items():
+        figs[name] = make()
+    if "design_grid" in figs:
+        tables["design_grid"] = views.grid_values(data, metric)
+    if "tradeoff" in figs:
+        tables["tradeoff"] = views.tradeoff_points(data, metric)
     tables["stability"] = views.stability_table(data)
-    figs["stability"] = views.stability(data, tables["stability"])
     scores = problem_scores(data) if problems else None
     if scores is not None and len(scores):
         tables["benchmark_ci"] = benchmark_table(data, scores, by=by)
@@ -87,8 +84,6 @@ def build(data: Data, *, by: str = "label", metric: str | None = None, baseline:
     elif problems:
         notes.append("no per-problem evaluation tables: benchmark CIs over problems and paired differences not shown")
     if data.study is not None:
-        for name, f in views.study_figures(data):
-            figs[f"study_{name}"] = f
         tables["trials"] = views.trials_table(data, mlflow_url)
     tables["runs"] = _runs_table(data, metric)
     return figs, tables, notes, table
@@ -112,6 +107,26 @@ def benchmark_table(data: Data, scores: pd.DataFrame, *, by: str = "label") -> p
         rows.append({"bench": b, by: g, "score": e.value, "low": e.low, "high": e.high, "runs": mat.shape[0],
                      "problems": mat.shape[1], "over": over})  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def figure_makers(data: Data, *, by: str = "label", metric: str | None = None, stat: views.Stat | str = views.Stat.MEAN,
+                  x: views.XAxis | str = views.XAxis.STEP) -> dict[str, Any]:  # fmt: skip
+    """The figures a selection gets, in page order, as ``{name: make()}``: the report and the live app draw the same
+    ones. The panel shows ``metric`` among its first 12; the grid only when it has more than one cell; the trade-off
+    only when the runs logged a KL value; a study's own figures last."""
+    metric = metric or data.headline
+    panel = data.metrics[:12] if metric in data.metrics[:12] else [metric, *data.metrics[:11]]
+    makers: dict[str, Any] = {"paper_panel": lambda: views.paper_panel(data, metrics=panel, by=by, stat=stat, x=x)}
+    if len(views.grid_values(data, metric, reps=1)) > 1:
+        makers["design_grid"] = lambda: views.design_grid(data, metric)
+    if views.tradeoff_points(data, metric)["kl"].notna().any():
+        makers["tradeoff"] = lambda: views.tradeoff(data, metric)
+    makers["performance_profile"] = lambda: views.performance_profiles(data, metric, by=by)
+    makers["stability"] = lambda: views.stability(data)
+    if data.study is not None:
+        for name, f in views.study_figures(data):
+            makers[f"study_{name}"] = lambda f=f: f
+    return makers
 
 
 def paired_table(data: Data, baseline: str, *, by: str = "label", bench: str | None = None,
@@ -283,7 +298,8 @@ def cli(args: Any) -> int:
 
     runs = [r for r in (args.runs or "").split(",") if r.strip()] or None
     try:
-        data = load(sweep=args.sweep, runs=runs, study=args.study, tracking_uri=args.tracking_uri)
+        data = load(sweep=args.sweep, runs=runs, study=args.study, tracking_uri=args.tracking_uri,
+                    extra=[args.metric] if args.metric else ())  # fmt: skip
         if args.by != "label" and args.by not in data.runs:
             raise ValueError(f"--by: {args.by!r} is not a design axis; allowed: label, group, seed, {', '.join(data.varying_axes)}")
         if args.metric and args.metric not in data.metrics:

@@ -333,6 +333,8 @@ def design_grid(data: Data, metric: str | None = None, **kw: Any) -> go.Figure:
     fig = make_subplots(rows=1, cols=len(ests), subplot_titles=[f"estimator {e}" for e in ests], horizontal_spacing=0.08)
     finite = v["value"].dropna()
     zmin, zmax = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
+    if zmax - zmin < 1e-12:  # every cell equal: a scale around the value rather than plotly's -0.5..0.5
+        zmin, zmax = zmin - 0.5 * (abs(zmin) or 1), zmax + 0.5 * (abs(zmax) or 1)
     for i, e in enumerate(ests):
         z = np.full((len(rows), len(cols)), np.nan)
         text = [["—"] * len(cols) for _ in rows]

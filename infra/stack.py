@@ -20,7 +20,7 @@ a journal file ``<home>/optuna.journal`` locally, the database ``optuna`` on Pos
 
 ``up`` starts each process in its own session (logs and pid files in ``--home``), waits for its health endpoint,
 and writes ``<home>/env.sh`` with the client settings (``PREFECT_API_URL``, ``MLFLOW_TRACKING_URI``,
-``RPG_OPTUNA_STORAGE``, ``RPG_OPTUNA_DASHBOARD_URL``, ``RPG_DASHBOARD_URL``; the served flows get the same); ``down``
+``RPG_OPTUNA_STORAGE``, ``RPG_OPTUNA_DASHBOARD_URL``, ``RPG_DASHBOARD_URL``, ``RPG_MLFLOW_URL`` (the MLflow UI, for links); the served flows get the same); ``down``
 stops every process group (SIGTERM, then SIGKILL; Postgres with ``pg_ctl stop``). Telemetry is off everywhere and
 the Prefect UI is the V1 UI, which makes no external requests (../shared/docs/stack.md).
 """
@@ -246,7 +246,7 @@ def up(home: Path, prefect_port: int, mlflow_port: int, cron: str = "0 2 * * *",
         # the tuner's storage and the dashboard link it writes into MLflow (a link for browsers: the public URL), and
         # the live dashboard's URL (for links too)
         optuna_client = {"RPG_OPTUNA_STORAGE": optuna_db, "RPG_OPTUNA_DASHBOARD_URL": optuna_url,
-                         "RPG_DASHBOARD_URL": dashboard_url}  # fmt: skip
+                         "RPG_DASHBOARD_URL": dashboard_url, "RPG_MLFLOW_URL": mlflow_url}  # fmt: skip
         client = {"PREFECT_API_URL": f"{prefect_url}/api", "MLFLOW_TRACKING_URI": mlflow_url, **optuna_client}
         local_client = {"PREFECT_API_URL": f"{local(prefect_port)}/api", "MLFLOW_TRACKING_URI": local(mlflow_port),
                         **optuna_client}  # fmt: skip

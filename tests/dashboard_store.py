@@ -1,6 +1,6 @@
 """A real MLflow store for the dashboard tests: the tiny model trained in this process, RPG-REINFORCE with forward
 and reverse KL, three seeds each (6 runs of 2 steps, held-out evaluation at steps 0 and 2), children of a sweep's
-parent run as the sweep flow makes them. About 20 s on 2 cores."""
+parent run as the sweep flow makes them. About 1 to 2 minutes on 2 busy cores."""
 
 from __future__ import annotations
 
@@ -44,11 +44,13 @@ def make_store(folder: Path) -> tuple[str, dict[str, str]]:
     return uri, ids
 
 
-_SHARED: dict[str, tuple[str, dict[str, str]]] = {}
+_SHARED: dict[str, tuple[str, dict[str, str], Path]] = {}
 
 
-def shared_store(tmp_path_factory) -> tuple[str, dict[str, str]]:
-    """One store per test process, shared by every dashboard test module (it takes a minute or two to train)."""
+def shared_store(tmp_path_factory) -> tuple[str, dict[str, str], Path]:
+    """``(tracking_uri, ids, folder)`` of one store per test process, shared by every dashboard test module (it takes
+    a minute or two to train). Tests must not write into it (copy the folder first)."""
     if "store" not in _SHARED:
-        _SHARED["store"] = make_store(tmp_path_factory.mktemp("dashstore"))
+        folder = tmp_path_factory.mktemp("dashstore")
+        _SHARED["store"] = (*make_store(folder), folder)
     return _SHARED["store"]

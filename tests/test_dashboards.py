@@ -25,7 +25,7 @@ METRIC = "actor/kl_k3"  # differs between seeds on the tiny model (accuracy is 0
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    return shared_store(tmp_path_factory)
+    return shared_store(tmp_path_factory)[:2]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from browser import chromium  # noqa: F401  (the fixture)
-from dashboard_store import SWEEP, make_store
+from dashboard_store import SWEEP, shared_store
 from servers import alive, free_port, listening
 
 pytestmark = [pytest.mark.system, pytest.mark.subprocess]
@@ -29,9 +29,7 @@ APP_METRIC = "time/step"  # differs between seeds by seconds: the table's 3 deci
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> tuple[str, dict[str, str], Path]:
-    folder = tmp_path_factory.mktemp("dash_store")
-    uri, ids = make_store(folder)
-    return uri, ids, folder
+    return shared_store(tmp_path_factory)
 
 
 def expected_cells(uri: str, metric: str, by: str = "label", baseline: str | None = None) -> dict[tuple[str, str], str]:
@@ -41,7 +39,7 @@ def expected_cells(uri: str, metric: str, by: str = "label", baseline: str | Non
     from dashboards import stats
     from dashboards.data import load, summary
 
-    data = load(sweep=SWEEP, tracking_uri=uri)
+    data = load(sweep=SWEEP, tracking_uri=uri, extra=[metric])
     s = summary(data, metric)
     s["g"] = s[by].astype(str)
     out = {}

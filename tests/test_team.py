@@ -104,10 +104,10 @@ def test_team_sweep_fills_both_hosts_and_a_cancelled_sweep_resumes(reachable_tmp
 
     base = reachable_tmp
     home, pool = base / "head", "test-pool"
-    pp, mp, op, pgp = free_port(), free_port(), free_port(), free_port()
+    pp, mp, op, dp, pgp = free_port(), free_port(), free_port(), free_port(), free_port()
     cmd = [sys.executable, "infra/stack.py", "--home", str(home)]
     head = [*cmd, "--db", "postgres", "--pg-data", str(base / "pg"), "--pg-port", str(pgp),
-            "--prefect-port", str(pp), "--mlflow-port", str(mp), "--optuna-port", str(op), "--pool", pool]  # fmt: skip
+            "--prefect-port", str(pp), "--mlflow-port", str(mp), "--optuna-port", str(op), "--dashboard-port", str(dp), "--pool", pool]  # fmt: skip
     workers: dict[str, subprocess.Popen] = {}
     copies = {h: _copy_project(base / f"machine-{h}" / ("deep" * (i + 1)) / "rpg-lab") for i, h in enumerate(HOSTS)}
     try:
@@ -271,8 +271,8 @@ def test_team_sweep_fills_both_hosts_and_a_cancelled_sweep_resumes(reachable_tmp
                 os.killpg(w.pid, signal.SIGKILL)
                 w.wait()
         down = subprocess.run([*cmd, "down"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert down.returncode == 0 and down.stdout.strip() == "stopped: optuna, mlflow, prefect, postgres", down.stderr
-    assert not any(listening(port) for port in (pp, mp, op, pgp))
+    assert down.returncode == 0 and down.stdout.strip() == "stopped: dashboard, optuna, mlflow, prefect, postgres", down.stderr
+    assert not any(listening(port) for port in (pp, mp, op, dp, pgp))
     deadline = time.monotonic() + 10
     while alive(postmaster) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -210,8 +210,18 @@ def _pngs(figs: dict[str, Any], folder: Path, notes: list[str]) -> list[Path]:
     for name, f in figs.items():
         width = 1300 if name in ("paper_panel", "design_grid", "stability") else 1000
         specs.append({"fig": f, "path": folder / f"{name}.png", "opts": {"width": width, "height": int(f.layout.height or 500)}})
-    kaleido.write_fig_from_object_sync(specs)
+    # kaleido's page loads MathJax from a CDN by default: off (no figure uses LaTeX); plotly.js comes from the
+    # installed plotly package. So drawing a PNG requests nothing from any host.
+    kaleido.write_fig_from_object_sync(specs, kopts={"page_generator": png_page()})
     return [s["path"] for s in specs if s["path"].exists()]
+
+
+def png_page() -> Any:
+    """kaleido's page for drawing PNGs: plotly.js from the installed package, no MathJax (its default comes from a
+    CDN; no figure here uses LaTeX)."""
+    import kaleido
+
+    return kaleido.PageGenerator(mathjax=False)
 
 
 def _runs_table(data: Data, metric: str) -> pd.DataFrame:

@@ -239,3 +239,14 @@ def test_study_views_from_a_real_optuna_journal(store, tmp_path):
     assert trials["links"].iloc[0] == f"http://127.0.0.1:5000/#/runs/{trials['runs'].iloc[0]}"
     # values 0.1 i (+ 0.05 for forward): i = 5 is reverse-s2 (0.5), i = 4 forward-s2 (0.45)
     assert trials["value"].max() == pytest.approx(0.5)
+
+
+def test_the_png_page_loads_nothing_from_another_host():
+    """kaleido draws the PNGs in Chromium from a page of script tags: plotly.js from the installed package and,
+    by default, MathJax from a CDN. The report's page has no URL but file:// ones."""
+    from dashboards.report import png_page
+
+    page = png_page().generate_index()
+    srcs = re.findall(r"""src=["']([^"']+)""", page)
+    assert srcs and all(u.startswith("file://") for u in srcs), srcs
+    assert "http://" not in page and "https://" not in page

@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 # what dashboards.report.find_browser looks for on PATH (besides $BROWSER_PATH)
 BROWSERS = chromium chromium-browser google-chrome google-chrome-stable chrome
 
-.PHONY: install browser demo test test-fast test-all bench bench-trainer bench-eval bench-fleet bench-tuning up down clean
+.PHONY: install browser demo test test-fast test-all bench bench-trainer bench-eval bench-fleet bench-tuning bench-report up down clean
 
 install: $(STAMP)
 
@@ -59,6 +59,9 @@ bench-fleet: install     ## a sweep's scheduling overhead: local vs the work poo
 
 bench-tuning: install    ## the tuner's overhead per trial vs direct runs; compute saved by pruning (~12 min)
 	$(BIN)/python benchmarks/bench_tuning.py
+
+bench-report: install browser ## rpg report at the design grid's scale: 61 configurations x 3 seeds x 50 steps (~2 min)
+	$(BIN)/python benchmarks/bench_report.py
 
 up: install              ## the local stack: Prefect server + MLflow server + optuna-dashboard + the served flows, on 127.0.0.1
 	$(BIN)/python infra/stack.py up

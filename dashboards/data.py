@@ -117,7 +117,9 @@ def load(
         parent = parents.iloc[0] if len(parents) else None
         title, kind = f"sweep {sweep}", "sweep"
         if frame.empty:
-            raise ValueError(f"sweep: no training runs tagged sweep={sweep!r} in {tracking_uri or 'the default store'}")
+            known = read.find_runs(kind=RunKind.SWEEP, tracking_uri=tracking_uri)["sweep"].dropna().unique()
+            raise ValueError(f"sweep: no training runs tagged sweep={sweep!r} in {tracking_uri or 'the default store'}; "
+                             f"sweeps there: {', '.join(sorted(known)) or 'none'}")  # fmt: skip
     elif runs:
         ids = [r.strip() for r in runs if r.strip()]
         frame = read.get_runs(ids, tracking_uri=tracking_uri)
@@ -134,7 +136,10 @@ def load(
         parent = parents.iloc[0] if len(parents) else None
         title, kind = f"study {study}", "study"
         if frame.empty and parent is None:
-            raise ValueError(f"study: no tuning study {study!r} in {tracking_uri or 'the default store'}")
+            tunes = read.find_runs(kind=RunKind.TUNE, tracking_uri=tracking_uri)
+            known = sorted({read.run_tags(r, tracking_uri=tracking_uri).get(_STUDY_TAG, "") for r in tunes["run_id"]} - {""})
+            raise ValueError(f"study: no tuning study {study!r} in {tracking_uri or 'the default store'}; "
+                             f"studies there: {', '.join(known) or 'none'}")  # fmt: skip
         ostudy = _optuna_study(study, parent, tracking_uri, notes)
         frame = _study_runs(ostudy, frame, tracking_uri)
     frame = _tidy(frame, tracking_uri)

@@ -271,7 +271,8 @@ def _tex_escape(s: str) -> str:
 
 def _tex(s: str) -> str:
     if s.startswith("**"):
-        return r"\textbf{" + _tex_escape(s.strip("*")) + "}"
+        core, _, rest = s[2:].partition("**")
+        return r"\textbf{" + _tex_escape(core) + "}" + _tex_escape(rest)
     if s.startswith("__"):
         core, _, rest = s[2:].partition("__")
         return r"\underline{" + _tex_escape(core) + "}" + _tex_escape(rest)
@@ -408,12 +409,12 @@ def tradeoff(data: Data, metric: str | None = None, kl: str | None = None) -> go
 
 def stability_table(data: Data, *, collapse: float = 0.1) -> pd.DataFrame:
     """Per configuration: ``runs``, ``failed`` (status FAILED), ``nan`` (runs that logged a NaN or infinite loss,
-    reward or gradient norm), ``entropy_collapsed`` (runs whose last entropy fell below ``collapse`` x their first),
+    reward, gradient norm or KL estimate), ``entropy_collapsed`` (runs whose last entropy fell below ``collapse`` x their first),
     ``entropy_ratio`` (mean over runs of last / first entropy), ``length_cap`` (mean over runs of the fraction of
     responses at the length cap over the last third of the run's steps)."""
     h = data.history
     per_run = data.runs.set_index("run_id")[["group"]].copy()
-    bad = h[h["key"].isin(["actor/loss", "reward/mean", "actor/grad_norm"]) & ~np.isfinite(h["value"])]
+    bad = h[h["key"].isin(["actor/loss", "reward/mean", "actor/grad_norm", *KL_KEYS]) & ~np.isfinite(h["value"])]
     per_run["nan"] = per_run.index.isin(bad["run_id"].unique())
     ent = h[h["key"] == "actor/entropy"].sort_values(["run_id", "step"]).groupby("run_id")["value"]
     first, last, count = ent.first(), ent.last(), ent.count()

@@ -99,6 +99,7 @@ def test_paper_table_cells_are_the_stats_modules_numbers(data):
     md, tex = t.markdown(), t.latex()
     assert "<u>" in md and "| label |" in md
     assert "\\textbf{" in tex and "\\underline{" in tex and "$\\pm$" in tex
+    assert "*" not in tex and "__" not in tex.replace("\\_", "")  # every mark became LaTeX, with the Δ after it
 
 
 def test_curve_bands_are_bootstrap_bands_over_the_groups_runs(data):
@@ -250,3 +251,25 @@ def test_the_png_page_loads_nothing_from_another_host():
     srcs = re.findall(r"""src=["']([^"']+)""", page)
     assert srcs and all(u.startswith("file://") for u in srcs), srcs
     assert "http://" not in page and "https://" not in page
+
+
+def test_stability_by_hand():
+    # two configurations: g1 (runs a, b), g2 (run c, FAILED)
+    #   a: entropy 1.0 -> 0.05 (ratio 0.05 < 0.1: collapsed); k3 NaN at step 2 (a NaN KL estimate: counted)
+    #   b: entropy 1.0 -> 0.5 (ratio 0.5)
+    #   c: entropy 2.0 -> 1.0 (ratio 0.5); length cap 0.0 at steps 1-2, 0.3 at step 3 (last third: steps >= 2: 0.15)
+    # g1: runs 2, failed 0, nan 1, collapsed 1, ratio mean (0.05 + 0.5) / 2 = 0.275; g2: 1, 1, 0, 0, 0.5, 0.15
+    from dashboards.data import Data
+
+    runs = pd.DataFrame({"run_id": list("abc"), "group": ["g1", "g1", "g2"], "label": ["G1", "G1", "G2"],
+                         "seed": [0, 1, 0], "status": ["FINISHED", "FINISHED", "FAILED"]})  # fmt: skip
+    rows = [("a", "actor/entropy", 1, 1.0), ("a", "actor/entropy", 3, 0.05), ("a", "actor/kl_k3", 2, float("nan")),
+            ("b", "actor/entropy", 1, 1.0), ("b", "actor/entropy", 3, 0.5),
+            ("c", "actor/entropy", 1, 2.0), ("c", "actor/entropy", 3, 1.0),
+            *[("c", "response_length/clip_frac", s, v) for s, v in ((1, 0.0), (2, 0.0), (3, 0.3))]]  # fmt: skip
+    hist = pd.DataFrame([(*r, 0) for r in rows], columns=["run_id", "key", "step", "value", "timestamp"])
+    t = views.stability_table(Data("t", "runs", runs, hist)).set_index("label")
+    assert t.loc["G1", ["runs", "failed", "nan", "entropy_collapsed"]].tolist() == [2, 0, 1, 1]
+    assert t.loc["G2", ["runs", "failed", "nan", "entropy_collapsed"]].tolist() == [1, 1, 0, 0]
+    assert t.at["G1", "entropy_ratio"] == pytest.approx(0.275) and t.at["G2", "entropy_ratio"] == pytest.approx(0.5)
+    assert t.at["G2", "length_cap"] == pytest.approx(0.15) and pd.isna(t.at["G1", "length_cap"])

@@ -85,8 +85,8 @@ class Data:
         return [a for a in AXES if a in self.runs and self.runs[a].nunique(dropna=False) > 1]
 
     def groups(self, by: str = "label") -> list[str]:
-        """The values of ``by`` in a stable order (by label: the order configurations first appear, by their best
-        headline Last); others sorted."""
+        """The values of ``by``, sorted with numbers compared as numbers (``s2`` before ``s10``): the same order on
+        every page, so a group keeps its colour."""
         if by not in self.runs:
             raise ValueError(f"by: {by!r} is not a column of the runs; allowed: label, group, seed, {', '.join(AXES)}")
         return sorted(self.runs[by].dropna().astype(str).unique(), key=_natural)
@@ -142,7 +142,7 @@ def load(
                              f"studies there: {', '.join(known) or 'none'}")  # fmt: skip
         ostudy = _optuna_study(study, parent, tracking_uri, notes)
         frame = _study_runs(ostudy, frame, tracking_uri)
-    frame = _tidy(frame, tracking_uri)
+    frame = _tidy(frame)
     if keys is None:  # what the views draw: the panel, every benchmark's Mean@k, the KL estimates
         logged = [c.removeprefix("metrics.") for c in frame.columns if frame[c].dtype.kind == "f" and c != "seed"]
         keys = [k for k in logged if k in PANEL or k in _VIEW_EXTRA or _MEAN_AT_K.match(k) or k in extra]
@@ -227,7 +227,7 @@ def _axis_word(axis: str, value: str) -> str:
     return _AXIS_WORDS.get(axis, {}).get(value, value)
 
 
-def _tidy(frame: pd.DataFrame, tracking_uri: str | None) -> pd.DataFrame:
+def _tidy(frame: pd.DataFrame) -> pd.DataFrame:
     """Add ``seed`` (int), ``trial`` and ``label``; drop the read API's bookkeeping columns a comparison never uses."""
     frame = frame.copy()
     frame["seed"] = pd.to_numeric(frame["seed"], errors="coerce").astype("Int64")

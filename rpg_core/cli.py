@@ -7,6 +7,8 @@
                  on a coordinator's request (a tuner's pruning; tag ``rpg.stop``).
 ``rpg sweep expand FILE``  the runs of a sweep file: resolved, de-duplicated, invalid combinations with reasons.
 ``rpg eval``     AIME24/AIME25/AMC23 at Mean@k (spec §8) of a model, checkpoint, run folder or MLflow run.
+``rpg tune FILE``  an Optuna study of a study file (flows.tuner).
+``rpg report``   the comparison of a sweep, runs or a study: offline HTML, PNGs, tables with CIs (dashboards.report).
 """
 
 from __future__ import annotations

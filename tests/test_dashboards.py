@@ -273,3 +273,24 @@ def test_stability_by_hand():
     assert t.loc["G2", ["runs", "failed", "nan", "entropy_collapsed"]].tolist() == [1, 1, 0, 0]
     assert t.at["G1", "entropy_ratio"] == pytest.approx(0.275) and t.at["G2", "entropy_ratio"] == pytest.approx(0.5)
     assert t.at["G2", "length_cap"] == pytest.approx(0.15) and pd.isna(t.at["G1", "length_cap"])
+
+
+def test_rpg_report_refuses_bad_arguments_with_one_line(store, tmp_path, capsys):
+    from rpg_core.cli import main
+
+    uri, _ = store
+    cases = [
+        ([], "rpg report: give exactly one of --sweep, --runs, --study (got none)"),
+        (["--sweep", SWEEP, "--study", "x"], "rpg report: give exactly one of --sweep, --runs, --study (got --sweep, --study)"),
+        (["--sweep", "nope"], "rpg report: sweep: no training runs tagged sweep='nope' in " + uri + "; sweeps there: dash"),
+        (["--sweep", SWEEP, "--by", "colour"], "rpg report: --by: 'colour' is not a design axis; allowed: label, group, "
+                                               "seed, divergence, direction"),
+        (["--sweep", SWEEP, "--metric", "loss/nope"], "rpg report: --metric: 'loss/nope' was not logged by these runs"),
+        (["--sweep", SWEEP, "--baseline", "GRPO"], "rpg report: baseline: 'GRPO' is not a label of sweep dash; "
+                                                   "allowed: UFKL, URKL"),
+    ]  # fmt: skip
+    for args, message in cases:
+        code = main(["report", *args, "--tracking-uri", uri, "--out", str(tmp_path / "r"), "--no-png", "--no-log"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err.startswith(message) and "\n" not in err and "Traceback" not in err, (args, err)
+    assert not (tmp_path / "r" / "index.html").exists()  # nothing written for a refused report

@@ -294,3 +294,22 @@ def test_rpg_report_refuses_bad_arguments_with_one_line(store, tmp_path, capsys)
         err = capsys.readouterr().err.strip()
         assert code == 2 and err.startswith(message) and "\n" not in err and "Traceback" not in err, (args, err)
     assert not (tmp_path / "r" / "index.html").exists()  # nothing written for a refused report
+
+
+def test_the_headline_is_a_benchmarks_mean_at_k_when_runs_logged_one():
+    # the schema's template eval/{bench}/mean_at_{k} (spec §8) ranks first; then held-out accuracy; then the reward
+    from dashboards.data import Data
+
+    runs = pd.DataFrame({"run_id": ["a"], "group": ["g"], "label": ["G"], "seed": [0], "status": ["FINISHED"]})
+
+    def data(*keys):
+        hist = pd.DataFrame([("a", k, 1, 0.5, 0) for k in keys], columns=["run_id", "key", "step", "value", "timestamp"])
+        return Data("t", "runs", runs, hist)
+
+    d = data("reward/mean", "eval/acc_strict", "eval/amc23/mean_at_32", "eval/aime24/mean_at_32", "eval/aime24/pass_at_32")
+    assert d.headline == "eval/aime24/mean_at_32"
+    assert d.metrics[:3] == ["eval/aime24/mean_at_32", "eval/amc23/mean_at_32", "eval/acc_strict"]
+    assert views.paper_table(d, reps=10).cells.columns.get_level_values("metric").unique().tolist() == [
+        "eval/aime24/mean_at_32", "eval/amc23/mean_at_32"]  # the table's columns: every benchmark's Mean@k
+    assert data("reward/mean", "eval/acc_strict").headline == "eval/acc_strict"
+    assert data("reward/mean", "undeclared/thing").headline == "reward/mean"

@@ -397,7 +397,7 @@ def tradeoff(data: Data, metric: str | None = None, kl: str | None = None) -> go
                                  hovertemplate="%{text}<br>KL %{x:.4g}<br>" + metric + " %{y:.4g}<br>n=%{customdata}<extra></extra>"))  # fmt: skip
     front = p[p["pareto"]].sort_values("kl")
     if len(front):
-        fig.add_trace(go.Scatter(x=front["kl"], y=front["metric"], mode="lines", name="Pareto front",
+        fig.add_trace(go.Scatter(x=front["kl"], y=front["metric"], mode="lines", name="Pareto front (less KL, higher metric)",
                                  line={"dash": "dash", "color": "#333"}, hoverinfo="skip"))  # fmt: skip
     fig.update_layout(title=f"{data.title}: mean {kl} over training vs Last {metric} (mean over seeds)",
                       xaxis_title=f"mean {kl}", yaxis_title=f"Last {metric}", template="plotly_white", height=460)  # fmt: skip

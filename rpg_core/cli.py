@@ -8,6 +8,7 @@
 ``rpg sweep expand FILE``  the runs of a sweep file: resolved, de-duplicated, invalid combinations with reasons.
 ``rpg eval``     AIME24/AIME25/AMC23 at Mean@k (spec §8) of a model, checkpoint, run folder or MLflow run.
 ``rpg tune FILE``  an Optuna study of a study file (flows.tuner).
+``rpg runs gc``  end the runs whose process is gone (FAILED, rpg.exit=lost).
 ``rpg report``   the comparison of a sweep, runs or a study: offline HTML, PNGs, tables with CIs (dashboards.report).
 """
 
@@ -15,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import time
 
 from rpg_core.objectives import PRESETS, Clip, Form, ObjectiveConfig, ObjectiveConfigError
-from rpg_core.objectives.exact import identify_objective, onpolicy_kl_gradient
 
 _ONPOLICY = {
     "forward": "dKL(ref||theta)  forward",
@@ -72,6 +73,8 @@ def _used_by(cfg: ObjectiveConfig) -> str:
 
 
 def cmd_design(args: argparse.Namespace) -> int:
+    from rpg_core.objectives.exact import identify_objective, onpolicy_kl_gradient
+
     t0 = time.perf_counter()
     rows = design_space(args.beta)
     print("RPG design space: every distinct loss checked against the exact objective it claims (spec §2.5, §2.7)")
@@ -153,19 +156,31 @@ def resolve_train_config(args: argparse.Namespace):
     return load_run_config(args.config, preset=args.preset, overrides=deep_merge(short, over))
 
 
+_TRAINER = None  # the Trainer of this process, once built: a SIGTERM asks it to stop at the end of its step
+TERM_EXIT = 128 + 15  # rpg train stopped by SIGTERM, with a checkpoint of the step it reached: run it again to resume
+
+
 def _stop_on_sigterm() -> None:
-    """SIGTERM (a cancelled flow run's worker, ``kill``) stops training like Ctrl-C: the run ends KILLED in MLflow and
-    keeps its last checkpoint. Further SIGINT/SIGTERM are then ignored, so they cannot cut that clean-up short (the
-    sender's SIGKILL after its grace period remains the backstop)."""
+    """SIGTERM (a scheduler's preemption, ``kill``) once training runs: a clean stop at the end of the current step,
+    with a checkpoint of that step, the run KILLED in MLflow, exit ``TERM_EXIT``. SIGINT (Ctrl-C, a cancelled
+    sweep's stop), a second SIGTERM, or a SIGTERM before training started: stop at once like Ctrl-C, the run KILLED
+    with its last checkpoint. Further signals are then ignored, so they cannot cut that clean-up short (the sender's
+    SIGKILL after its grace period remains the backstop)."""
     import signal
 
     def stop(signum: int, frame: object) -> None:
+        if signum == signal.SIGTERM and _TRAINER is not None and getattr(_TRAINER, "_stop_signal", None) is None:
+            _TRAINER.stop_at_step_end("SIGTERM")
+            return
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+
+
+_RUN_LOCK = None  # the run directory's lock file, held while this process trains (checkpoints.hold)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -180,13 +195,47 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"# config key {cfg.key()}  seed {cfg.train.seed}  run key {cfg.run_key()}  method {cfg.method_name()}")
         print(cfg.to_yaml(), end="")
         return 0
+    from rpg_core.prompts import load_problems
+
+    try:  # the data files (exist, UTF-8, non-empty, every row valid): read once, before torch and the model load
+        problems = load_problems(cfg)
+    except (ValueError, OSError) as e:
+        print(f"rpg train: {e}", file=sys.stderr)
+        return 2
+    if cfg.tracking.enabled:  # a store nothing can log to: said now, not minutes later after the model loaded
+        from rpg_core.tracking import check_tracking_uri, default_tracking_uri
+
+        try:
+            check_tracking_uri(cfg.tracking.tracking_uri or default_tracking_uri())
+        except ValueError as e:
+            print(f"rpg train: {e}", file=sys.stderr)
+            return 2
+    global _RUN_LOCK
+    if os.environ.get("RANK", "0") == "0":  # one writer per run dir (several processes of one run: the main one)
+        from pathlib import Path
+
+        from rpg_core import checkpoints
+        from rpg_core.tracking import host_name
+
+        run_dir = Path(cfg.train.output_dir) / cfg.run_key()
+        try:
+            _RUN_LOCK = checkpoints.hold(run_dir, f"{os.getpid()} {host_name()}")
+        except checkpoints.RunDirBusy as e:
+            print(f"rpg train: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # found now, not at the first checkpoint after minutes of compute
+            print(f"rpg train: train.output_dir={cfg.train.output_dir!r}: cannot write {str(run_dir)!r} "
+                  f"({e.strerror or e}); allowed: a writable directory", file=sys.stderr)  # fmt: skip
+            return 2
+    from rpg_core import checkpoints
     from rpg_core.trainer import NonFiniteError, Trainer
 
     _stop_on_sigterm()
-    print(f"rpg train: {cfg.method_name()} ({cfg.objective.summary()}) on {cfg.model.name}, run {cfg.run_key()} "
+    print(f"rpg train: {cfg.design_name()} ({cfg.objective.summary()}) on {cfg.model.name}, run {cfg.run_key()} "
           f"(config {cfg.key()}, seed {cfg.train.seed})", flush=True)  # fmt: skip
+    global _TRAINER
     try:
-        trainer = Trainer(cfg, resume=not args.fresh)
+        trainer = _TRAINER = Trainer(cfg, resume=not args.fresh, problems=problems)
     except ValueError as e:  # bad data source, unknown model, ...: before any training compute
         print(f"rpg train: {e}", file=sys.stderr)
         return 2
@@ -195,9 +244,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteError as e:
         print(f"rpg train: stopped: {e}. The last good checkpoint is kept in {trainer.ckpt_dir}", file=sys.stderr)
         return 1
+    except checkpoints.CheckpointWriteError as e:  # the run ends FAILED with the error; nothing half-written is left
+        print(f"rpg train: stopped: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # fit() ends its run KILLED; a stop that came before fit's own try ends it here
         trainer.tracker.finish("KILLED")
         raise
+    if res.stopped == "SIGTERM":  # a clean stop: a checkpoint of this step; not a failure, to be resumed
+        if trainer.is_main:
+            print(f"rpg train: stopped by SIGTERM at step {res.step}, checkpoint written in {trainer.ckpt_dir}; "
+                  "running it again resumes", flush=True)  # fmt: skip
+        if trainer.world > 1:  # as for a pruned run below: the main process alone reports the outcome
+            trainer.acc.wait_for_everyone()
+            return TERM_EXIT if trainer.is_main else 0
+        return TERM_EXIT
     if res.stopped is not None:  # a coordinator's request (a tuner's pruning): not a failure, not to be retried
         from rpg_core.tracking import PRUNED, PRUNED_EXIT, STOP_TAG
 
@@ -223,7 +283,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from rpg_core.config import EvalConfig, field_errors
-    from rpg_core.models import ModelNotFoundError
 
     fields = dict(benchmarks=[b.strip() for b in args.benchmarks.split(",") if b.strip()], k=args.k,
                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
@@ -232,6 +291,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         settings = EvalConfig(**{k: v for k, v in fields.items() if v is not None})
         settings.check(section=None)  # errors name the flags
+        if not args.no_mlflow:  # a store nothing can log to: said before the model loads
+            from rpg_core.tracking import check_tracking_uri, default_tracking_uri
+
+            check_tracking_uri(args.tracking_uri or default_tracking_uri())
     except ValidationError as e:  # errors name the flags
         print(f"rpg eval: {field_errors(e, lambda loc: '--' + str(loc[0]).replace('_', '-'))[0]}", file=sys.stderr)
         return 2
@@ -239,6 +302,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"rpg eval: {e}", file=sys.stderr)
         return 2
     from rpg_core.evaluation import as_dict, run_eval
+    from rpg_core.models import ModelNotFoundError
 
     try:
         run = run_eval(args.model, settings, precision=args.precision, device=args.device,
@@ -297,6 +361,9 @@ def cmd_sweep_expand(args: argparse.Namespace) -> int:
                 raise SweepError(f"--seeds {args.seeds!r}: {bad[0]!r} is not an integer; allowed: e.g. 0,1,2")
             seeds = [int(x) for x in args.seeds.split(",")]
         exp = expand(load_sweep(args.file, overrides=args.set, seeds=seeds))
+        if not exp.runs:  # nothing would run: the table and its reasons, then an error (exit 2)
+            print(exp.table())
+            exp.require_runs()
     except (SweepError, RunConfigError) as e:
         print(f"rpg sweep expand: {e}", file=sys.stderr)
         return 2
@@ -309,6 +376,27 @@ def cmd_sweep_expand(args: argparse.Namespace) -> int:
         print(exp.table())
     for w in warnings:  # not fatal: the runs are valid, the comparison is what is void
         print(f"rpg sweep expand: warning: {w}", file=sys.stderr)
+    return 0
+
+
+def cmd_runs_gc(args: argparse.Namespace) -> int:
+    """End the RUNNING runs whose process is gone as FAILED, tagged rpg.exit=lost (rpg_core.runs.collect_lost)."""
+    from rpg_core.tracking import check_tracking_uri, default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri()
+    try:
+        check_tracking_uri(uri)
+    except ValueError as e:
+        print(f"rpg runs gc: {e}", file=sys.stderr)
+        return 2
+    from rpg_core.runs import collect_lost
+
+    lost = collect_lost(experiments=args.experiment, tracking_uri=uri, dry_run=args.dry_run)
+    verb = "would end" if args.dry_run else "ended"
+    for r in lost:
+        print(f"{verb} {r.run_id} ({r.experiment}/{r.name}) FAILED, rpg.exit=lost: {r.reason}")
+    print(f"rpg runs gc: {len(lost)} lost run(s) {verb.split()[-1]} in {uri}" if lost else
+          f"rpg runs gc: no lost run in {uri} (every RUNNING run has a live process)")  # fmt: skip
     return 0
 
 
@@ -362,6 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seeds", metavar="S,S,...", help="train.seed values, replacing the file's seeds: (e.g. 0,1,2)")
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.set_defaults(func=cmd_sweep_expand)
+    p = sub.add_parser("runs", help="the MLflow runs: gc ends the runs whose process is gone")
+    runs_sub = p.add_subparsers(dest="runs_command", required=True)
+    q = runs_sub.add_parser("gc", help="end RUNNING runs whose process is gone (SIGKILL, OOM, power cut) as FAILED, "
+                            "tagged rpg.exit=lost; live ones are told by their run folder's lock or their heartbeat")  # fmt: skip
+    q.add_argument("--experiment", action="append", help="only these experiments (repeatable; default: all)")
+    q.add_argument("--dry-run", action="store_true", help="list them, change nothing")
+    q.add_argument("--tracking-uri", default=None, help="default $MLFLOW_TRACKING_URI, else .rpg/mlflow.db")
+    q.set_defaults(func=cmd_runs_gc)
     p = sub.add_parser("eval", help="Mean@k / Pass@k / Maj@k on AIME24, AIME25, AMC23 (the paper's protocol)")
     p.add_argument("--model", required=True,
                    help="smollm2-135m | tiny | model dir | Hub id | checkpoint dir | run dir | MLflow run id")  # fmt: skip

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rpg_core.benchmarks import check_benchmark
 from rpg_core.data import ArithmeticLevel, PromptTemplate
-from rpg_core.objectives import PRESETS, AdvantageEstimator, Form, ObjectiveConfig, ReferenceMode, get_preset
+from rpg_core.objectives import PRESETS, AdvantageEstimator, Clip, Form, ObjectiveConfig, ReferenceMode, get_preset
 from rpg_core.rewards import AnswerRule
 from rpg_core.tracking import AXIS_TAGS
 
@@ -86,7 +86,10 @@ class Schedule(StrEnum):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, use_enum_values=False)
+    # allow_inf_nan=False: inf or nan is refused wherever a float is accepted (optim.lr=inf would only fail in the
+    # optimizer, after the model loaded)
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, use_enum_values=False,
+                              allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -370,12 +373,27 @@ class RunConfig(_Section):
         )
         return p.name if same else "custom"
 
+    def design_name(self) -> str:
+        """What this run is, in the paper's words, for run names: the preset when it still matches (``grpo``,
+        ``rpg_reinforce_urkl``), else ``<form>-<KL term>-<clip>`` of the canonical objective, e.g.
+        ``rpg_reinforce-FKL-dual`` (RPG forms name the divergence, spec §2: the estimator is implied),
+        ``penalty-k3-reverse*w-ppo`` (the GRPO family names its estimator, spec §3), ``rpg-none-dual`` (beta = 0)."""
+        method = self.method_name()
+        if method != "custom":
+            return method
+        o = self.objective.canonical()
+        form = {Form.REINFORCE: "rpg_reinforce", Form.DIFFERENTIABLE: "rpg", Form.PENALTY: "penalty",
+                Form.REWARD: "kl_reward"}[o.form]  # fmt: skip
+        clip = "noclip" if o.clip is Clip.NONE else o.clip.value
+        return f"{form}-{o.divergence_name}-{clip}"
+
     def axis_tags(self) -> dict[str, str]:
         """One tag per design axis (MLflow groups and filters on these; rpg_core.runs makes them columns). The names
         are ``rpg_core.tracking.AXIS_TAGS``, in that order."""
         o = self.objective.canonical()
         tags = {
             "method": self.method_name(),
+            "design": self.design_name(),  # what a run is, in a word: rpg_reinforce-URKL-dual, grpo
             "preset": self.preset or "none",
             "form": o.form.value,
             "direction": o.direction.value,

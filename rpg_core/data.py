@@ -287,21 +287,52 @@ def _extract(row: dict[str, Any], schema: _Schema, problem_key: str | None, answ
     return str(problem), str(answer)
 
 
-def _read_file(path: Path) -> list[dict[str, Any]]:
+def _text(path: Path) -> str:
+    """The file's text; a file that is not UTF-8 is refused naming it and the first bad byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"source {str(path)!r}, line {line}: not UTF-8 (byte 0x{data[e.start]:02x} at offset "
+                         f"{e.start}); save the file as UTF-8") from None  # fmt: skip
+
+
+def _read_file(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of a local file and where each one is (``line N`` of a .jsonl, else ``row N``), for messages. A bad
+    row is refused naming the file and the line: not UTF-8, not JSON, not an object."""
     match path.suffix.lower():
         case ".parquet":
             import pandas as pd
 
-            return pd.read_parquet(path).to_dict(orient="records")
+            rows = pd.read_parquet(path).to_dict(orient="records")
+            return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
         case ".jsonl":
-            with path.open(encoding="utf-8") as f:
-                return [json.loads(line) for line in f if line.strip()]
+            rows, where = [], []
+            for n, line in enumerate(_text(path).splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"source {str(path)!r}, line {n}: not valid JSON ({e.msg} at column {e.colno})"
+                                     ) from None  # fmt: skip
+                if not isinstance(row, dict):
+                    raise ValueError(f"source {str(path)!r}, line {n}: a row must be a JSON object, got "
+                                     f"{type(row).__name__}")  # fmt: skip
+                rows.append(row)
+                where.append(f"line {n}")
+            return rows, where
         case ".json":
-            data = json.loads(path.read_text(encoding="utf-8"))
+            try:
+                data = json.loads(_text(path))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"source {str(path)!r}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno})"
+                                 ) from None  # fmt: skip
             rows = data.get("data") if isinstance(data, dict) else data
             if not isinstance(rows, list):
                 raise ValueError(f"source {str(path)!r}: a .json file must hold a list of rows or {{'data': [...]}}")
-            return rows
+            return rows, [f"row {i}" for i in range(1, len(rows) + 1)]
     raise ValueError(f"source {str(path)!r}: unsupported file type; allowed: {', '.join(FILE_SUFFIXES)}")
 
 
@@ -370,15 +401,22 @@ def load_problems(
         raise ValueError(f"limit must be >= 1 or None, got {limit}")
     path = Path(source).expanduser()
     if path.is_file():
-        rows, stem = _read_file(path), path.stem
+        (rows, where), stem = _read_file(path), path.stem
+        if not rows:  # else the caller's message is about too few problems, not this file
+            raise ValueError(f"source {source!r}: the file has no rows (it is empty)")
     elif path.suffix.lower() in FILE_SUFFIXES or path.is_dir() or source.startswith((".", "/", "~")):
         kinds = "/".join(FILE_SUFFIXES)
         raise ValueError(f"source {source!r}: no such file; pass a local {kinds} file or a Hub dataset name")
     else:
-        rows = [r for f in _hub_files(source, split, hub_subdir) for r in _read_file(f)]
+        read = [(f, _read_file(f)) for f in _hub_files(source, split, hub_subdir)]
+        rows = [r for _, (rs, _) in read for r in rs]
+        where = [f"{f.name}, {w}" for f, (_, ws) in read for w in ws]
         stem = source.rstrip("/").split("/")[-1]
     if not rows:
         return []
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise ValueError(f"source {source!r}, {where[bad]}: a row must be an object, got {type(rows[bad]).__name__}")
     columns = set(rows[0])
     schema = _Schema.EXPLICIT if problem_key and answer_key else _detect(columns)
     if schema is None:  # one explicit key: the other field must be the default column
@@ -392,7 +430,10 @@ def load_problems(
     seen: set[tuple[str, str]] = set()
     out: list[Problem] = []
     for i, row in enumerate(rows):
-        problem, answer = _extract(row, schema, problem_key, answer_key)
+        try:
+            problem, answer = _extract(row, schema, problem_key, answer_key)
+        except ValueError as e:
+            raise ValueError(f"source {source!r}, {where[i]}: {e}") from None
         if (problem, answer) in seen:
             continue
         seen.add((problem, answer))

@@ -479,7 +479,8 @@ class EvalTarget:
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:
-    return checkpoints.latest(run_dir)
+    """The run's newest checkpoint that passes ``checkpoints.verify`` (the one a resume would use)."""
+    return checkpoints.latest_good(run_dir)[0]
 
 
 def _checkpoint_target(label: str, ckpt: Path) -> EvalTarget:

@@ -19,7 +19,7 @@ def resolve_run_id(run: str) -> str:
     """A run directory (its newest checkpoint records the MLflow run id) or a run id."""
     p = Path(run)
     if p.is_dir():
-        ckpt = checkpoints.latest(p)
+        ckpt = checkpoints.latest_good(p, checksums=False)[0]
         if ckpt is None:
             raise ValueError(f"{run}: no complete checkpoint under {p / checkpoints.FOLDER}")
         return checkpoints.read_state(ckpt)["run_id"]

@@ -1,13 +1,16 @@
 """The run's prompts (the data room, as the trainer uses it): its training and held-out problems, and the training
-prompts in their seeded order, rendered with the run's template."""
+prompts in their seeded order, rendered with the run's template. ``load_problems`` needs no torch: ``rpg train``
+reads (and refuses) the data before torch and the model load."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from rpg_core import data as data_mod
 from rpg_core.config import RunConfig, Task
-from rpg_core.rollout import Prompt
+
+if TYPE_CHECKING:
+    from rpg_core.rollout import Prompt
 
 __all__ = ["PromptStream", "load_problems"]
 
@@ -53,6 +56,10 @@ class PromptStream:
 
     def next(self, k: int) -> list[Prompt]:
         """The next ``k`` prompts."""
+        import torch
+
+        from rpg_core.rollout import Prompt
+
         out = []
         n = len(self.problems)
         for _ in range(k):

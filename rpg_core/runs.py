@@ -13,7 +13,7 @@ DataFrames. Writing goes through ``rpg_core.tracking``.
   ``parent_run_id, sweep, run_dir, group, host, gpu, checkpoint_step`` (tags ``mlflow.parentRunId``, ``sweep``, ``run_dir``,
   ``rpg.group``, ``rpg.host``: the machine, ``rpg.gpu``: e.g. ``cuda:0 NVIDIA H200`` or ``cpu``; host and gpu are
   where the run last (re)started), ``checkpoint_step`` (tag ``rpg.checkpoint_step``: the step of its newest complete
-  checkpoint, on ``host``'s disk; None before the first), one column per design axis (``rpg_core.tracking.AXIS_TAGS``: method, form,
+  checkpoint, on ``host``'s disk; None before the first), one column per design axis (``rpg_core.tracking.AXIS_TAGS``: method, design, form,
   direction, normalized, estimator, clip, agg, beta, advantage, reference, config_key, model, task, seed, ...;
   as strings, missing: NA, ``pd.isna``), the params asked for (column = param name, e.g. ``optim.lr``), then one
   column per metric with its final value (MLflow's latest: the value at the largest step). A metric whose name is
@@ -47,17 +47,34 @@ import datetime as dt
 import math
 import numbers
 import os
+import time
+from dataclasses import dataclass
 from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
 from typing import Any
 
 import pandas as pd
 
-from rpg_core.tracking import AXIS_TAGS, CHECKPOINT_TAG, GPU_TAG, GROUP_TAG, HOST_TAG, KIND_TAG, RunKind, default_tracking_uri
+from rpg_core.tracking import (
+    AXIS_TAGS,
+    CHECKPOINT_TAG,
+    GPU_TAG,
+    GROUP_TAG,
+    HEARTBEAT_S,
+    HEARTBEAT_TAG,
+    HOST_TAG,
+    KIND_TAG,
+    RunKind,
+    default_tracking_uri,
+)
 
 __all__ = [
     "HISTORY_COLUMNS",
     "INFO_COLUMNS",
+    "LOST_AFTER_S",
+    "LostRun",
+    "collect_lost",
+    "lost_runs",
     "RunStatus",
     "final_metrics",
     "find_runs",
@@ -73,7 +90,7 @@ LEGACY_TRAIN_TAG = "run_dir"  # the trainer's run folder; before rpg.kind, the o
 SWEEP_TAG = "sweep"
 PARENT_TAG = "mlflow.parentRunId"
 SEED_TAG = "seed"  # an axis tag (RunConfig.axis_tags())
-INFO_COLUMNS = ("run_id", "name", "experiment", "kind", "status", "lifecycle", "start_time", "end_time",
+INFO_COLUMNS = ("run_id", "name", "experiment", "experiment_id", "kind", "status", "lifecycle", "start_time", "end_time",
                 "parent_run_id", "sweep", "run_dir", "group", "host", "gpu", "checkpoint_step")  # fmt: skip
 HISTORY_COLUMNS = ("run_id", "key", "step", "value", "timestamp")
 
@@ -159,6 +176,67 @@ def find_runs(
                 runs.setdefault(run.info.run_id, run)
     ordered = sorted(runs.values(), key=lambda r: (-(r.info.start_time or 0), r.info.run_id))
     return _frame(ordered[:limit] if limit else ordered, exps, params)
+
+
+# -- runs whose process is gone ------------------------------------------------------------------------------------
+
+LOST_AFTER_S = 10 * HEARTBEAT_S  # a RUNNING run silent this long (ten missed heartbeats) has no live process
+
+
+@dataclass(frozen=True)
+class LostRun:
+    run_id: str
+    name: str
+    experiment: str
+    reason: str
+
+
+def lost_runs(*, experiments: str | Sequence[str] | None = None, tracking_uri: str | None = None,
+              now: float | None = None) -> list[LostRun]:  # fmt: skip
+    """The RUNNING runs whose process is gone (killed by SIGKILL, the OOM killer, a power cut: nothing ended them).
+    Liveness, not age: a training run of this machine (tag ``rpg.host``) is lost when no process holds its run
+    folder's lock (``checkpoints.held_by``: the kernel drops the lock with its holder), or when its folder is gone; any
+    other run when its heartbeat (``tracking.HEARTBEAT_TAG``, stamped every ``HEARTBEAT_S`` by a live writer) is older
+    than ``LOST_AFTER_S``. A run with neither (written before heartbeats existed) is not judged."""
+    from pathlib import Path
+
+    from rpg_core import checkpoints
+    from rpg_core.tracking import host_name
+
+    now = time.time() if now is None else now
+    client = _client(tracking_uri)
+    exps = _experiments(client, experiments)
+    here = host_name()
+    out = []
+    for run in _search(client, list(exps), "attributes.status = 'RUNNING'", None) if exps else []:
+        tags = run.data.tags
+        run_dir, reason = tags.get(LEGACY_TRAIN_TAG), None
+        if run_dir and tags.get(HOST_TAG) == here:
+            if not Path(run_dir).is_dir():
+                reason = f"its run folder {run_dir} on {here} is gone"
+            elif checkpoints.held_by(Path(run_dir)) is None:
+                reason = f"no process holds its run folder's lock ({run_dir} on {here})"
+        elif tags.get(HEARTBEAT_TAG, "").isdigit():
+            silent = now - int(tags[HEARTBEAT_TAG])
+            if silent > LOST_AFTER_S:
+                where = f" (on {tags[HOST_TAG]})" if tags.get(HOST_TAG) else ""
+                reason = f"no heartbeat for {silent / 60:.0f} min{where}"
+        if reason is not None:
+            out.append(LostRun(run.info.run_id, run.info.run_name or "", exps[run.info.experiment_id], reason))
+    return out
+
+
+def collect_lost(*, experiments: str | Sequence[str] | None = None, tracking_uri: str | None = None,
+                 dry_run: bool = False) -> list[LostRun]:  # fmt: skip
+    """Find the lost runs (``lost_runs``) and end each FAILED with ``rpg.exit=lost`` and its reason
+    (``tracking.mark_lost``), unless ``dry_run``. Run by ``rpg runs gc``, a sweep's or a study's start, and ``make up``."""
+    from rpg_core.tracking import mark_lost
+
+    lost = lost_runs(experiments=experiments, tracking_uri=tracking_uri)
+    if not dry_run:
+        for r in lost:
+            mark_lost(r.run_id, r.reason, tracking_uri=tracking_uri)
+    return lost
 
 
 def get_runs(run_ids: Iterable[str], *, params: Sequence[str] = (), tracking_uri: str | None = None) -> pd.DataFrame:
@@ -404,6 +482,7 @@ def _frame(runs: list[Any], exps: Mapping[str, str], params: Sequence[str]) -> p
         tags, info = r.data.tags, r.info
         row: dict[str, Any] = {
             "run_id": info.run_id, "name": info.run_name, "experiment": exps.get(info.experiment_id),
+            "experiment_id": info.experiment_id,
             "kind": _kind(tags), "status": info.status, "lifecycle": info.lifecycle_stage,
             "start_time": _time(info.start_time), "end_time": _time(info.end_time),
             "parent_run_id": tags.get(PARENT_TAG), "sweep": tags.get(SWEEP_TAG), "run_dir": tags.get(LEGACY_TRAIN_TAG),

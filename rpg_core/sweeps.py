@@ -73,7 +73,7 @@ class SweepError(ValueError):
 
 
 class Sweep(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # no inf or nan where a float goes
 
     name: str = Field(min_length=1, description="the sweep's name (MLflow parent run, Prefect parameters)")
     description: str = ""
@@ -192,6 +192,16 @@ class SweepRun:
         """RunConfig.run_key(), ``<key>-s<seed>``: the run's identity (its folder, its checkpoints)."""
         return run_key(self.key, self.seed)
 
+    def run_name(self, sweep: str) -> str:
+        """``<sweep>/<design>[-<axis>=<value>...]-s<seed>``: its MLflow run name and its Prefect task or flow run name,
+        e.g. ``kl_design/rpg_reinforce-FKL-dual-s0``. The design is RunConfig.design_name(); the grid axes it does
+        not already say (a learning rate, a beta) follow as ``<field>=<value>``, so the runs of a sweep get distinct
+        names."""
+        said = {"preset", *(f"objective.{f}" for f in ("form", "direction", "normalized", "estimator", "kl_is_weight",
+                                                       "clip"))}  # fmt: skip
+        extra = [f"{axis.rsplit('.', 1)[-1]}={value}" for axis, value in self.axes.items() if axis not in said]
+        return f"{sweep}/" + "-".join([self.config.design_name(), *extra]) + f"-s{self.seed}"
+
 
 @dataclass(frozen=True)
 class Dropped:
@@ -209,6 +219,16 @@ class Expansion:
     @property
     def combinations(self) -> int:
         return len(self.runs) + len(self.dropped)
+
+    def require_runs(self) -> Expansion:
+        """Itself, or SweepError when no combination is a valid run (nothing would run: say why, not succeed)."""
+        if self.runs:
+            return self
+        first = ""
+        if self.dropped:
+            d = self.dropped[0]
+            first = f"; first: seed={d.seed} " + ", ".join(f"{a}={v}" for a, v in d.axes.items()) + f": {d.reason}"
+        raise SweepError(f"{self.sweep.name}: no valid run: {self.combinations} combinations, every one dropped{first}")
 
     def table(self) -> str:
         axes = list(self.sweep.grid)

@@ -6,8 +6,11 @@
   artifacts in ``mlartifacts/`` beside the DB; MLflow 3.17's own default is ``./mlruns`` relative to the cwd.
   HTTP/Postgres stores keep their server's default artifact location.
 * **Initialisation.** ``ensure_experiment(uri, name)`` creates the DB tables and the experiment once, tagged
-  ``mlflow.experimentKind=custom_model_development`` so the UI opens on "Training runs". For SQLite it holds
-  ``<db>.lock`` meanwhile: MLflow's first-use migration breaks when several processes start on a fresh DB.
+  ``mlflow.experimentKind=custom_model_development``. MLflow 3.17's UI no longer navigates by that tag: the saved
+  views of the training runs (``rpg_core.mlflow_view``, written through ``set_experiment_tags``) and their links
+  (``workflowType=machine_learning``) open the UI on the runs.
+  For SQLite it holds ``<db>.lock`` meanwhile: MLflow's first-use migration breaks when several processes start on
+  a fresh DB.
 * **Non-blocking metrics.** ``log_metrics``, ``set_tags``, ``log_text``, ``log_dict`` and ``log_table`` validate and
   snapshot their input in the caller (~6 us for 30 metrics) and queue it for one writer thread per tracker. The writer
   drains the queue, coalesces metrics and tags into ``MlflowClient.log_batch`` calls (<= 1000 entities, <= 100 tags
@@ -34,7 +37,11 @@
   ``JSONDecodeError`` after ~150 tables in one run, because MLflow truncates the tag and cannot parse it back.
 * **Resume.** ``Tracker(run_id=...)`` re-attaches: same run id, status RUNNING again, params already there with the
   same value are not re-logged, and a changed param raises ``ValueError`` naming each param with old and new value.
-  MLflow cannot clear ``end_time``, so the UI shows the previous end time until ``finish()``.
+  MLflow cannot clear ``end_time``, so the UI shows the previous end time until ``finish()``. Each metric keeps
+  exactly one point per step: a killed attempt may have logged steps past its last checkpoint, and the resumed
+  attempt, which recomputes them from that checkpoint, does not log them again (``log_metrics`` drops a point at or
+  before the last step the run holds for that metric). The resume is exact, so the kept points are the ones the
+  resumed attempt computes (tested against an uninterrupted run by SIGKILL at six points: tests/test_crash.py).
 * **Disabled.** ``enabled=False`` makes every method a no-op: no MLflow import, no file touched, ``run_id`` is None.
 * **Exit.** A process that exits without ``finish()`` flushes the queue at exit and ends the run as KILLED.
 * **Stop requests.** A coordinator on any machine asks a running training run to stop by tagging it (``request_stop``:
@@ -112,6 +119,14 @@ KIND_TAG = "rpg.kind"  # every run the platform writes carries it (rpg_core/runs
 GROUP_TAG = "rpg.group"
 # The machine (host_name()) and the device (e.g. "cuda:0 NVIDIA H200", or "cpu") a training run last (re)started on.
 HOST_TAG = "rpg.host"
+# Liveness: a run's writer thread stamps HEARTBEAT_TAG (unix seconds) every HEARTBEAT_S while its process lives, even
+# when nothing is logged (a long evaluation); a RUNNING run whose process is gone (SIGKILL, OOM, a power cut) is
+# found by rpg_core.runs.lost_runs and ended FAILED with EXIT_TAG=LOST (mark_lost).
+HEARTBEAT_TAG = "rpg.heartbeat"
+HEARTBEAT_S = 30.0
+EXIT_TAG = "rpg.exit"
+LOST = "lost"
+LOST_REASON_TAG = "rpg.lost_reason"
 CHECKPOINT_TAG = "rpg.checkpoint_step"  # the step of a training run's newest complete checkpoint (on rpg.host's disk)
 GPU_TAG = "rpg.gpu"
 # Stopping a running training run from elsewhere (a tuner pruning a trial, on any machine): a coordinator sets STOP_TAG
@@ -127,7 +142,7 @@ PRUNED_EXIT = 3
 # The tags a training run carries per design axis (RunConfig.axis_tags() writes exactly these; rpg_core.runs reads
 # them as DataFrame columns). Tags, not params: MLflow groups and filters on them, and they hold canonical values.
 AXIS_TAGS = (
-    "method", "preset", "form", "direction", "normalized", "estimator", "kl_is_weight", "divergence", "clip", "agg",
+    "method", "design", "preset", "form", "direction", "normalized", "estimator", "kl_is_weight", "divergence", "clip", "agg",
     "beta", "advantage", "reference", "objective_key", "config_key", "model", "task", "seed",
 )  # fmt: skip
 
@@ -168,6 +183,51 @@ def default_tracking_uri() -> str:
     home = Path(os.environ.get("RPG_HOME") or ".rpg").expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{home / 'mlflow.db'}"
+
+
+# The stores MLflow 3.17 opens (a scheme's "+driver" variants too, e.g. postgresql+psycopg); a bare path is a file store
+TRACKING_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0, tries: int = 3) -> None:
+    """Refuse, in one line, a tracking URI no run could log to, before anything loads: a scheme MLflow does not know,
+    or an ``http(s)://`` server that does not answer ``/health`` (MLflow itself retries for minutes, after the model
+    has loaded). Nothing listening is refused at once; a server that is there but slow (a busy machine: four runs
+    starting on two cores) gets ``tries`` of ``timeout`` seconds. Raises ValueError naming the URI and what to do;
+    no MLflow import."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    scheme = urllib.parse.urlsplit(uri).scheme.lower()
+    base = scheme.split("+", 1)[0]
+    if scheme and base not in TRACKING_SCHEMES and not re.fullmatch(r"[a-z]", scheme):  # c:\... is a Windows path
+        raise ValueError(f"tracking URI {uri!r}: scheme {scheme!r} is not allowed; allowed: "
+                         f"{', '.join(s + '://' for s in TRACKING_SCHEMES)} or a local path")  # fmt: skip
+    if base not in ("http", "https"):
+        return
+    why = ""
+    for attempt in range(tries):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as r:
+                if r.status == 200:
+                    return
+                why = f"/health answered {r.status}"
+        except urllib.error.HTTPError as e:
+            why = f"/health answered {e.code}"
+            if e.code < 500:
+                break
+        except (OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            why = str(reason)
+            if not isinstance(reason, TimeoutError) and not isinstance(e, TimeoutError):
+                break  # refused, unknown host, bad URL: asking again changes nothing
+            why = f"no answer within {timeout:g} s, {attempt + 1} times"
+        if attempt + 1 < tries:
+            time.sleep(1.0)
+    raise ValueError(f"tracking URI {uri!r}: no MLflow server answers ({why}); start the stack (`make up`, then "
+                     "`source .rpg/stack/env.sh`), or unset MLFLOW_TRACKING_URI to log to the local store "
+                     ".rpg/mlflow.db")  # fmt: skip
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -239,6 +299,22 @@ def _get_or_create_experiment(uri: str, name: str) -> str:
     return exp.experiment_id
 
 
+def experiment_tags(experiment_id: str, tracking_uri: str | None = None) -> dict[str, str]:
+    """The tags of an experiment (one read), e.g. to write a saved UI view only when it changed."""
+    from mlflow.tracking import MlflowClient
+
+    return dict(MlflowClient(tracking_uri=tracking_uri or default_tracking_uri()).get_experiment(experiment_id).tags)
+
+
+def set_experiment_tags(experiment_id: str, tags: Mapping[str, str], tracking_uri: str | None = None) -> None:
+    """Set tags on an experiment (one write each; MLflow has no batch for experiment tags)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
+    for key, value in tags.items():
+        client.set_experiment_tag(experiment_id, key, value)
+
+
 def set_run_tags(run_id: str, tags: Mapping[str, Any], tracking_uri: str | None = None) -> None:
     """Tag an existing run without re-attaching to it (its status and end time stay as they are), e.g. a training run
     marked as evaluated by a nightly. Keys and values are checked and cut as a Tracker's."""
@@ -267,6 +343,16 @@ def request_stop(run_id: str, reason: str = PRUNED, *, tracking_uri: str | None 
     if not isinstance(reason, str) or not reason.strip() or "\n" in reason:
         raise ValueError(f"request_stop: reason must be a non-empty one-line string (e.g. {PRUNED!r}), got {reason!r}")
     set_run_tags(run_id, {STOP_TAG: reason.strip()}, tracking_uri=tracking_uri)
+
+
+def mark_lost(run_id: str, reason: str, tracking_uri: str | None = None) -> None:
+    """End a RUNNING run whose process is gone (``rpg_core.runs.lost_runs`` decides) as FAILED, tagged
+    ``EXIT_TAG=LOST`` and ``LOST_REASON_TAG=reason``. A resume of it later re-attaches and runs it on."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri or default_tracking_uri())
+    set_run_tags(run_id, {EXIT_TAG: LOST, LOST_REASON_TAG: reason}, tracking_uri=client.tracking_uri)
+    client.set_terminated(run_id, status="FAILED")
 
 
 def stop_tags(reason: str, step: int) -> dict[str, str]:
@@ -398,6 +484,8 @@ class Tracker:
         self.experiment_id: str | None = None
         self.tracking_uri: str | None = None
         self.resumed = False
+        self.previous_status: str | None = None  # on resume: the run's status before this attempt re-attached
+        self._logged_upto: dict[str, int] = {}  # metric -> the last step an earlier attempt logged (on resume)
         self._finished = False
         self._stop_read: _Read | None = None
         self._stop_read_failing = False
@@ -438,8 +526,13 @@ class Tracker:
                     f"(MLflow params are immutable): {lines}"
                 )
             params = {k: v for k, v in params.items() if k not in old}
+            # Exactly one point per step: what the previous attempt logged past its checkpoint is not logged again
+            # (a resume is exact, so the resumed attempt computes the same values for those steps).
+            self._logged_upto = {k: max((m.step for m in client.get_metric_history(run_id, k)), default=-1)
+                                 for k in run.data.metrics}  # fmt: skip
             resumes = int(run.data.tags.get("rpg.resumes", "0") or 0) + 1
             tags["rpg.resumes"] = str(resumes)
+            self.previous_status = run.info.status  # RUNNING: the previous attempt died without ending the run
             client.update_run(run_id, status="RUNNING")
             self.resumed = True
             self._table_paths = _parse_logged_artifacts(run.data.tags.get(LOGGED_ARTIFACTS_TAG))
@@ -455,6 +548,8 @@ class Tracker:
         self.artifact_uri = run.info.artifact_uri
 
         # Params (and resume tags) synchronously: a bad value fails here, at start, not in the background.
+        tags[HEARTBEAT_TAG] = str(int(time.time()))
+        self._beat = time.monotonic()
         try:
             self._write_batch([], list(tags.items()), params=list(params.items()))
         except Exception:
@@ -490,6 +585,10 @@ class Tracker:
             except (TypeError, ValueError):
                 raise TypeError(f"metric {k!r} must be a number, got {type(v).__name__}: {v!r}") from None
             rows.append((k, v, ts, step))
+        if self._logged_upto:  # a resumed run: drop the points its killed attempt logged already
+            rows = [r for r in rows if r[3] > self._logged_upto.get(r[0], -1)]
+            if not rows:
+                return
         self._q.put((_METRICS, rows))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
@@ -582,6 +681,10 @@ class Tracker:
             self._q.put((_STOP,))
             self._thread.join()
         try:
+            tags = self._client.get_run(self.run_id).data.tags
+            for key in (EXIT_TAG, LOST_REASON_TAG):  # judged lost while its server was unreachable: it was not
+                if key in tags:
+                    self._client.delete_tag(self.run_id, key)
             self._client.set_terminated(self.run_id, status=status)
         except Exception as e:
             if self._error is None:
@@ -618,11 +721,12 @@ class Tracker:
 
     def clear_stop(self) -> None:
         """Delete ``STOP_TAG`` and ``PRUNED_TAG`` from this run, synchronously: a training run that (re)starts is
-        not stopped by a request an earlier attempt already honoured."""
+        not stopped by a request an earlier attempt already honoured. A run ended as lost (``mark_lost``) and now
+        resumed is no longer lost: ``EXIT_TAG`` and ``LOST_REASON_TAG`` go too."""
         if not self.enabled:
             return
         tags = self._client.get_run(self.run_id).data.tags
-        for key in (STOP_TAG, PRUNED_TAG):
+        for key in (STOP_TAG, PRUNED_TAG, EXIT_TAG, LOST_REASON_TAG):
             if key in tags:
                 self._client.delete_tag(self.run_id, key)
 
@@ -655,7 +759,10 @@ class Tracker:
 
     def _worker(self) -> None:
         while True:
-            items = [self._q.get()]
+            try:  # wakes at least every HEARTBEAT_S, to stamp the heartbeat of a live process
+                items = [self._q.get(timeout=max(0.0, HEARTBEAT_S - (time.monotonic() - self._beat)) + 0.01)]
+            except queue.Empty:
+                items = []
             while True:
                 try:
                     items.append(self._q.get_nowait())
@@ -664,6 +771,9 @@ class Tracker:
             metrics: list = []
             tags: dict[str, str] = {}
             stop = False
+            if time.monotonic() - self._beat >= HEARTBEAT_S:
+                self._beat = time.monotonic()
+                items.insert(0, (_TAGS, {HEARTBEAT_TAG: str(int(time.time()))}))
             try:
                 for it in items:
                     kind = it[0]

@@ -20,6 +20,7 @@ import math
 import os
 import random
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch import Tensor
 
 from rpg_core import checkpoints
 from rpg_core import evaluation
+from rpg_core import faults
 from rpg_core import metrics as metrics_mod
 from rpg_core import rewards as rewards_mod
 from rpg_core.config import Device, Precision, RunConfig, Schedule
@@ -62,9 +64,11 @@ class TrainResult:
 
 
 class Trainer:
-    """One training run of ``cfg``. ``fit()`` runs (or resumes) it to ``cfg.train.steps``."""
+    """One training run of ``cfg``. ``fit()`` runs (or resumes) it to ``cfg.train.steps``. ``problems``: the run's
+    (training, held-out) problems, when the caller has read them already (``rpg train`` does, before torch loads)."""
 
-    def __init__(self, cfg: RunConfig, *, eval_hook: EvalHook | None = None, resume: bool = True):
+    def __init__(self, cfg: RunConfig, *, eval_hook: EvalHook | None = None, resume: bool = True,
+                 problems: tuple[list, list] | None = None):  # fmt: skip
         from accelerate import Accelerator
 
         self.cfg = cfg
@@ -85,9 +89,10 @@ class Trainer:
         self.autocast = torch.bfloat16 if cfg.model.precision is Precision.BF16 else None
         self.run_dir = Path(cfg.train.output_dir) / self.run_key
         self.ckpt_dir = self.run_dir / checkpoints.FOLDER
+        self._hold()
 
         # Data first: a bad dataset or benchmark fails before the model is loaded.
-        self.train_problems, self.eval_problems = load_problems(cfg)
+        self.train_problems, self.eval_problems = problems if problems is not None else load_problems(cfg)
         ev = cfg.evaluation
         self.benchmarks = [
             evaluation.load_benchmark(b, data_dir=ev.data_dir, limit=ev.limit) for b in ev.benchmarks
@@ -124,6 +129,13 @@ class Trainer:
         self.run_id: str | None = None
         if resume:
             self._maybe_resume()
+        elif self.is_main and self.ckpt_dir.is_dir() and any(self.ckpt_dir.iterdir()):
+            # --fresh: the old attempt's checkpoints move aside (kept, not deleted), so that a fresh run killed
+            # early never resumes from them later (their step may be ahead of the fresh run's)
+            aside = self.run_dir / f"{checkpoints.FOLDER}.before-fresh-{time.strftime('%Y%m%dT%H%M%S')}"
+            self.ckpt_dir.rename(aside)
+            print(f"rpg train --fresh: the earlier checkpoints of {self.run_key} moved to {aside}", flush=True)
+        self.fresh = not resume
         self.tracker = _start_tracker(self)
 
     @property
@@ -263,6 +275,16 @@ class Trainer:
 
     # -- the run ---------------------------------------------------------------------------------------------
 
+    def _hold(self) -> None:
+        """One writer per run: the main process holds the run folder's lock while it trains (RunDirBusy if another
+        process does); a live run is told from a lost one by it (runs.lost_runs). Released when fit() ends."""
+        if self.is_main:
+            from rpg_core.tracking import host_name
+
+            lock = checkpoints.keep(self.run_dir, f"{os.getpid()} {host_name()}")
+            # a Trainer that fails in __init__ (bad checkpoint, ...) or is dropped unfitted lets go of it too
+            weakref.finalize(self, checkpoints.release, self.run_dir, lock)
+
     def fit(self, *, stop_after: int | None = None) -> TrainResult:
         """Train to ``cfg.train.steps`` (from the resumed step). ``stop_after`` ends the process's work early
         after that many steps of this call (used to simulate an interruption)."""
@@ -275,11 +297,13 @@ class Trainer:
                    dynamic_ncols=True, leave=True)  # fmt: skip
         done_here = 0
         stopped: str | None = None
+        self._hold()
         try:
             evaluates = cfg.train.eval_every and (self.eval_problems or self.benchmarks)
             if self.step == 0 and evaluates:
                 self._evaluate(0)
             while self.step < cfg.train.steps:
+                faults.point("step_start", self.step + 1)
                 m = self.train_step()
                 self.step += 1
                 m["step"] = float(self.step)
@@ -287,6 +311,7 @@ class Trainer:
                 if evaluates and (self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps):
                     m.update(self._evaluate(self.step))
                 self.tracker.log_metrics({k: v for k, v in m.items() if k != "step"}, step=self.step)
+                faults.point("after_log", self.step)
                 if self.is_main and cfg.train.log_samples and getattr(self, "_last_samples", None):
                     self.tracker.log_table(self._last_samples, f"samples/step_{self.step:05d}.json")
                 bar.update(1)
@@ -301,6 +326,7 @@ class Trainer:
                 )
                 if saved:
                     self.save_checkpoint()
+                    faults.point("after_checkpoint", self.step)
                 done_here += 1
                 # A coordinator's stop request (a tuner pruning this run), read once per step after the step is
                 # logged, evaluated and checkpointed; a finished run has nothing left to stop.
@@ -329,14 +355,21 @@ class Trainer:
         finally:
             bar.close()
             self.tracker.finish(status=status)
+            checkpoints.release(self.run_dir)
             if self.scorer is not None:
                 self.scorer.close()
         return TrainResult(self.run_dir, self.run_id, self.step, self.history, stopped=stopped)
 
+    def stop_at_step_end(self, why: str) -> None:
+        """Stop cleanly after the current step: checkpoint, end the run KILLED, ``TrainResult.stopped == why`` (rpg
+        train calls it on SIGTERM: a scheduler's preemption, ``kill``). Safe from a signal handler."""
+        self._stop_signal = why
+
     def _stop_request(self) -> str | None:
-        """The reason of a stop request on this run, or None: the main process reads its run's tags (one MLflow
-        read, bounded in time: ``Tracker.stop_requested``), and every process gets its answer, so all stop together."""
-        reason = self.tracker.stop_requested() if self.is_main else None
+        """The reason of a stop request on this run, or None: a signal this process got (``stop_at_step_end``), else
+        the main process reads its run's tags (one MLflow read, bounded in time: ``Tracker.stop_requested``); every
+        process gets the main one's answer, so all stop together at the same step."""
+        reason = (getattr(self, "_stop_signal", None) or self.tracker.stop_requested()) if self.is_main else None
         if self.world > 1:
             from accelerate.utils import broadcast_object_list
 
@@ -354,6 +387,7 @@ class Trainer:
             if main is not None:
                 self.best_eval = main if self.best_eval is None else max(self.best_eval, main)
                 res["eval/best_acc_strict"] = self.best_eval
+            faults.point("eval", step)
         if self.benchmarks:
             res.update(self._benchmark_eval(step))
         if self.is_main and step == 0:
@@ -412,31 +446,65 @@ class Trainer:
         return path
 
     def _maybe_resume(self) -> None:
-        path = checkpoints.latest(self.run_dir)
-        if path is None:
+        """Resume from the newest good checkpoint (``checkpoints.verify``: COMPLETE's manifest, every file's size and
+        sha256, state.json and config.yaml parse; then it must load), saying which newer ones it skipped and why.
+        None there: a fresh start; some there but none good: ValueError naming each with its reason."""
+        skipped: list[tuple[Path, str]] = []
+        for path, reason in checkpoints.good_first(self.run_dir):
+            if reason is None:
+                try:
+                    self._resume_from(path)
+                    break
+                except _ForeignCheckpoint as e:  # never skipped: refused, one line and exit 2 in rpg train
+                    raise ValueError(str(e)) from None
+                except Exception as e:  # noqa: BLE001 - verified, yet torch (or the state) would not load: next one
+                    reason = f"cannot be loaded ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+            skipped.append((path, reason))
+            if self.is_main:
+                print(f"skipped checkpoint {path}: {reason}", flush=True)
+        else:
+            if skipped:
+                raise ValueError(
+                    f"no good checkpoint to resume run {self.run_key} from: "
+                    + "; ".join(f"{p} ({r})" for p, r in skipped)
+                    + f"; move them out of {self.ckpt_dir}, or start this run afresh (rpg train --fresh)"
+                )
             return
+        if self.is_main:
+            legacy = checkpoints.read_manifest(path) is None
+            note = ", written before checksums were recorded: files, archives and state checked" if legacy else ""
+            print(f"resumed {self.run_key} from {path} (step {self.step}, MLflow run {self.run_id}{note})", flush=True)
+
+    def _resume_from(self, path: Path) -> None:
+        """Load the checkpoint at ``path`` (verified) into the trainer: every file is read before anything is set,
+        so a file that fails to load leaves the trainer as it was (raises _ForeignCheckpoint for another run's)."""
         state = checkpoints.read_state(path)
         found = state.get("run_key")
         if found != self.run_key:  # copied or moved here from another run's folder, or older than run keys
             of = f"run {found}" if found else f"config {state.get('config_key')} (a checkpoint without a run key)"
-            raise RuntimeError(
+            raise _ForeignCheckpoint(
                 f"checkpoint {path} belongs to {of}, not to this run {self.run_key} (config {self.key}, seed "
                 f"{self.cfg.train.seed}); refusing to resume from it: move it to its own run's folder, or start this "
                 "run afresh (rpg train --fresh)"
             )
         dev = self.acc.device
-        self.policy.load_state_dict(checkpoints.load_tensors(path, checkpoints.MODEL, dev))
-        self.opt.load_state_dict(checkpoints.load_tensors(path, checkpoints.OPTIMIZER, dev))
+        model = checkpoints.load_tensors(path, checkpoints.MODEL, dev)
+        opt = checkpoints.load_tensors(path, checkpoints.OPTIMIZER, dev)
         ref = checkpoints.load_tensors(path, checkpoints.REFERENCE, dev)
+        loop = (state["step"], state["cursor"], state["run_id"], state["best_eval"], state["history"],
+                state.get("best_metrics", {}), checkpoints.rng_from_json(state["python_rng"]))  # fmt: skip
+        self.policy.load_state_dict(model)
+        self.opt.load_state_dict(opt)
         if ref is not None and self.ref_model is not None:
             self.ref_model.load_state_dict(ref)
-        self.step, self.prompts.cursor, self.run_id = state["step"], state["cursor"], state["run_id"]
-        self.best_eval, self.history = state["best_eval"], state["history"]
-        self.best_metrics = state.get("best_metrics", {})
-        random.setstate(checkpoints.rng_from_json(state["python_rng"]))
+        random.setstate(loop[-1])
+        self.step, self.prompts.cursor, self.run_id, self.best_eval, self.history, self.best_metrics = loop[:-1]
         self.generator.load_weights(self.policy)
-        if self.is_main:
-            print(f"resumed {self.run_key} from {path} (step {self.step}, MLflow run {self.run_id})", flush=True)
+
+
+class _ForeignCheckpoint(Exception):
+    """A checkpoint of another run in this run's folder: refused, never skipped."""
+
 
 # -- what a step logs ---------------------------------------------------------------------------------------------
 
@@ -533,11 +601,15 @@ def _start_tracker(trainer: Trainer):
     tags.update({"run_dir": str(trainer.run_dir.resolve()), "world_size": str(trainer.world), **t.tags})
     if t.parent_run_id and not trainer.run_id:  # a resumed run stays under the sweep run that started it
         tags["mlflow.parentRunId"] = t.parent_run_id  # shown nested under the sweep's run in the MLflow UI
-    name = t.run_name or f"{cfg.method_name()}-{trainer.run_key}"
+    name = t.run_name or f"{cfg.design_name()}-s{cfg.train.seed}"
+    run_id = trainer.run_id
+    id_file = trainer.run_dir / checkpoints.RUN_ID
+    if run_id is None and enabled and not trainer.fresh and id_file.is_file():
+        run_id = _unfinished_run(id_file.read_text().strip(), t.tracking_uri)  # killed before its first checkpoint
     tracker = Tracker(
         experiment=t.experiment,
         run_name=name,
-        run_id=trainer.run_id,
+        run_id=run_id,
         params=params,
         tags=tags,
         tracking_uri=t.tracking_uri,
@@ -546,15 +618,33 @@ def _start_tracker(trainer: Trainer):
         kind=RunKind.TRAIN,
     )
     if enabled:
-        resumed, trainer.run_id = trainer.run_id is not None, tracker.run_id
+        resumed, trainer.run_id = run_id is not None, tracker.run_id
+        if not resumed:
+            id_file.write_text(tracker.run_id + "\n")
         try:
             if resumed:  # a stop request an earlier attempt honoured (or never saw) must not stop this one
                 tracker.clear_stop()
+                if tracker.previous_status == "RUNNING":  # this process holds the run's lock: that attempt is gone
+                    print(f"run {trainer.run_key}: its previous attempt ended without a word (killed or lost); "
+                          f"MLflow run {tracker.run_id} goes on from step {trainer.step}", flush=True)  # fmt: skip
             tracker.log_dict(cfg.model_dump(mode="json"), "config.yaml")
         except BaseException as e:  # stopped (or failed) before fit() owns the run: it must not stay RUNNING
             tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
     return tracker
+
+
+def _unfinished_run(run_id: str, tracking_uri: str | None) -> str | None:
+    """``run_id`` if that MLflow run (an attempt of this run killed before its first checkpoint) is there, active and
+    not FINISHED, to go on in; else None (a new run): another store, deleted, or finished."""
+    from rpg_core.runs import get_run
+
+    try:
+        row = get_run(run_id, tracking_uri=tracking_uri)
+    except Exception:  # noqa: BLE001 - not a run of this store
+        return None
+    ok = row is not None and row["lifecycle"] == "active" and row["status"] != "FINISHED"
+    return run_id if ok else None
 
 
 def device_label(device: torch.device | str) -> str:

@@ -114,7 +114,7 @@ class PrunerKind(enum.StrEnum):
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # no inf or nan where a float goes
 
 
 class Dimension(_Spec):

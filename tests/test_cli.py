@@ -47,3 +47,105 @@ def test_rpg_presets_lists_the_codes_differences():
     res = run_rpg("presets", "rpg_reinforce_urkl")
     assert res.returncode == 0
     assert "5e-7" in res.stdout and "never calls compute_policy_loss_reinforce" in res.stdout
+
+
+def test_a_second_rpg_train_on_a_run_being_trained_fails_at_once(tmp_path):
+    """One writer per run: a second `rpg train` of the same config and seed (same run dir) is refused before it loads
+    anything, naming the first one's pid and host; and an output_dir that cannot be written is refused before any
+    compute (it was found at the first checkpoint)."""
+    import os
+    import time
+
+    args = ["train", "--model", "tiny", "--set", f"train.output_dir={tmp_path / 'runs'}", "--set", "train.steps=500",
+            "--set", "train.eval_every=500", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"]  # fmt: skip
+    first = subprocess.Popen([sys.executable, "-m", "rpg_core.cli", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env={**os.environ, "RPG_HOST": "host-a"})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any((tmp_path / "runs").glob("*/LOCK")):
+            time.sleep(0.2)
+        (lock,) = (tmp_path / "runs").glob("*/LOCK")
+        r = run_rpg(*args)
+        assert r.returncode == 2 and f"is being trained by pid {first.pid} on host host-a" in r.stderr, r.stderr
+        assert first.poll() is None  # the first one trains on
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+    (tmp_path / "file").write_text("")
+    r = run_rpg("train", "--model", "tiny", "--set", f"train.output_dir={tmp_path / 'file' / 'runs'}", "--set",
+                f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}")
+    assert r.returncode == 2 and "rpg train: train.output_dir=" in r.stderr and "(Not a directory)" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# Modules none of which may load before a bad input is refused (each takes seconds: torch alone ~1.5 s here).
+HEAVY = ("torch", "transformers", "accelerate", "mlflow", "datasets", "numpy", "pandas", "prefect", "optuna")
+_PROBE = """
+import sys
+from rpg_core.cli import main
+rc = main(sys.argv[1:])
+print("LOADED", *sorted(m for m in {heavy} if m in sys.modules), file=sys.stderr)
+sys.exit(rc)
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--set", "optim.lr=inf"], "optim.lr: Input should be a finite number (got 'inf')"),
+        (["--set", "optim.lr=nan"], "optim.lr: Input should be a finite number (got 'nan')"),
+        (["--set", "rollout.group_size=0"], "rollout.group_size"),
+        (["--preset", "nope"], "nope"),
+        (["--task", "{tmp}/empty.jsonl"], "the file has no rows (it is empty)"),
+        (["--task", "{tmp}/bad.jsonl"], "line 2: not valid JSON"),
+        (["--task", "{tmp}/latin1.jsonl"], "latin1.jsonl"),
+        (["--task", "{tmp}/missing.jsonl"], "no such file"),
+        (["--set", "train.output_dir={tmp}/file/runs"], "train.output_dir="),
+        (["--set", "tracking.tracking_uri=foo://bar"], "scheme 'foo' is not allowed"),
+        (["--set", "tracking.tracking_uri=http://127.0.0.1:{port}"], "no MLflow server answers"),
+    ],
+)  # fmt: skip
+def test_a_bad_input_is_refused_before_torch_or_any_heavy_module_loads(tmp_path, args, says):
+    """Issue #17's point 1, measured by what is imported rather than by a clock: every input error of `rpg train`
+    (the config, the data file, the output folder, the tracking store) is refused in one line, exit 2, no traceback,
+    with none of HEAVY imported. End to end that is ~0.25 s on 2 cores (it was 14-60 s before torch was deferred)."""
+    from servers import free_port
+
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"problem": "1+1", "answer": "2"}\nnot json\n')
+    (tmp_path / "latin1.jsonl").write_bytes('{"problem": "caf\u00e9", "answer": "2"}\n'.encode("latin-1"))
+    (tmp_path / "file").write_text("")
+    fill = {"tmp": str(tmp_path), "port": str(free_port())}
+    argv = ["train", "--model", "tiny", "--set", f"train.output_dir={tmp_path / 'runs'}",
+            "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}", *(a.format(**fill) for a in args)]  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", _PROBE.format(heavy=repr(set(HEAVY))), *argv], capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2, r.stderr
+    assert lines[-1] == "LOADED", f"imported before refusing: {lines[-1]}"
+    assert len(lines) == 2 and lines[0].startswith("rpg train: ") and says in lines[0], r.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["eval", "--model", "tiny", "--k", "0"], "rpg eval: --k: Input should be greater than or equal to 1"),
+        (["eval", "--model", "tiny", "--temperature", "nan"], "rpg eval: --temperature: Input should be a finite number"),
+        (["eval", "--model", "tiny", "--tracking-uri", "foo://bar"], "rpg eval: tracking URI 'foo://bar': scheme 'foo'"),
+        (["sweep", "expand", "nothere.yaml"], "rpg sweep expand: sweep file 'nothere.yaml' does not exist"),
+    ],
+)  # fmt: skip
+def test_eval_and_sweep_refuse_bad_input_before_torch_loads(argv, says):
+    r = subprocess.run([sys.executable, "-c", _PROBE.format(heavy=repr(set(HEAVY))), *argv], capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2 and lines[-1] == "LOADED", r.stderr
+    assert len(lines) == 2 and lines[0].startswith(says), r.stderr
+
+
+def test_an_eval_with_no_problems_is_an_error_not_an_empty_table(tmp_path):
+    """Nothing exits 0 when nothing was done: an empty benchmark file is refused naming it, exit 2."""
+    (tmp_path / "none.jsonl").write_text("")
+    r = run_rpg("eval", "--model", "tiny", "--no-mlflow", "--k", "1", "--benchmarks", str(tmp_path / "none.jsonl"))
+    assert r.returncode == 2 and "none.jsonl': the file has no rows (it is empty)" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

@@ -183,6 +183,30 @@ def test_bad_sources(tmp_path: Path) -> None:
         load_problems(str(bad), limit=0)
 
 
+_OK_ROW = '{"problem": "1+1?", "answer": "2"}\n'  # 34 characters and a newline
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("empty.jsonl", b"\n\n", r"empty.jsonl': the file has no rows \(it is empty\)"),
+    # the offset: line 1 (35 bytes), then '{"problem": "caf' (16): the latin-1 e-acute at 51
+    ("latin.jsonl", (_OK_ROW + '{"problem": "caf\u00e9", "answer": "1"}\n').encode("latin-1"),
+     r"latin.jsonl', line 2: not UTF-8 \(byte 0xe9 at offset 51\); save the file as UTF-8"),
+    # line 3 (the blank line 2 counts) ends after its 31 characters: the missing "}" at column 32
+    ("broken.jsonl", (_OK_ROW + '\n{"problem": "2+2?", "answer": 4\n').encode(),
+     r"broken.jsonl', line 3: not valid JSON \(Expecting ',' delimiter at column 32\)"),
+    ("listed.jsonl", (_OK_ROW + "[1, 2]\n").encode(), r"listed.jsonl', line 2: a row must be a JSON object, got list"),
+    ("gap.jsonl", (_OK_ROW + '\n{"problem": "2+2?"}\n').encode(), r"gap.jsonl', line 3: row without a problem or an"),
+    ("rows.json", ("[" + _OK_ROW + " 7]").replace("}\n", "},\n").encode(), r"rows.json', row 2: a row must be an object"),
+])  # fmt: skip
+def test_bad_files_name_the_file_and_the_line(tmp_path: Path, name: str, content: bytes, message: str) -> None:
+    """A task file is refused naming itself and, for a bad row, its line: empty, not UTF-8, not JSON, not an
+    object, a row without a problem (before: a misleading n_eval message, no file, neither file nor line)."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"^source '{tmp_path}/{message}"):
+        load_problems(str(path))
+
+
 def test_hub_dataset_offline_fails_fast_and_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache

@@ -57,6 +57,10 @@ def test_preset_in_file(tmp_path):
         (["data.task=dataset"], ["data.source"]),
         (["objective.clip_c=0.5"], ["clip_c", "> 1"]),
         (["optim.lr"], ["section.field=value"]),
+        (["optim.lr=inf"], ["optim.lr", "finite number", "'inf'"]),  # not refused before: died in the optimizer
+        (["objective.beta=nan"], ["objective.beta", "finite"]),
+        (["rollout.temperature=-.inf"], ["rollout.temperature", "finite number"]),
+        (["optim.betas=[.nan, 0.99]"], ["optim.betas.0", "finite number"]),
     ],
 )
 def test_bad_input_names_the_field(overrides, needles):
@@ -64,6 +68,22 @@ def test_bad_input_names_the_field(overrides, needles):
         load_run_config(overrides=overrides)
     for n in needles:
         assert n in str(e.value), (n, str(e.value))
+
+
+def test_no_float_field_takes_inf_or_nan():
+    """Every float field of every section refuses inf and nan (pydantic's allow_inf_nan=False on the sections)."""
+    import typing
+
+    cfg = RunConfig()
+    floats = [f"{s}.{f}" for s, sec in type(cfg).model_fields.items() if hasattr(getattr(cfg, s), "model_fields")
+              for f, info in type(getattr(cfg, s)).model_fields.items()
+              if info.annotation is float or (float in typing.get_args(info.annotation)
+                                              and typing.get_origin(info.annotation) is not tuple)]  # fmt: skip
+    assert len(floats) >= 15 and "optim.lr" in floats and "objective.beta" in floats
+    for field in floats:
+        for bad in ("inf", "nan"):
+            with pytest.raises(RunConfigError, match=rf"{field}: .*finite"):
+                load_run_config(overrides=[f"{field}={bad}"])
 
 
 def test_unknown_preset_and_missing_file(tmp_path):

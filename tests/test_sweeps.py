@@ -38,6 +38,22 @@ def test_smoke_sweep():
         assert (r.key, r.run_key) == (c.key(), c.run_key()) and r.overrides["preset"] == "rpg_reinforce_urkl"
 
 
+def test_quick_sweep_is_the_four_divergences_on_the_embedded_model_with_the_kl_acting():
+    """The sweep the README points a new user to: FKL / UFKL / RKL / URKL of RPG-REINFORCE on SmolLM2-135M, single-digit
+    addition, held-out accuracy every step, and settings under which the KL term changes the update (a fixed
+    reference, two mini-batches): four curves that part, unlike the smoke sweep's untrained tiny model."""
+    exp = expand(load_sweep(ROOT / "sweeps" / "quick.yaml"))
+    assert [r.run_name("quick") for r in exp.runs] == [
+        "quick/rpg_reinforce-FKL-dual-s0", "quick/rpg_reinforce-UFKL-dual-s0",
+        "quick/rpg_reinforce-RKL-dual-s0", "quick/rpg_reinforce-URKL-dual-s0",
+    ]  # fmt: skip
+    for r in exp.runs:
+        c = r.config
+        assert (c.model.name, c.data.level, c.train.steps, c.train.eval_every) == ("smollm2-135m", "add1", 4, 1)
+        assert c.kl_inert_reason() is None and c.algorithm.mini_batches == 2 and c.objective.beta == 0.1
+        assert c.rollout.prompts_per_step * c.rollout.n == 16 and c.data.n_eval == 32
+
+
 def test_kl_design_sweep_is_the_design_space():
     """Every distinct loss of `rpg design` once: 21 KL terms x 3 clips less the merges = 61 runs. The 18 invalid
     combinations are the penalty form's forward KL used as an importance weight (2 normalizations x 3 estimators x
@@ -178,6 +194,12 @@ def test_rpg_sweep_expand_cli():
     r = subprocess.run([sys.executable, "-m", "rpg_core.cli", "sweep", "expand", "nope.yaml"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 2 and "sweep file 'nope.yaml' does not exist" in r.stderr
+    # nothing would run (every combination invalid): the reasons, and exit 2 (it exited 0)
+    r = subprocess.run([sys.executable, "-m", "rpg_core.cli", "sweep", "expand", "sweeps/smoke.yaml", "--set",
+                        "data.level=add9"], cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and "'add9' is not allowed" in r.stdout
+    assert ("rpg sweep expand: smoke: no valid run: 4 combinations, every one dropped; first: seed=0 "
+            "objective.direction=forward, objective.normalized=true: invalid: ") in r.stderr
 
 
 def test_kl_warnings_when_the_sweep_sets_kl_settings_the_runs_cannot_feel(tmp_path, capsys):
@@ -225,18 +247,36 @@ grid:
 
 
 def test_kl_warnings_of_the_shipped_sweeps():
-    """smoke (two mini-batches) and paper (16) do not warn. kl_design does, for its 15 reward-form runs: the KL in the
+    """smoke, quick (two mini-batches) and paper (16) do not warn. kl_design does, for its 15 reward-form runs: the KL in the
     reward is taken between pi_old and pi_ref at rollout time, 0 with the iterative reference it uses, whatever
     algorithm.mini_batches is."""
     from rpg_core.sweeps import kl_warnings
 
     found = {}
-    for name in ("smoke", "paper", "kl_design"):
+    for name in ("smoke", "quick", "paper", "kl_design"):
         exp = expand(load_sweep(ROOT / "sweeps" / f"{name}.yaml"))
         found[name] = kl_warnings(exp.sweep, exp)
         inert = [r for r in exp.runs if r.config.kl_inert_reason()]
         assert len(inert) == (15 if name == "kl_design" else 0)
         assert all(r.config.objective.form.value == "reward" for r in inert)
-    assert found["smoke"] == found["paper"] == [] and len(found["kl_design"]) == 1
+    assert found["smoke"] == found["quick"] == found["paper"] == [] and len(found["kl_design"]) == 1
     assert found["kl_design"][0].startswith("sweep kl_design: 15 of 61 runs (#47, #48,")
     assert "objective.form=reward" in found["kl_design"][0]
+
+
+def test_run_names_say_what_each_run_is(tmp_path):
+    """MLflow and Prefect name a sweep's runs ``<sweep>/<design>[-<axis>=<value>]-s<seed>``: the preset when the run
+    still is one, else form-divergence-clip; grid axes the design does not say (here lr) are appended."""
+    smoke = expand(load_sweep("sweeps/smoke.yaml"))
+    assert [r.run_name("smoke") for r in smoke.runs] == [
+        "smoke/rpg_reinforce-FKL-dual-s0", "smoke/rpg_reinforce-UFKL-dual-s0",
+        "smoke/rpg_reinforce-RKL-dual-s0", "smoke/rpg_reinforce-URKL-dual-s0",
+    ]  # fmt: skip
+    paper = expand(load_sweep("sweeps/paper.yaml"))
+    assert {r.run_name("paper").split("/")[1].removesuffix("-s0") for r in paper.runs} == set(PRESETS)
+    f = tmp_path / "s.yaml"
+    f.write_text("name: lrs\npreset: grpo\nbase: {model.name: tiny}\ngrid:\n  optim.lr: [1.0e-5, 1.0e-4]\n"
+                 "  objective.clip: [ppo, none]\nseeds: [3]\n")  # fmt: skip
+    names = [r.run_name("lrs") for r in expand(load_sweep(f)).runs]
+    assert names == ["lrs/grpo-lr=1e-05-s3", "lrs/penalty-k3-reverse-noclip-lr=1e-05-s3", "lrs/grpo-lr=0.0001-s3",
+                     "lrs/penalty-k3-reverse-noclip-lr=0.0001-s3"]  # fmt: skip

@@ -454,3 +454,40 @@ def test_processes_racing_on_a_fresh_db_all_succeed(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("rpg").experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["p0", "p1", "p2", "p3"]
     assert all(r.info.status == "FINISHED" and r.data.metrics == {"x": 9.0} for r in runs)
+
+
+def test_a_tracking_uri_nothing_can_log_to_is_refused_at_once(tmp_path):
+    """check_tracking_uri: an unknown scheme, a port nobody listens on (at once), a listener that never answers (three
+    tries of ``timeout`` seconds: a busy server is not taken for a dead one; not MLflow's minutes of retries), each
+    one line naming the URI; a local store and a real server pass."""
+    import socket
+
+    from servers import free_port, mlflow_server
+
+    with pytest.raises(ValueError, match=r"tracking URI 'foo://bar': scheme 'foo' is not allowed; allowed: sqlite://"):
+        tracking.check_tracking_uri("foo://bar")
+    port = free_port()
+    with pytest.raises(ValueError, match=rf"'http://127.0.0.1:{port}': no MLflow server answers \(.*refused\); start"):
+        tracking.check_tracking_uri(f"http://127.0.0.1:{port}")
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        t0 = time.monotonic()
+        with pytest.raises(ValueError, match=r"no MLflow server answers \(no answer within 0.5 s, 3 times\)"):
+            tracking.check_tracking_uri(f"http://127.0.0.1:{silent.getsockname()[1]}", timeout=0.5)
+        assert time.monotonic() - t0 < 10
+    for ok in (f"sqlite:///{tmp_path / 'm.db'}", str(tmp_path / "mlruns"), "postgresql+psycopg://u@127.0.0.1/x"):
+        tracking.check_tracking_uri(ok)  # no I/O for these: the store is opened (and checked) by the run
+    uri = f"sqlite:///{tmp_path / 'server.db'}"
+    with mlflow_server(uri, tmp_path) as url:
+        tracking.check_tracking_uri(url)
+
+
+def test_rpg_train_refuses_a_dead_tracking_server_before_loading_anything(tmp_path):
+    from servers import free_port
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+    r = subprocess.run([sys.executable, "-m", "rpg_core.cli", "train", "--model", "tiny", "--set",
+                        f"train.output_dir={tmp_path}"], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no MLflow server answers" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not list(tmp_path.iterdir())  # nothing written

@@ -85,7 +85,7 @@ def test_tiny_run_end_to_end(tmp_path, monkeypatch):
     assert (run.data.tags["rpg.group"], run.data.tags["config_key"], run.data.tags["seed"]) == (cfg.key(), cfg.key(), "0")
     assert (run.data.tags["rpg.host"], run.data.tags["rpg.gpu"]) == ("bench-07", "cpu")
     assert run.data.tags["rpg.checkpoint_step"] == "2"  # where a resume finds its checkpoint: step 2 on bench-07
-    assert run.info.run_name == f"rpg_reinforce_urkl-{cfg.run_key()}"
+    assert run.info.run_name == "rpg_reinforce_urkl-s0"  # RunConfig.design_name(), the seed
     state = json.loads((ckpt / "state.json").read_text())
     assert (state["run_key"], state["config_key"], state["seed"]) == (cfg.run_key(), cfg.key(), 0)
     assert run.data.metrics["acc/strict"] == pytest.approx(m["acc/strict"])
@@ -168,7 +168,7 @@ def test_a_checkpoint_of_another_seed_is_refused(tmp_path, monkeypatch):
     assert s1.key() == s0.key() and s1.run_key() != s0.run_key()
     res = Trainer(s0).fit()
     shutil.copytree(res.run_dir, Path(s1.train.output_dir) / s1.run_key())
-    with pytest.raises(RuntimeError) as e:
+    with pytest.raises(ValueError) as e:
         Trainer(s1)
     msg = str(e.value)
     assert f"belongs to run {s0.run_key()}, not to this run {s1.run_key()}" in msg and "--fresh" in msg

@@ -10,10 +10,11 @@ Every estimator has the signature ``(rewards, group_ids, mask) -> advantages [B,
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from enum import StrEnum
 
 import torch
 from torch import Tensor
+
+from .config import AdvantageEstimator
 
 __all__ = [
     "ADVANTAGE_REGISTRY",
@@ -25,15 +26,6 @@ __all__ = [
 
 GRPO_EPS = 1e-6  # verl: (R - mean) / (std + 1e-6)
 WHITEN_EPS = 1e-8  # verl masked_whiten: (x - mean) * rsqrt(var + 1e-8)
-
-
-class AdvantageEstimator(StrEnum):
-    RPG = "rpg"  # R - group mean (own reward included), no std (spec §4.5; the code's `rpg`)
-    BATCH_MEAN = "batch_mean"  # R - batch mean (Algorithm 1/2 text; the code's unused `rpg_batchmean`)
-    GRPO = "grpo"  # (R - group mean) / (unbiased group std + 1e-6) (spec §6.1)
-    RLOO = "rloo"  # R - mean of the other responses to the same prompt
-    REINFORCE_PP = "reinforce_pp"  # return-to-go whitened over all valid tokens of the batch (spec §6.3)
-    REINFORCE_PP_BASELINE = "reinforce_pp_baseline"  # (R - group mean) broadcast, then batch token whitening
 
 
 AdvantageFn = Callable[[Tensor, Tensor, Tensor], Tensor]

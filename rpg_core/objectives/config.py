@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = [
+    "AdvantageEstimator",
     "Aggregation",
     "Clip",
     "Direction",
@@ -24,6 +25,17 @@ __all__ = [
     "ObjectiveConfigError",
     "ReferenceMode",
 ]
+
+
+class AdvantageEstimator(StrEnum):
+    """How a response's reward becomes its advantage (the functions: advantages.py's ``ADVANTAGE_REGISTRY``)."""
+
+    RPG = "rpg"  # R - group mean (own reward included), no std (spec §4.5; the code's `rpg`)
+    BATCH_MEAN = "batch_mean"  # R - batch mean (Algorithm 1/2 text; the code's unused `rpg_batchmean`)
+    GRPO = "grpo"  # (R - group mean) / (unbiased group std + 1e-6) (spec §6.1)
+    RLOO = "rloo"  # R - mean of the other responses to the same prompt
+    REINFORCE_PP = "reinforce_pp"  # return-to-go whitened over all valid tokens of the batch (spec §6.3)
+    REINFORCE_PP_BASELINE = "reinforce_pp_baseline"  # (R - group mean) broadcast, then batch token whitening
 
 
 class Form(StrEnum):
@@ -89,7 +101,7 @@ class ObjectiveConfig(BaseModel):
     The defaults are RPG-REINFORCE-URKL with RPG-Style Clip at the paper's hyperparameters (spec §6, §7.2).
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False)
 
     form: Form = Field(Form.REINFORCE, description="How the KL enters: differentiable | reinforce | penalty | reward")
     direction: Direction = Field(Direction.REVERSE, description="KL direction: forward KL(ref||theta) | reverse")

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .advantages import AdvantageEstimator
-from .config import Aggregation, Clip, Direction, Estimator, Form, ObjectiveConfig, ReferenceMode
+from .config import AdvantageEstimator, Aggregation, Clip, Direction, Estimator, Form, ObjectiveConfig, ReferenceMode
 
 __all__ = ["PRESETS", "MethodPreset", "get_preset"]
 

@@ -145,7 +145,7 @@ class TrainOutcome:
 def _checkpoint_state(cfg: RunConfig, cwd: Path) -> dict:
     from rpg_core import checkpoints
 
-    ckpt = checkpoints.latest(cwd / cfg.train.output_dir / cfg.run_key())
+    ckpt = checkpoints.latest_good(cwd / cfg.train.output_dir / cfg.run_key(), checksums=False)[0]
     return checkpoints.read_state(ckpt) if ckpt is not None else {}
 
 
@@ -202,11 +202,14 @@ def stop_all(grace_s: float = STOP_GRACE_S) -> int:
 
 
 def run_training(cfg: RunConfig, *, workdir: str | Path, gpu: str = "", fresh: bool = False,
-                 timeout_s: float | None = None, cwd: str | Path | None = None) -> TrainOutcome:  # fmt: skip
+                 timeout_s: float | None = None, cwd: str | Path | None = None,
+                 on_progress: Callable[[str], None] | None = None) -> TrainOutcome:  # fmt: skip
     """``rpg train --config <workdir>/configs/<run key>.yaml`` in its own process, output to
     ``<workdir>/logs/<run key>.log`` (appended, so retries and resumes keep one history), ``CUDA_VISIBLE_DEVICES=gpu``.
     An exception in the waiting thread (a cancel: Prefect's TerminationSignal, KeyboardInterrupt) stops the process
-    gracefully before it propagates; a SIGKILLed caller takes the process with it (``PR_SET_PDEATHSIG``)."""
+    gracefully before it propagates; a SIGKILLed caller takes the process with it (``PR_SET_PDEATHSIG``).
+    ``on_progress`` gets each progress line the run prints while it trains (``step 3/8 | reward +0.250 | acc ...``,
+    resumes, the end): the flows send them to the Prefect run's log."""
     workdir = Path(workdir)
     key = cfg.run_key()
     (workdir / "configs").mkdir(parents=True, exist_ok=True)
@@ -224,8 +227,9 @@ def run_training(cfg: RunConfig, *, workdir: str | Path, gpu: str = "", fresh: b
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd, preexec_fn=_PREEXEC)
         with _LIVE_LOCK:
             _LIVE.add(proc)
+        tail = _ProgressTail(log, on_progress)
         try:
-            rc = proc.wait(timeout=timeout_s)
+            rc = _wait(proc, timeout_s, tail)
         except subprocess.TimeoutExpired:
             _stop(proc)
             rc = -9
@@ -236,6 +240,49 @@ def run_training(cfg: RunConfig, *, workdir: str | Path, gpu: str = "", fresh: b
         finally:
             with _LIVE_LOCK:
                 _LIVE.discard(proc)
+            tail.poll()
             f.write(f"=== end t={time.time():.3f} rc={proc.returncode}\n")
     state = _checkpoint_state(cfg, Path(cwd) if cwd else Path.cwd())
     return TrainOutcome(key, rc, state.get("run_id"), int(state.get("step", 0)), time.perf_counter() - t0, log, gpu)
+
+
+# What a run prints that says how it is doing (rpg_core/trainer.py: one line per step, a resume, the end); tqdm's bar
+# redraws (carriage returns) are not.
+PROGRESS_LINE = re.compile(r"^(step \d+/\d+( \|.*)?|resumed .*|done: .*|stopped .*)$")
+
+
+class _ProgressTail:
+    """Follows a run's log from where it is now and hands each new progress line to ``on_progress`` (none: a no-op)."""
+
+    def __init__(self, log: Path, on_progress: Callable[[str], None] | None):
+        self.log, self.on_progress = log, on_progress
+        self.offset = log.stat().st_size if log.exists() else 0
+        self.partial = ""
+
+    def poll(self) -> None:
+        if self.on_progress is None:
+            return
+        with self.log.open("rb") as f:
+            f.seek(self.offset)
+            chunk = f.read()
+        self.offset += len(chunk)
+        text = self.partial + chunk.decode("utf-8", errors="replace")
+        *pieces, self.partial = re.split(r"[\r\n]", text)
+        for piece in pieces:
+            line = piece.strip()
+            if PROGRESS_LINE.match(line):
+                with contextlib.suppress(Exception):  # a logging hiccup never stops a run
+                    self.on_progress(line)
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float | None, tail: _ProgressTail, poll_s: float = 1.0) -> int:
+    """``proc.wait(timeout_s)``, passing its progress lines on every ``poll_s`` meanwhile."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        step = poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic()))
+        try:
+            return proc.wait(timeout=step)
+        except subprocess.TimeoutExpired:
+            tail.poll()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise

@@ -25,7 +25,7 @@ FLOWS = {
     "tune": ("tune", CONTROL_QUEUE),
     "train": ("train", GPU_QUEUE),
     "evaluate": ("evaluate", GPU_QUEUE),
-    "nightly_eval": ("nightly", GPU_QUEUE),
+    "nightly_eval": ("nightly_eval", GPU_QUEUE),
 }
 
 
@@ -51,14 +51,15 @@ def ensure_pool(pool: str) -> bool:
 
 def deploy(pool: str, cron: str = "0 2 * * *", timezone: str = "UTC") -> list[str]:
     from flows import rpg_flows
+    from flows.forms import to_deployment
 
     ensure_pool(pool)
     ids = []
     for fn, (name, queue) in FLOWS.items():
         flow = getattr(rpg_flows, fn)
         kw = {"schedule": Cron(cron, timezone=timezone)} if fn == "nightly_eval" else {}
-        dep = flow.to_deployment(name=name, work_pool_name=pool, work_queue_name=queue,
-                                 entrypoint_type=EntrypointType.MODULE_PATH, **kw)  # fmt: skip
+        dep = to_deployment(flow, name=name, work_pool_name=pool, work_queue_name=queue,
+                            entrypoint_type=EntrypointType.MODULE_PATH, **kw)  # fmt: skip
         ids.append(str(dep.apply()))
     return ids
 

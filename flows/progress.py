@@ -18,13 +18,21 @@ from rpg_core.tracking import Tracker
 __all__ = ["Progress", "mlflow_link"]
 
 HEADLINE = ("eval/acc_strict", "acc/strict", "reward/mean")  # the first one a run has is its headline metric
+# How a state reads on the board: a queued run is waiting for a GPU slot (or a pool worker), not running
+SHOWN = {RunState.QUEUED: "waiting for a GPU slot"}
+
+
+def shown(state: RunState) -> str:
+    return SHOWN.get(state, state.value)
 
 
 def mlflow_link(tracking_uri: str, experiment_id: str, run_id: str) -> str | None:
     """The run's page in the MLflow UI when the store is a tracking server (``http(s)://``), else None."""
     if not tracking_uri.startswith(("http://", "https://")):
         return None
-    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    from rpg_core.mlflow_view import run_fragment
+
+    return f"{tracking_uri.rstrip('/')}/{run_fragment(experiment_id, run_id)}"
 
 
 def headline(tracking_uri: str, run_ids: Sequence[str]) -> dict[str, tuple[str, float]]:
@@ -69,7 +77,7 @@ class Progress:
         uri, exp = self.parent.tracking_uri, self.parent.experiment_id
         finished = [t.run_id for t in tickets if t.run_id and t.state is RunState.FINISHED]
         metrics = headline(uri, finished)
-        parts = ", ".join(f"{counts[s]} {s.value}" for s in RunState if counts[s])
+        parts = ", ".join(f"{counts[s]} {shown(s)}" for s in RunState if counts[s])
         lines = [
             f"### {self.title}",
             f"{len(tickets)} runs: {parts or 'none'}"
@@ -83,7 +91,7 @@ class Progress:
             link = mlflow_link(uri, exp, t.run_id) if t.run_id else None
             run = f"[{t.run_id[:8]}]({link})" if link else (t.run_id[:8] if t.run_id else "")
             m = metrics.get(t.run_id or "")
-            state = t.state.value + (f": {t.message[:80]}" if t.message and t.state is RunState.FAILED else "")
+            state = shown(t.state) + (f": {t.message[:80]}" if t.message and t.state is RunState.FAILED else "")
             seconds = f"{t.seconds:.0f}" if t.seconds is not None else ""
             name = t.name or t.run_key
             lines.append(f"| {t.index} | `{name}` | {state} | {t.host} | {t.gpu} | {run} | "

@@ -31,12 +31,13 @@ from pydantic import Field
 
 from flows.core import GpuPool, finished_runs, gpus_of, host_slug, local_devices
 from flows.dispatch import Dispatch, RunState, Ticket, is_cancelled, make_dispatcher, mark_started, pool_of_current_run
+from flows.forms import Allowed, check_gpus, choice, form, run_name, shipped, sweep_path
 from flows.progress import Progress
 from flows.submit import child_config, parent_run, submit
 from rpg_core import metrics as metrics_mod
 from rpg_core.benchmarks import BenchmarkName
 from rpg_core.config import Precision, RunConfig
-from rpg_core.runs import RunStatus, find_runs, get_runs
+from rpg_core.runs import RunStatus, collect_lost, find_runs, get_runs
 from rpg_core.tracking import RunKind, default_tracking_uri, ensure_experiment, host_name, set_run_tags
 
 NIGHTLY_TAG = "rpg.nightly"  # on a training run: the nightly run that evaluated it
@@ -44,9 +45,23 @@ SUMMARY_METRICS = ("eval/acc_strict", "acc/strict", "reward/mean")
 GPUS_PATTERN = r"^(cpu|[0-9, ]*)$"
 GPUS_HELP = "CUDA devices, e.g. 0,1,2,3; cpu: CPU; empty: the machine's GPUs ($RPG_GPUS, set by worker.sh), else CPU"
 # Form fields the flows share (one declaration, one help text in every Run form)
-Gpus = Annotated[str, Field(pattern=GPUS_PATTERN, description=GPUS_HELP)]
+Gpus = Annotated[str, Field(pattern=GPUS_PATTERN, description=GPUS_HELP), Allowed("cpu, empty, or CUDA device indices "
+                                                                                   "like 0,1,2,3")]  # fmt: skip
 RunRetries = Annotated[int, Field(ge=0, le=10, description="retries of a failed run (each resumes)")]
-WhereRuns = Annotated[Dispatch, Field(description="auto: the work pool when deployed on one, else this machine")]
+WhereRuns = Annotated[Dispatch, Field(description="where the runs go: auto: the work pool when deployed on one, else "
+                                                 "this machine; local: this machine; pool: the work pool")]  # fmt: skip
+# The evaluation forms' fields (evaluate, nightly_eval)
+Benchmarks = Annotated[list[BenchmarkName], Field(min_length=1, description="benchmarks to evaluate")]
+SamplesK = Annotated[int, Field(ge=1, le=1024, description="samples per problem (Mean@k)")]
+MaxNewTokens = Annotated[int | None, Field(ge=1, le=65536, description="generation length; empty: the run's, else "
+                                                                       "2048")]  # fmt: skip
+ProblemLimit = Annotated[int | None, Field(ge=1, description="the first N problems of each benchmark; empty: all")]
+EvalPrecision = Annotated[Precision, Field(description="fp32, or bf16 (autocast)")]
+TrackingUri = Annotated[str | None, Field(description="MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else "
+                                                      ".rpg/mlflow.db")]  # fmt: skip
+EvalWorkdir = Annotated[str, Field(description="where the GPU locks are")]
+ShippedSweep = choice(shipped())  # the sweeps in sweeps/ (not the tune_* studies): the form's dropdown
+ShippedStudy = choice(shipped(studies=True))
 
 
 def gpu_limit_name(host: str | None = None) -> str:
@@ -131,10 +146,11 @@ def train_run(index: int, key: str, config_yaml: str, workdir: str, gpus: str, f
         with GpuPool.parse(gpus, Path(workdir) / "locks" / gpu_limit_name()).acquire() as gpu:
             if ticket:
                 mark_started(ticket, gpu)
-            logger.info("run %d %s on %s, %s", index, key, host_name(), f"GPU {gpu}" if gpu else "CPU")
-            out = submit(cfg, workdir=workdir, gpu=gpu, fresh=fresh)
+            name = cfg.tracking.run_name or key
+            logger.info("%s (run %d, %s) starts on %s, %s", name, index, key, host_name(), f"GPU {gpu}" if gpu else "CPU")
+            out = submit(cfg, workdir=workdir, gpu=gpu, fresh=fresh, on_progress=logger.info)  # step/total, reward, acc
     if out.pruned:
-        logger.info("run %d %s pruned at step %d: MLflow run %s, %.0f s", index, key, out.step, out.run_id, out.seconds)
+        logger.info("%s pruned at step %d: MLflow run %s, %.0f s", name, out.step, out.run_id, out.seconds)
         return {"pruned": True, "run_id": out.run_id, "step": out.step, "seconds": round(out.seconds, 1), "gpu": gpu,
                 "host": host_name()}  # fmt: skip
     if not out.ok and ticket and is_cancelled(ticket):  # stopped by the cancel: no retry
@@ -142,14 +158,33 @@ def train_run(index: int, key: str, config_yaml: str, workdir: str, gpus: str, f
     if not out.ok:
         tail = "".join(out.log.read_text().splitlines(keepends=True)[-15:])
         raise RuntimeError(f"run {key} exited with {out.returncode} (log {out.log}):\n{tail}")
-    logger.info("run %d %s %s: MLflow run %s, step %d, %.0f s", index, key, out.status, out.run_id, out.step,
-                out.seconds)
+    logger.info("%s %s: MLflow run %s, step %d, %.0f s", name, out.status, out.run_id, out.step, out.seconds)
     return {"run_id": out.run_id, "seconds": round(out.seconds, 1), "gpu": gpu, "host": host_name()}
 
 
-@flow(name="sweep", task_runner=ThreadPoolTaskRunner(max_workers=64), log_prints=True)
+def _sweep_name(path: str) -> str:
+    """A sweep or study file's ``name:`` (what its MLflow parent run and artifacts are named after), else its stem."""
+    import yaml
+
+    try:
+        name = (yaml.safe_load((project_dir() / path).read_text()) or {}).get("name")
+    except Exception:  # noqa: BLE001 - a bad file is refused by the flow itself, with its own message
+        name = None
+    return str(name or Path(path).stem)
+
+
+def _sweep_run_name(p: dict[str, Any]) -> str:
+    return "sweep " + _sweep_name(sweep_path(p.get("sweep", "smoke"), p.get("sweep_file") or ""))
+
+
+# validate_parameters=False: @form checks the parameters (one line per bad field), not Prefect
+@flow(name="sweep", task_runner=ThreadPoolTaskRunner(max_workers=64), log_prints=True, validate_parameters=False,
+      flow_run_name=run_name(_sweep_run_name))  # fmt: skip
+@form
 def sweep(
-    sweep_file: Annotated[str, Field(description="a sweep YAML, e.g. sweeps/smoke.yaml")] = "sweeps/smoke.yaml",
+    sweep: Annotated[ShippedSweep, Field(description="a shipped sweep (the file sweeps/NAME.yaml)")] = "smoke",
+    sweep_file: Annotated[str, Field(description="another sweep YAML, e.g. sweeps/my.yaml; given, it replaces "
+                                     "sweep")] = "",  # fmt: skip
     overrides: Annotated[list[str], Field(description="section.field=value for every run")] = [],  # noqa: B006
     seeds: Annotated[list[int] | None, Field(description="train.seed values; empty: the sweep file's")] = None,
     concurrency: Annotated[int | None, Field(ge=1, le=1024, description="runs at once; empty: one per GPU of this "
@@ -167,12 +202,14 @@ def sweep(
     from rpg_core.sweeps import expand, load_sweep
 
     _enter_project()
+    sweep_file = sweep_path(sweep, sweep_file)
     logger = get_run_logger()
     where = dispatch if dispatch is not Dispatch.AUTO else (Dispatch.POOL if pool_of_current_run() else Dispatch.LOCAL)
     if where is Dispatch.LOCAL:
+        check_gpus(gpus)
         devices, concurrency = local_devices(gpus, concurrency)
         gpus = ",".join(devices) or "cpu"  # resolved here, once: the tasks run on this machine
-    exp = expand(load_sweep(sweep_file, overrides=overrides or None, seeds=seeds or None))
+    exp = expand(load_sweep(sweep_file, overrides=overrides or None, seeds=seeds or None)).require_runs()
     sw = exp.sweep
     if not exp.runs:
         raise ValueError(f"sweep {sw.name}: no valid runs ({len(exp.dropped)} combinations dropped)")
@@ -180,6 +217,9 @@ def sweep(
     uri = first.tracking.tracking_uri or default_tracking_uri()
     experiment = first.tracking.experiment
     ensure_experiment(uri, experiment)  # once, before the processes fan out (SQLite migrations race)
+    for r in collect_lost(experiments=experiment, tracking_uri=uri):  # RUNNING in MLflow, no process: said so
+        logger.warning("run %s (%s) has no live process: ended FAILED, rpg.exit=lost (%s); it resumes from its "
+                       "checkpoint if it is part of this sweep", r.name, r.run_id, r.reason)  # fmt: skip
     done = {} if force else finished_runs(uri, experiment)
     todo = [r for r in exp.runs if r.config.run_key() not in done]
     logger.info("sweep %s: %d runs (%d seeds), %d already finished, %d to run (%d dropped combinations), on %s",
@@ -192,9 +232,12 @@ def sweep(
     with parent_run(RunKind.SWEEP, experiment=experiment, name=f"sweep-{sw.name}", tracking_uri=uri, params=params,
                     tags={"sweep": sw.name}) as parent:  # fmt: skip
         t0 = time.perf_counter()
+        view = _mlflow_view(sw.name, uri, experiment, [r.config for r in exp.runs])
+        if view:
+            logger.info("sweep %s: its runs in MLflow (design axes and headline metrics as columns): %s", sw.name, view)
         slots = parent.run_id
-        tickets = [Ticket(r.index, child_config(r.config, parent, sweep=sw.name),
-                          name=f"{sw.name}-{r.index}-{r.config.run_key()}") for r in todo]  # fmt: skip
+        tickets = [Ticket(r.index, child_config(r.config, parent, sweep=sw.name, name=r.run_name(sw.name)),
+                          name=r.run_name(sw.name)) for r in todo]  # fmt: skip
         progress = Progress(f"sweep-{re.sub(r'[^a-z0-9-]+', '-', sw.name.lower())}", f"sweep {sw.name}", parent,
                             skipped=len(exp.runs) - len(todo))  # fmt: skip
         held = min(concurrency, len(todo)) if where is Dispatch.LOCAL else 0
@@ -205,13 +248,15 @@ def sweep(
                                      fresh=force, slots=slots, shared_checkpoints=shared_checkpoints)  # fmt: skip
         try:
             with gpu_slots(held) if held else contextlib.nullcontext():
-                _drive(dispatcher, tickets, progress, limit=concurrency if where is Dispatch.POOL else None)
+                # at most `concurrency` runs exist at once: a run waiting for a GPU slot is "queued" in the progress
+                # artifact, not a task run shown as Running while it waits
+                _drive(dispatcher, tickets, progress, limit=concurrency)
         finally:
             _LOCAL_SLOTS.pop(slots, None)
         rows = _summary(exp.runs, done, tickets, uri)
         progress.update(tickets)
-        create_table_artifact(rows, key=f"sweep-{sw.name.replace('_', '-')}", description=f"sweep {sw.name}")
         parent.log_table(rows, "summary.json")
+        _answer(sw.name, uri, parent, logger, view)
         failed = sum(t.state is not RunState.FINISHED for t in tickets)
         parent.log_metrics({"runs_finished": sum(t.state is RunState.FINISHED for t in tickets),
                             "runs_failed": failed, "seconds": time.perf_counter() - t0})  # fmt: skip
@@ -222,6 +267,45 @@ def sweep(
                 f"First: {first.name} {first.state.value}: {first.message[:600]}"
             )
     return rows
+
+
+def _mlflow_view(name: str, uri: str, experiment: str, configs: list[RunConfig]) -> str | None:
+    """The sweep's saved view in the MLflow UI (rpg_core.mlflow_view: its training runs only, the method, the design
+    axes its runs differ in and the seed as columns, the headline metrics first), as a link when the UI's address is
+    known (``$RPG_MLFLOW_URL``, else the tracking server); None (said in the log) when it cannot be written."""
+    from rpg_core.mlflow_view import runs_view, ui_url
+    from rpg_core.tracking import AXIS_TAGS
+
+    tags = [c.axis_tags() for c in configs]
+    varied = [a for a in AXIS_TAGS if a not in ("method", "design", "config_key", "objective_key", "seed", "preset")
+              and len({t[a] for t in tags}) > 1]  # fmt: skip
+    try:
+        fragment = runs_view(uri, experiment, sweep=name, axes=(*varied, "seed"))
+    except Exception as e:  # noqa: BLE001 - a link is a convenience: the sweep runs without it
+        get_run_logger().warning("sweep %s: no MLflow view: %s: %s", name, type(e).__name__, e)
+        return None
+    from flows.summary import mlflow_base
+
+    return ui_url(fragment) or ui_url(fragment, mlflow_base(uri))
+
+
+def _answer(name: str, uri: str, parent, logger, view: str | None = None) -> None:
+    """What the sweep found, where a user looks: its configurations ranked by the headline metric over seeds
+    (flows/summary.py) on the parent MLflow run (``ranked.json``, ``ranked.md``, its description) and as the Prefect
+    Markdown artifact ``sweep-<name>``; the last log line says the best and links to the comparison views."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from flows.summary import comparison_links, rank
+
+    key = f"sweep-{re.sub(r'[^a-z0-9-]+', '-', name.lower())}"
+    try:
+        ranking = rank(name, tracking_uri=uri)
+    except ValueError as e:  # no training run of the sweep reached MLflow (every one failed before tracking)
+        logger.warning("sweep %s: nothing to rank: %s", name, e)
+        return
+    ranking.log_to(parent)
+    create_markdown_artifact(ranking.markdown(), key=key, description=f"sweep {name}: {ranking.headline()}")
+    logger.info("sweep %s: %s; compare: %s", name, ranking.headline(), " · ".join(comparison_links(name, uri, view)))
 
 
 def _drive(dispatcher, tickets: list[Ticket], progress: Progress, *, limit: int | None, poll_s: float = 1.0) -> None:
@@ -283,10 +367,17 @@ def _add_metrics(rows: list[dict[str, Any]], uri: str) -> None:
                 row[name] = round(float(value), 4)
 
 
-@flow(name="tune", task_runner=ThreadPoolTaskRunner(max_workers=64), log_prints=True)
+def _tune_run_name(p: dict[str, Any]) -> str:
+    return "tune " + _sweep_name(sweep_path(p.get("study", "tune_smoke"), p.get("study_file") or ""))
+
+
+@flow(name="tune", task_runner=ThreadPoolTaskRunner(max_workers=64), log_prints=True, validate_parameters=False,
+      flow_run_name=run_name(_tune_run_name))  # fmt: skip
+@form
 def tune(
-    study_file: Annotated[str, Field(description="a study YAML (a sweep with a search: section), e.g. "
-                                     "sweeps/tune_smoke.yaml")] = "sweeps/tune_smoke.yaml",  # fmt: skip
+    study: Annotated[ShippedStudy, Field(description="a shipped study (the file sweeps/NAME.yaml)")] = "tune_smoke",
+    study_file: Annotated[str, Field(description="another study YAML (a sweep with a search: section); given, it "
+                                     "replaces study")] = "",  # fmt: skip
     overrides: Annotated[list[str], Field(description="section.field=value for every trial")] = [],  # noqa: B006
     trials: Annotated[int | None, Field(ge=1, le=10000, description="trials in all (running ones count); "
                                         "empty: the study file's budget")] = None,  # fmt: skip
@@ -306,9 +397,11 @@ def tune(
     from rpg_core.tuning import load_study
 
     _enter_project()
+    study_file = sweep_path(study, study_file)
     load_study(study_file, overrides or None, seeds or None)  # a bad file fails here, before any compute
     where = dispatch if dispatch is not Dispatch.AUTO else (Dispatch.POOL if pool_of_current_run() else Dispatch.LOCAL)
     if where is Dispatch.LOCAL:
+        check_gpus(gpus)
         devices, concurrency = local_devices(gpus, concurrency)
         gpus = ",".join(devices) or "cpu"
     concurrency = concurrency or 4
@@ -351,7 +444,22 @@ def tune(
     return summaries
 
 
-@flow(name="train", log_prints=True)
+def _train_run_name(p: dict[str, Any]) -> str:
+    """A train flow run's name: its MLflow run's (a sweep's ``<sweep>/<design>-s<seed>``, else ``<design>-s<seed>``)."""
+    import yaml
+
+    from rpg_core.config import load_run_config
+
+    if p.get("config_yaml"):
+        cfg = RunConfig.from_dict(yaml.safe_load(p["config_yaml"]))
+    else:
+        cfg = load_run_config(str(project_dir() / p.get("config", "configs/demo_add2_urkl.yaml")),
+                              overrides=p.get("overrides") or None)  # fmt: skip
+    return cfg.tracking.run_name or f"{cfg.design_name()}-s{cfg.train.seed}"
+
+
+@flow(name="train", log_prints=True, validate_parameters=False, flow_run_name=run_name(_train_run_name))
+@form
 def train(
     config: Annotated[str, Field(description="a run config YAML")] = "configs/demo_add2_urkl.yaml",
     overrides: Annotated[list[str], Field(description="section.field=value")] = [],  # noqa: B006
@@ -369,6 +477,7 @@ def train(
     from rpg_core.config import load_run_config
 
     _enter_project()
+    check_gpus(gpus)
     cfg = RunConfig.from_dict(yaml.safe_load(config_yaml)) if config_yaml else load_run_config(config, overrides=overrides or None)
     devices = gpus_of(gpus)
     ensure_gpu_limit(max(1, len(devices)))
@@ -386,7 +495,7 @@ def _say_where_it_resumes(cfg: RunConfig) -> None:
     from rpg_core import checkpoints
 
     logger = get_run_logger()
-    ckpt = checkpoints.latest(Path(cfg.train.output_dir) / cfg.run_key())
+    ckpt = checkpoints.latest_good(Path(cfg.train.output_dir) / cfg.run_key(), checksums=False)[0]
     if ckpt is not None:
         logger.info("%s resumes from %s on %s", cfg.run_key(), ckpt, host_name())
         return
@@ -399,21 +508,24 @@ def _say_where_it_resumes(cfg: RunConfig) -> None:
                        "machines)", cfg.run_key(), host_name(), earlier["run_id"].iloc[0], earlier["host"].iloc[0])  # fmt: skip
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate", log_prints=True, validate_parameters=False,
+      flow_run_name=run_name(lambda p: f"evaluate {p.get('model')}"))  # fmt: skip
+@form
 def evaluate(
     model: Annotated[str, Field(description="smollm2-135m | Hub id | model dir | checkpoint or run dir | MLflow run id")],
-    benchmarks: Annotated[list[BenchmarkName], Field(min_length=1)] = ["aime24", "aime25", "amc23"],  # noqa: B006
-    k: Annotated[int, Field(ge=1, le=1024, description="samples per problem (Mean@k)")] = 32,
-    max_new_tokens: Annotated[int | None, Field(ge=1, description="default: the run's, else 2048")] = None,
-    limit: Annotated[int | None, Field(ge=1, description="first N problems of each benchmark")] = None,
-    precision: Precision = Precision.FP32,
+    benchmarks: Benchmarks = ["aime24", "aime25", "amc23"],  # noqa: B006
+    k: SamplesK = 32,
+    max_new_tokens: MaxNewTokens = None,
+    limit: ProblemLimit = None,
+    precision: EvalPrecision = Precision.FP32,
     gpus: Gpus = "",
-    tracking_uri: Annotated[str | None, Field(description="default $MLFLOW_TRACKING_URI, else .rpg/mlflow.db")] = None,
-    workdir: str = ".rpg/sweeps",
+    tracking_uri: TrackingUri = None,
+    workdir: EvalWorkdir = ".rpg/sweeps",
 ) -> dict[str, float]:
     """``rpg eval`` of one model or checkpoint in its own process; a checkpoint's results go into its training run."""
     _enter_project()
-    return eval_run(model, list(benchmarks), k, max_new_tokens, limit, precision, gpus, tracking_uri, workdir)
+    check_gpus(gpus)
+    return eval_run(model, list(benchmarks), k, max_new_tokens, limit, precision, gpus, tracking_uri or None, workdir)
 
 
 @task(task_run_name="eval-{model}")
@@ -442,18 +554,23 @@ def eval_run(model: str, benchmarks: list[str], k: int, max_new_tokens: int | No
             return json.loads(out.read_text())["metrics"]
 
 
-@flow(name="nightly_eval", log_prints=True)
+def _nightly_run_name(p: dict[str, Any]) -> str:
+    return f"nightly {time.strftime('%Y-%m-%d')}" + (f" {p['model']}" if p.get("model") else "")
+
+
+@flow(name="nightly_eval", log_prints=True, validate_parameters=False, flow_run_name=run_name(_nightly_run_name))
+@form
 def nightly_eval(
     model: Annotated[str, Field(description="evaluate this model; empty: runs finished since the last nightly")] = "",
-    benchmarks: Annotated[list[BenchmarkName], Field(min_length=1)] = ["aime24", "aime25", "amc23"],  # noqa: B006
-    k: Annotated[int, Field(ge=1, le=1024)] = 32,
-    max_new_tokens: Annotated[int | None, Field(ge=1)] = None,
-    limit: Annotated[int | None, Field(ge=1)] = None,
-    precision: Precision = Precision.FP32,
+    benchmarks: Benchmarks = ["aime24", "aime25", "amc23"],  # noqa: B006
+    k: SamplesK = 32,
+    max_new_tokens: MaxNewTokens = None,
+    limit: ProblemLimit = None,
+    precision: EvalPrecision = Precision.FP32,
     experiment: Annotated[str, Field(description="MLflow experiment of the training runs")] = "rpg",
-    tracking_uri: Annotated[str | None, Field(description="default $MLFLOW_TRACKING_URI, else .rpg/mlflow.db")] = None,
+    tracking_uri: TrackingUri = None,
     gpus: Gpus = "",
-    workdir: str = ".rpg/sweeps",
+    workdir: EvalWorkdir = ".rpg/sweeps",
 ) -> list[dict[str, Any]]:
     """Evaluate the newest checkpoints on AIME24/AIME25/AMC23: every training run finished since the previous
     nightly (recorded as a ``nightly`` run in the ``rpg-eval`` experiment), or the named ``model``. Each
@@ -461,6 +578,7 @@ def nightly_eval(
     from rpg_core.evaluation import EVAL_EXPERIMENT
 
     _enter_project()
+    check_gpus(gpus)
     uri = tracking_uri or default_tracking_uri()
     ensure_experiment(uri, EVAL_EXPERIMENT)
     previous = find_runs(kind=RunKind.NIGHTLY, experiments=EVAL_EXPERIMENT, status=RunStatus.FINISHED, limit=1,

@@ -12,6 +12,7 @@ import argparse
 from prefect import serve
 from prefect.schedules import Cron
 
+from flows.forms import to_deployment
 from flows.rpg_flows import evaluate, nightly_eval, sweep, train, tune
 
 NIGHTLY_CRON = "0 2 * * *"
@@ -19,11 +20,11 @@ NIGHTLY_CRON = "0 2 * * *"
 
 def deployments(cron: str = NIGHTLY_CRON, timezone: str = "UTC") -> list:
     return [
-        sweep.to_deployment(name="sweep", description="train every run of a sweep file"),
-        tune.to_deployment(name="tune", description="tune a study file's coefficients with Optuna (pruned, resumable)"),
-        train.to_deployment(name="train", description="one training run"),
-        evaluate.to_deployment(name="evaluate", description="Mean@k of a model or checkpoint (rpg eval)"),
-        nightly_eval.to_deployment(name="nightly", schedule=Cron(cron, timezone=timezone),
+        to_deployment(sweep, name="sweep", description="train every run of a sweep file"),
+        to_deployment(tune, name="tune", description="tune a study file's coefficients with Optuna (pruned, resumable)"),
+        to_deployment(train, name="train", description="one training run"),
+        to_deployment(evaluate, name="evaluate", description="Mean@k of a model or checkpoint (rpg eval)"),
+        to_deployment(nightly_eval, name="nightly_eval", schedule=Cron(cron, timezone=timezone),
                                    description="evaluate the checkpoints finished since the last nightly"),
     ]  # fmt: skip
 

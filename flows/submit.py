@@ -12,7 +12,7 @@ with parent_run(RunKind.SWEEP, experiment="rpg", name="sweep-smoke", tracking_ur
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,11 +47,14 @@ def parent_run(kind: RunKind, *, experiment: str, name: str, tracking_uri: str, 
     tracker.finish("FINISHED")
 
 
-def child_config(cfg: RunConfig, parent: Tracker, *, sweep: str | None = None) -> RunConfig:
-    """``cfg`` tracked in the parent's store, nested under it, tagged ``sweep`` (bookkeeping: the key is unchanged)."""
+def child_config(cfg: RunConfig, parent: Tracker, *, sweep: str | None = None, name: str | None = None) -> RunConfig:
+    """``cfg`` tracked in the parent's store, nested under it, tagged ``sweep``, its MLflow run named ``name`` (e.g.
+    ``SweepRun.run_name``; bookkeeping: the key is unchanged)."""
     tags = {**cfg.tracking.tags, **({"sweep": sweep} if sweep else {})}
-    return cfg.with_overrides({"tracking": {"tracking_uri": parent.tracking_uri, "parent_run_id": parent.run_id,
-                                            "tags": tags}})  # fmt: skip
+    tracking = {"tracking_uri": parent.tracking_uri, "parent_run_id": parent.run_id, "tags": tags}
+    if name:
+        tracking["run_name"] = name
+    return cfg.with_overrides({"tracking": tracking})
 
 
 @dataclass(frozen=True)
@@ -86,10 +89,11 @@ class RunOutcome:
 
 
 def submit(cfg: RunConfig, *, workdir: str | Path, gpu: str = "", fresh: bool = False, timeout_s: float | None = None,
-           cwd: str | Path | None = None) -> RunOutcome:  # fmt: skip
+           cwd: str | Path | None = None, on_progress: Callable[[str], None] | None = None) -> RunOutcome:  # fmt: skip
     """Train ``cfg`` as its own ``rpg train`` process on ``gpu`` (resuming its checkpoints unless ``fresh``), then
-    read its MLflow run's status and final metrics back through rpg_core.runs."""
-    out = run_training(cfg, workdir=workdir, gpu=gpu, fresh=fresh, timeout_s=timeout_s, cwd=cwd)
+    read its MLflow run's status and final metrics back through rpg_core.runs. ``on_progress``: each progress line
+    while it trains (flows.core.run_training)."""
+    out = run_training(cfg, workdir=workdir, gpu=gpu, fresh=fresh, timeout_s=timeout_s, cwd=cwd, on_progress=on_progress)
     row = get_run(out.run_id, tracking_uri=cfg.tracking.tracking_uri) if out.run_id else None
     return RunOutcome(key=cfg.key(), seed=cfg.train.seed, run_id=out.run_id, status=NOT_STARTED if row is None else str(row["status"]),
                       step=out.step, returncode=out.returncode, seconds=out.seconds, gpu=out.gpu, host=host_name(), log=out.log,

@@ -40,7 +40,7 @@ from optuna.trial import TrialState
 from flows.dispatch import Dispatcher, RunState, Ticket
 from flows.submit import child_config
 from rpg_core.config import RunConfigError
-from rpg_core.runs import RunStatus, find_runs, histories
+from rpg_core.runs import RunStatus, collect_lost, find_runs, histories
 from rpg_core.tracking import RunKind, Tracker, default_tracking_uri, ensure_experiment, request_stop, set_run_tags
 from rpg_core.tuning import (
     DASHBOARD_ENV,
@@ -216,10 +216,13 @@ class Tuner:
             for seed, cfg in cfgs.items():
                 if seed in finished:
                     continue
-                child = child_config(cfg, self.parent)
+                point = "-".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+                                 for k, v in sorted(params.items()))  # fmt: skip
+                name = f"{self.name}/t{trial.number}-{point}-s{seed}" if point else f"{self.name}/t{trial.number}-s{seed}"
+                child = child_config(cfg, self.parent, name=name)
                 child = child.with_overrides({"tracking": {"tags": {**child.tracking.tags, STUDY_TAG: self.name,
                                                                     TRIAL_TAG: str(trial.number)}}})  # fmt: skip
-                t = Ticket(trial.number, child, name=f"{self.name}-t{trial.number}-{cfg.run_key()}")
+                t = Ticket(trial.number, child, name=name)
                 self.tickets.append(t)
                 flight.tickets.append(t)
                 handle = (handles or {}).get(cfg.run_key())
@@ -597,6 +600,8 @@ def run_study(path: str | Path, *, make_dispatcher: Callable[[Tracker, str], Dis
                   "metric": spec.objective.metric, "direction": spec.objective.direction.value,
                   "sampler": spec.sampler.kind.value, "pruner": spec.pruner.kind.value if prune else "none"}  # fmt: skip
         parent = _parent(spec, ostudy, cell, params)
+        for r in collect_lost(experiments=cell.config.tracking.experiment, tracking_uri=parent.tracking_uri):
+            say(f"run {r.name} ({r.run_id}) has no live process: ended FAILED, rpg.exit=lost ({r.reason})")
         try:
             tuner = Tuner(spec, cell, ostudy, parent=parent, dispatcher=make_dispatcher(parent, ostudy.study_name),
                           concurrency=concurrency, trials=trials, say=say,

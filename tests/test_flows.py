@@ -107,6 +107,14 @@ def test_smoke_sweep_runs_every_config_once(prefect_server, tmp_path, monkeypatc
         newest = max(board, key=lambda a: a.created).data
         assert "4 runs: 4 finished" in newest and newest.count("| finished |") == 4, newest
         assert len(board) >= 2  # written as the runs changed state, not only at the end
+        # concurrency=2 of 4 runs: the first version shows two waiting for a slot (no task run exists for them yet)
+        first = min(board, key=lambda a: a.created).data
+        assert "4 runs: 4 waiting for a GPU slot" in first or "2 waiting for a GPU slot" in first, first
+        # the answer: the configurations ranked over seeds, on the parent run and as the sweep's artifact
+        (ranked,) = pc.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["sweep-smoke"])))
+        assert ranked.data.startswith("### sweep smoke: best on eval/acc_strict (Last): ") and ranked.data.count("| **") == 4
+    assert parent.data.tags["mlflow.note.content"] == ranked.data
+    assert {"ranked.json", "ranked.md", "summary.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     # A second trigger runs nothing new.
     again = sweep(**kw)
     assert [r["status"] for r in again] == ["skipped (finished)"] * 4
@@ -235,7 +243,7 @@ def served(prefect_server, tmp_path_factory):
     with get_client(sync_client=True) as client:
         while True:
             try:
-                client.read_deployment_by_name("nightly_eval/nightly")
+                client.read_deployment_by_name("nightly_eval/nightly_eval")
                 break
             except Exception:  # noqa: BLE001 - not registered yet
                 if proc.poll() is not None or time.monotonic() > deadline:
@@ -267,7 +275,7 @@ def test_run_button_triggers_the_smoke_sweep(served, tmp_path):
             assert time.monotonic() < deadline, f"sweep run still {state.name}"
             time.sleep(1)
         assert state.is_completed(), state.message
-        nightly = client.read_deployment_by_name("nightly_eval/nightly")
+        nightly = client.read_deployment_by_name("nightly_eval/nightly_eval")
         assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
     client_ml = MlflowClient(uri)
     exp = client_ml.get_experiment_by_name("rpg").experiment_id
@@ -433,12 +441,12 @@ def test_deploy_registers_the_flows_on_a_work_pool(prefect_server):
         client.create_work_pool(WorkPoolCreate(name="test-k8s-pool", type="kubernetes"))
     assert pool.type == "process" and "command" in pool.base_job_template["variables"]["properties"]
     assert ensure_pool("test-gpu-pool") is False  # already there: left as it is
-    assert set(deps) == {"sweep", "tune", "train", "evaluate", "nightly"}
+    assert set(deps) == {"sweep", "tune", "train", "evaluate", "nightly_eval"}
     # by module, with no code location: each worker imports the flows from its own checkout, at any path
     assert deps["sweep"].entrypoint == "flows.rpg_flows.sweep" and not deps["sweep"].pull_steps
     assert deps["sweep"].work_queue_name == deps["tune"].work_queue_name == "control"  # coordinators: no GPU slot
-    assert {deps[n].work_queue_name for n in ("train", "evaluate", "nightly")} == {"gpu"}
-    assert [s.schedule.cron for s in deps["nightly"].schedules] == ["30 3 * * *"]
+    assert {deps[n].work_queue_name for n in ("train", "evaluate", "nightly_eval")} == {"gpu"}
+    assert [s.schedule.cron for s in deps["nightly_eval"].schedules] == ["30 3 * * *"]
     with pytest.raises(ValueError, match="test-k8s-pool: an existing work pool of type 'kubernetes'; allowed: 'process'"):
         ensure_pool("test-k8s-pool")
 

@@ -90,8 +90,14 @@ def _smoke_config(tmp_path: Path, index: int = 0, *extra: str):
 def test_training_process_finishes_resumes_and_fails(tmp_path):
     cfg, uri = _smoke_config(tmp_path)
     assert finished_runs(uri, "rpg") == {}  # no experiment yet
-    first = run_training(cfg, workdir=tmp_path / "work", cwd=ROOT)
+    said: list[str] = []
+    first = run_training(cfg, workdir=tmp_path / "work", cwd=ROOT, on_progress=said.append)
     assert first.ok and first.step == 2 and first.run_id
+    # its progress, line by line, as it trained (the flows log these to Prefect): both steps, the held-out eval of
+    # step 2 (train.eval_every: 2), the end; none of tqdm's bar redraws
+    assert [line.split(" | ")[0] for line in said[:2]] == ["step 1/2", "step 2/2"] and len(said) == 3
+    assert said[2].startswith("done: step 2,") and said[2].endswith(f"MLflow run {first.run_id}")
+    assert " | reward " in said[0] and " | eval " in said[1] and "%|" not in "".join(said)
     assert finished_runs(uri, "rpg") == {cfg.run_key(): first.run_id}  # by key and seed
     again = run_training(cfg, workdir=tmp_path / "work", cwd=ROOT)  # nothing left to do: resumes at step 2
     assert again.ok and again.run_id == first.run_id and again.step == 2

@@ -1,50 +1,35 @@
-"""The team set-up without containers, for real: `infra/stack.py up --db postgres --pool P` (a Postgres cluster of its
-own, Prefect on asyncpg, MLflow on psycopg with proxied artifacts, the deployments on a process work pool), two
-machines joining with `infra/team/worker.sh` from their own copies of the project, and sweeps triggered through the
-API as the UI's Run button does: the runs spread over both machines and land in MLflow; a cancelled sweep leaves
-nothing behind and a re-trigger completes it; `down` leaves nothing running."""
+"""The team set-up without containers, for real: `infra/stack.py up --db postgres --pool P --auth` (a Postgres cluster
+of its own, Prefect on asyncpg, MLflow on psycopg with proxied artifacts, the deployments on a process work pool, both
+servers behind a login), two machines joining with `infra/team/worker.sh <the head's env.sh>` from their own copies
+of the project, and sweeps triggered through the API as the UI's Run button does: the runs spread over both machines
+and land in MLflow; a cancelled sweep leaves nothing behind and a re-trigger completes it; `down` leaves nothing
+running. The servers listen on 127.0.0.1 here; `--auth` is what `--host 0.0.0.0` turns on by itself."""
 
 from __future__ import annotations
 
-import importlib.util
+import base64
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+import servers
 from servers import alive, free_port, listening, training_processes
 
 pytestmark = [pytest.mark.system, pytest.mark.server, pytest.mark.subprocess]
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("rpg_stack", ROOT / "infra" / "stack.py")
-stack = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(stack)
-
-
-def _have_postgres() -> str | None:
-    """Why this machine cannot run the test, or None."""
-    try:
-        import psycopg  # noqa: F401
-    except ImportError:
-        return 'psycopg missing: pip install -e ".[team]"'
-    for name in ("initdb", "pg_ctl"):
-        try:
-            stack._pg_bin(name)
-        except SystemExit:
-            return f"PostgreSQL's {name} is not installed"
-    if os.geteuid() == 0 and (shutil.which("runuser") is None or subprocess.run(["id", "postgres"],
-                                                                                 capture_output=True).returncode):
-        return "running as root without a postgres user to run the cluster"  # fmt: skip
-    return None
+stack = servers.stack
 
 
 @pytest.fixture
@@ -78,6 +63,39 @@ def _most_at_once(intervals: list[tuple[int, int]]) -> int:
     return most
 
 
+def _status(url: str, credentials: str | None = None, data: bytes | None = None) -> int:
+    """The HTTP status of a GET (a POST with ``data``) to ``url``, with basic auth for ``user:password``."""
+    headers = {"Content-Type": "application/json"}
+    if credentials:
+        headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _check_logins(home: Path, client_env: dict[str, str]) -> None:
+    """Both servers refuse a request without the credentials or with wrong ones (401) and answer with env.sh's; their
+    health endpoints stay open (what `up` and `rpg train` poll); the secrets are the owner's only."""
+    for name in ("auth.json", "env.sh", "mlflow_auth.ini", "postgres.json"):
+        assert (home / name).stat().st_mode & 0o777 == 0o600, name
+    keys = json.loads((home / "auth.json").read_text())
+    prefect, mlflow = client_env["PREFECT_API_URL"], client_env["MLFLOW_TRACKING_URI"]
+    assert client_env["PREFECT_API_AUTH_STRING"] == keys["prefect_auth_string"]
+    mlflow_login = f"{client_env['MLFLOW_TRACKING_USERNAME']}:{client_env['MLFLOW_TRACKING_PASSWORD']}"
+    assert mlflow_login == f"{keys['mlflow_username']}:{keys['mlflow_password']}"
+    calls = {  # Prefect's API and MLflow's REST API, a read each; Prefect's also a POST (what the Run button sends)
+        "prefect": (f"{prefect}/admin/version", None, client_env["PREFECT_API_AUTH_STRING"]),
+        "prefect POST": (f"{prefect}/deployments/filter", b"{}", client_env["PREFECT_API_AUTH_STRING"]),
+        "mlflow": (f"{mlflow}/api/2.0/mlflow/experiments/search?max_results=1", None, mlflow_login),
+    }
+    got = {name: (_status(url, None, data), _status(url, "rpg:wrong", data), _status(url, login, data))
+           for name, (url, data, login) in calls.items()}  # fmt: skip
+    assert got == {name: (401, 401, 200) for name in calls}, got
+    assert _status(f"{prefect}/health") == _status(f"{mlflow}/health") == 200
+
+
 def _wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
     deadline = time.monotonic() + timeout
     while True:
@@ -88,18 +106,20 @@ def _wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
         time.sleep(poll)
 
 
-@pytest.mark.skipif(_have_postgres() is not None, reason=str(_have_postgres()))
-def test_team_sweep_fills_both_hosts_and_a_cancelled_sweep_resumes(reachable_tmp):
-    """A Postgres head node and two machines (workers `a` and `b`, each from its own copy of the project at another
-    path, two device ids each). An 8-run smoke sweep (4 configurations x 2 seeds) pressed as the Run button does:
-    every run is its own `train` flow run on the pool, both hosts take runs, never more than two at once per host,
-    all finish, and every MLflow run records its host, device, group and run folder (on its own host's copy).
+@pytest.mark.skipif(servers.postgres_missing() is not None, reason=str(servers.postgres_missing()))
+def test_team_sweep_fills_both_hosts_and_a_cancelled_sweep_resumes(reachable_tmp, monkeypatch):
+    """A Postgres head node with log-ins on both servers (unauthenticated requests get 401; a worker without the
+    credentials refuses to start, naming them) and two machines (workers `a` and `b`, started with the head's env.sh,
+    each from its own copy of the project at another path, two device ids each). An 8-run smoke sweep (4
+    configurations x 2 seeds) pressed as the Run button does: every run is its own `train` flow run on the pool, both
+    hosts take runs, never more than two at once per host, all finish, and every MLflow run records its host, device,
+    group and run folder (on its own host's copy).
     Then a longer sweep is cancelled mid-way: no training process is left, no GPU slot stays held, the runs that
     were training end KILLED with their checkpoints; a re-trigger runs only what was missing."""
     from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
     from prefect.states import Cancelling
 
     base = reachable_tmp
@@ -107,7 +127,8 @@ def test_team_sweep_fills_both_hosts_and_a_cancelled_sweep_resumes(reachable_tmp
     pp, mp, op, dp, pgp = free_port(), free_port(), free_port(), free_port(), free_port()
     cmd = [sys.executable, "infra/stack.py", "--home", str(home)]
     head = [*cmd, "--db", "postgres", "--pg-data", str(base / "pg"), "--pg-port", str(pgp),
-            "--prefect-port", str(pp), "--mlflow-port", str(mp), "--optuna-port", str(op), "--dashboard-port", str(dp), "--pool", pool]  # fmt: skip
+            "--prefect-port", str(pp), "--mlflow-port", str(mp), "--optuna-port", str(op), "--dashboard-port", str(dp),
+            "--pool", pool, "--auth"]  # fmt: skip
     workers: dict[str, subprocess.Popen] = {}
     copies = {h: _copy_project(base / f"machine-{h}" / ("deep" * (i + 1)) / "rpg-lab") for i, h in enumerate(HOSTS)}
     try:
@@ -116,23 +137,34 @@ def test_team_sweep_fills_both_hosts_and_a_cancelled_sweep_resumes(reachable_tmp
         assert "(store: postgres)" in r.stdout and f"on work pool {pool}" in r.stdout
         postmaster = int((home / "postgres.pid").read_text())
         exports = (home / "env.sh").read_text().splitlines()
-        client_env = dict(line.removeprefix("export ").split("=", 1) for line in exports if line)
+        client_env = dict(shlex.split(line.removeprefix("export "))[0].split("=", 1) for line in exports if line)
         assert client_env["PREFECT_API_URL"] == f"http://127.0.0.1:{pp}/api"
         assert client_env["RPG_OPTUNA_STORAGE"].endswith(f"@127.0.0.1:{pgp}/optuna")
         assert urllib.request.urlopen(f"http://127.0.0.1:{op}/api/studies", timeout=10).status == 200  # on Postgres
+        _check_logins(home, client_env)
         # Two machines join, each from its own copy: here both on this machine, with two device ids each (this
-        # CPU-only torch runs on the CPU whatever CUDA_VISIBLE_DEVICES says). The forms leave `gpus` empty.
+        # CPU-only torch runs on the CPU whatever CUDA_VISIBLE_DEVICES says). The forms leave `gpus` empty. The
+        # client settings come from the head's env.sh, handed to worker.sh (the credentials reach the flow runs).
+        not_client = ("PREFECT_API_URL", "MLFLOW_TRACKING_URI", "RPG_ROOT", *stack.CLIENT_AUTH)
+        machine = {k: v for k, v in os.environ.items() if k not in not_client}
+        urls = {k: client_env[k] for k in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}  # a worker without the login
+        bare = subprocess.run(["bash", "infra/team/worker.sh"], cwd=copies["a"], capture_output=True, text=True,
+                              env={**machine, "PYTHON": sys.executable, **urls}, timeout=60)  # fmt: skip
+        assert bare.returncode == 2, bare.stdout + bare.stderr
+        assert "the server requires a login (401) and PREFECT_API_AUTH_STRING is not set" in bare.stderr
+        assert "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD is not set" in bare.stderr
         for h in HOSTS:
-            env = {**os.environ, **client_env, "RPG_POOL": pool, "RPG_GPUS": "0,1", "RPG_HOST": h,
+            env = {**machine, "RPG_POOL": pool, "RPG_GPUS": "0,1", "RPG_HOST": h,
                    "PYTHON": sys.executable, "PREFECT_WORKER_QUERY_SECONDS": "1",
                    "OMP_NUM_THREADS": "1",  # four training processes share this machine's cores: no oversubscription
                    "PREFECT_HOME": str(base / f"worker-{h}-prefect")}  # fmt: skip
-            env.pop("RPG_ROOT", None)
             log = (base / f"worker-{h}.log").open("w")
-            workers[h] = subprocess.Popen(["bash", "infra/team/worker.sh"], cwd=copies[h], env=env, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            workers[h] = subprocess.Popen(["bash", "infra/team/worker.sh", str(home / "env.sh")], cwd=copies[h],
+                                          env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         for h in HOSTS:
             _wait_for(lambda h=h: "Worker" in (base / f"worker-{h}.log").read_text(), 120, f"worker {h}")
+        for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # this process's MLflow client logs in
+            monkeypatch.setenv(k, client_env[k])
         mlflow = MlflowClient(client_env["MLFLOW_TRACKING_URI"])
 
         def children(parent_id: str):
@@ -143,12 +175,17 @@ def test_team_sweep_fills_both_hosts_and_a_cancelled_sweep_resumes(reachable_tmp
             exp = mlflow.get_experiment_by_name("rpg")
             return [] if exp is None else mlflow.search_runs([exp.experiment_id], "tags.`rpg.kind` = 'sweep'")
 
-        with temporary_settings({PREFECT_API_URL: client_env["PREFECT_API_URL"]}):
+        with temporary_settings({PREFECT_API_URL: client_env["PREFECT_API_URL"],
+                                 PREFECT_API_AUTH_STRING: client_env["PREFECT_API_AUTH_STRING"]}):
             # -- 1. the 8-run smoke sweep spreads over both machines ---------------------------------------------
             run = run_deployment("sweep/sweep", parameters={"sweep_file": "sweeps/smoke.yaml", "seeds": [0, 1]},
                                  timeout=900, poll_interval=2)  # fmt: skip
-            logs = "".join((base / f"worker-{h}.log").read_text()[-3000:] for h in HOSTS)
-            assert run.state.is_completed(), (run.state, logs)
+            if not run.state.is_completed():  # the whole story: the sweep's message, then each failed run's log
+                runs_logs = "".join(f"\n--- {p}\n" + p.read_text()[-2000:] for h in HOSTS
+                                    for p in sorted((copies[h] / ".rpg/sweeps/smoke/logs").glob("*.log"))
+                                    if "rc=0" not in p.read_text()[-200:])  # fmt: skip
+                workers_logs = "".join((base / f"worker-{h}.log").read_text()[-3000:] for h in HOSTS)
+                pytest.fail(f"{run.state.name}: {run.state.message}\n{runs_logs}\n{workers_logs}")
             assert run.work_pool_name == pool and run.work_queue_name == "control"
             (parent,) = sweep_parents()
             kids = children(parent.info.run_id)
@@ -182,8 +219,11 @@ def test_team_sweep_fills_both_hosts_and_a_cancelled_sweep_resumes(reachable_tmp
             assert devices == {(h, d) for h in HOSTS for d in ("0", "1")}, devices
             with get_client(sync_client=True) as client:
                 subs = client.read_flow_runs()
-                trains = [f for f in subs if f.parent_task_run_id and f.name.startswith("smoke-")]
+                trains = [f for f in subs if f.parent_task_run_id and f.name.startswith("smoke/")]
                 assert len(trains) == 8 and all(f.state.is_completed() and f.work_queue_name == "gpu" for f in trains)
+                # each train flow run is named after its run: <sweep>/<design>-s<seed>
+                assert {f.name for f in trains} == {f"smoke/rpg_reinforce-{d}-dual-s{s}" for d in ("FKL", "UFKL", "RKL",
+                                                                                                   "URKL") for s in (0, 1)}
                 for h in HOSTS:
                     limit = client.read_global_concurrency_limit_by_name(f"rpg-gpu-{h}")
                     assert (limit.limit, limit.active_slots) == (2, 0)
@@ -205,7 +245,7 @@ def test_team_sweep_fills_both_hosts_and_a_cancelled_sweep_resumes(reachable_tmp
                 _wait_for(lambda: client.read_flow_run(first.id).state.is_cancelled(), 120, "the sweep to be cancelled")
                 marker = str(base)
                 _wait_for(lambda: not training_processes(marker), 90, "every training process to stop")
-                subs = [f for f in client.read_flow_runs() if f.parent_task_run_id and f.name.startswith("smoke-")]
+                subs = [f for f in client.read_flow_runs() if f.parent_task_run_id and f.name.startswith("smoke/")]
                 _wait_for(lambda: all(client.read_flow_run(f.id).state.is_final() for f in subs), 90,
                           "every train flow run to end")  # fmt: skip
                 for h in HOSTS:
@@ -237,30 +277,30 @@ def test_team_sweep_fills_both_hosts_and_a_cancelled_sweep_resumes(reachable_tmp
                 log = copies[c.data.tags["rpg.host"]] / ".rpg" / "sweeps" / "smoke" / "logs" / f"{key}.log"
                 assert f"resumed {key}" in log.read_text()
 
-                # -- 3. a tuning study on the pool: its trials are train flow runs, its study on the head's Postgres ----
-                tune_over = ["train.steps=2", "train.eval_every=2", "train.checkpoint_every=2"]
-                tuned = run_deployment("tune/tune", parameters={"study_file": "sweeps/tune_smoke.yaml", "trials": 3,
-                                                                "overrides": tune_over}, timeout=900, poll_interval=2)  # fmt: skip
-                assert tuned.state.is_completed(), tuned.state
-                assert tuned.work_queue_name == "control"
-                import optuna
+            # -- 3. a tuning study on the pool: its trials are train flow runs, its study on the head's Postgres ----
+            tune_over = ["train.steps=2", "train.eval_every=2", "train.checkpoint_every=2"]
+            tuned = run_deployment("tune/tune", parameters={"study_file": "sweeps/tune_smoke.yaml", "trials": 3,
+                                                            "overrides": tune_over}, timeout=900, poll_interval=2)  # fmt: skip
+            assert tuned.state.is_completed(), tuned.state
+            assert tuned.work_queue_name == "control"
+            import optuna
 
-                from rpg_core.tuning import cells, load_study, study_name
+            from rpg_core.tuning import cells, load_study, study_name
 
-                spec = load_study(ROOT / "sweeps" / "tune_smoke.yaml", tune_over)
-                name = study_name(spec, cells(spec)[0][0])
-                study = optuna.load_study(study_name=name, storage=client_env["RPG_OPTUNA_STORAGE"])  # head's Postgres
-                assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
-                parent_id = study.user_attrs["mlflow_parent_run_id"]
-                tex = mlflow.get_experiment_by_name("tune-smoke").experiment_id
-                trial_runs = mlflow.search_runs([tex], f"tags.mlflow.parentRunId = '{parent_id}'")
-                assert sorted(r.info.run_id for r in trial_runs) == sorted(t.user_attrs["mlflow_run_ids"][0]
-                                                                           for t in study.trials)  # fmt: skip
-                assert {r.data.tags["rpg.host"] for r in trial_runs} <= set(HOSTS)
-                assert mlflow.get_run(parent_id).data.tags["best.value"] == str(study.best_value)
-                with get_client(sync_client=True) as client:
-                    subs = [f for f in client.read_flow_runs() if f.name.startswith(name)]
-                    assert len(subs) == 3 and all(f.work_queue_name == "gpu" for f in subs)
+            spec = load_study(ROOT / "sweeps" / "tune_smoke.yaml", tune_over)
+            name = study_name(spec, cells(spec)[0][0])
+            study = optuna.load_study(study_name=name, storage=client_env["RPG_OPTUNA_STORAGE"])  # head's Postgres
+            assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
+            parent_id = study.user_attrs["mlflow_parent_run_id"]
+            tex = mlflow.get_experiment_by_name("tune-smoke").experiment_id
+            trial_runs = mlflow.search_runs([tex], f"tags.mlflow.parentRunId = '{parent_id}'")
+            assert sorted(r.info.run_id for r in trial_runs) == sorted(t.user_attrs["mlflow_run_ids"][0]
+                                                                       for t in study.trials)  # fmt: skip
+            assert {r.data.tags["rpg.host"] for r in trial_runs} <= set(HOSTS)
+            assert mlflow.get_run(parent_id).data.tags["best.value"] == str(study.best_value)
+            with get_client(sync_client=True) as client:
+                subs = [f for f in client.read_flow_runs() if f.name.startswith(name)]
+                assert len(subs) == 3 and all(f.work_queue_name == "gpu" for f in subs)
     finally:
         for w in workers.values():
             os.killpg(w.pid, signal.SIGTERM)

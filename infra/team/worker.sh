@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Join a machine to the team's Prefect work pool:
+# Join a machine to the team's Prefect work pool, with the client settings of the head's env.sh (its URLs and, when
+# the head has log-ins, PREFECT_API_AUTH_STRING and MLFLOW_TRACKING_USERNAME/PASSWORD; copied here, mode 600):
+#   infra/team/worker.sh ~/rpg-head.env
+# or with them in the environment already:
 #   PREFECT_API_URL=http://head:4200/api MLFLOW_TRACKING_URI=http://head:5000 infra/team/worker.sh
 # Run it from this machine's own checkout, at any path, after `make install`. It starts two Prefect process workers:
 # - a GPU worker on queues `gpu` (train, evaluate, nightly) and `gpu-<host>` (runs resuming from a checkpoint on this
@@ -11,6 +14,11 @@
 # MLflow's rpg.host and its concurrency limit rpg-gpu-<host>; default: hostname), RPG_CONTROL_SLOTS (coordinators at
 # once, default 4; 0: no control worker here), PYTHON (default .venv/bin/python).
 set -euo pipefail
+if [ $# -gt 0 ]; then
+    [ -r "$1" ] || { echo "worker.sh: $1: no such env file (copy the head's .rpg/stack/env.sh here)" >&2; exit 2; }
+    # shellcheck disable=SC1090
+    . "$1"                              # export lines only: the flow runs inherit them (the credentials too)
+fi
 cd "$(dirname "$0")/../.."
 : "${PREFECT_API_URL:?set PREFECT_API_URL=http://<head>:4200/api}"
 : "${MLFLOW_TRACKING_URI:?set MLFLOW_TRACKING_URI=http://<head>:5000}"
@@ -27,6 +35,8 @@ export RPG_ROOT="$PWD"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 SLUG=$(echo "$RPG_HOST" | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9-]+/-/g; s/^-+//; s/-+$//')   # flows.core.host_slug
 SLUG="${SLUG:-host}"
+# both servers answer with these settings (a missing or wrong login: one line naming the variable, exit 2)
+"$PY" infra/stack.py check
 # the pool if missing, the deployments on it, this machine's own queue (idempotent)
 "$PY" -m flows.deploy --pool "$POOL" --queue "gpu-$SLUG"
 echo "worker $RPG_HOST on pool $POOL with $SLOTS slot(s), GPUs '${GPUS}', $CONTROL coordinator slot(s), from $RPG_ROOT"

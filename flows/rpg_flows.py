@@ -81,16 +81,22 @@ def ensure_gpu_limit(slots: int = 1) -> str:
     """Create this machine's limit with ``slots`` if it is missing, or grow it to ``slots`` (never shrink it: a
     running sweep may hold more); returns its name. ``concurrency()`` on a missing limit would only warn."""
     from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     name = gpu_limit_name()
     with get_client(sync_client=True) as client:
-        try:
-            current = client.read_global_concurrency_limit_by_name(name).limit
-        except ObjectNotFound:
-            current = 0
-        if current < slots:
-            client.upsert_global_concurrency_limit_by_name(name, slots)
+        for _ in range(5):
+            try:
+                current = client.read_global_concurrency_limit_by_name(name).limit
+            except ObjectNotFound:
+                current = 0
+            if current >= slots:
+                break
+            try:  # Prefect's upsert reads then creates, not atomically: two runs starting at once on one machine
+                client.upsert_global_concurrency_limit_by_name(name, slots)  # both create; the second gets a 409
+                break
+            except ObjectAlreadyExists:  # (CI saw a team sweep's run fail so): read the limit the other one made
+                continue
     return name
 
 

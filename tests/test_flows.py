@@ -471,6 +471,39 @@ def test_gpu_limit_is_per_machine_and_never_shrinks(prefect_server, monkeypatch)
 
 
 @pytest.mark.integration
+def test_gpu_limit_created_by_many_runs_at_once(prefect_server, monkeypatch):
+    """The runs of a team sweep start together on a machine, each making sure of its machine's limit. Prefect's upsert
+    reads, then creates: two creators raced, and the second's 409 (ObjectAlreadyExists) failed its run in CI. Eight
+    at once, released by a barrier, all return, and the limit ends at the largest slot count asked for."""
+    import contextvars
+    import threading
+
+    from prefect.client.orchestration import get_client
+
+    from flows.rpg_flows import ensure_gpu_limit
+
+    monkeypatch.setenv("RPG_HOST", "node-race")
+    barrier, errors = threading.Barrier(8), []
+
+    def one(slots: int) -> None:
+        barrier.wait()
+        try:
+            assert ensure_gpu_limit(slots) == "rpg-gpu-node-race"
+        except Exception as e:  # noqa: BLE001 - the test reports every failure
+            errors.append(repr(e))
+
+    # each thread in a copy of this context: the fixture's client settings (a context variable) point at the server
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(one, 1 + i % 2)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name("rpg-gpu-node-race").limit == 2
+
+
+@pytest.mark.integration
 def test_sweep_rejects_bad_input_before_compute(prefect_server, tmp_path, monkeypatch):
     from flows.rpg_flows import sweep
     from rpg_core.sweeps import SweepError

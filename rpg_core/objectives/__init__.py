@@ -15,12 +15,16 @@ from .config import (
     AdvantageEstimator,
     Aggregation,
     Clip,
+    CorrectionConfig,
+    CorrectionConfigError,
+    CorrectionLevel,
     Direction,
     Estimator,
     Form,
     ObjectiveConfig,
     ObjectiveConfigError,
     ReferenceMode,
+    RolloutCorrection,
 )
 from .presets import PRESETS, MethodPreset, get_preset
 
@@ -28,6 +32,7 @@ _LAZY = {  # name -> the submodule (imports torch) that defines it
     **dict.fromkeys(("ADVANTAGE_REGISTRY", "compute_advantages", "masked_whiten"), "advantages"),
     **dict.fromkeys(("Normaliser", "aggregate", "normaliser_count", "share_of_loss"), "aggregation"),
     "clip_ratio": "clipping",
+    **dict.fromkeys(("CorrectionWeights", "MismatchMetrics", "correction_weights", "mismatch_metrics"), "correction"),
     **dict.fromkeys(("k1", "k2", "k3", "kl_estimator", "rpg_divergence"), "estimators"),
     **dict.fromkeys(("LOSS_REGISTRY", "LossInputError", "LossOutput", "policy_loss", "register_loss",
                      "reward_kl_penalty"), "losses"),  # fmt: skip
@@ -38,6 +43,7 @@ if TYPE_CHECKING:
     from .advantages import ADVANTAGE_REGISTRY, compute_advantages, masked_whiten
     from .aggregation import Normaliser, aggregate, normaliser_count, share_of_loss
     from .clipping import clip_ratio
+    from .correction import CorrectionWeights, MismatchMetrics, correction_weights, mismatch_metrics
     from .estimators import k1, k2, k3, kl_estimator, rpg_divergence
     from .losses import LOSS_REGISTRY, LossInputError, LossOutput, policy_loss, register_loss, reward_kl_penalty
     from .shaping import Overlong, ShapedRewards, kl_in_reward, shape_rewards
@@ -58,21 +64,28 @@ __all__ = [
     "AdvantageEstimator",
     "Aggregation",
     "Clip",
+    "CorrectionConfig",
+    "CorrectionConfigError",
+    "CorrectionLevel",
+    "CorrectionWeights",
     "Direction",
     "Estimator",
     "Form",
     "LossInputError",
     "LossOutput",
     "MethodPreset",
+    "MismatchMetrics",
     "Normaliser",
     "Overlong",
     "ObjectiveConfig",
     "ObjectiveConfigError",
     "ReferenceMode",
+    "RolloutCorrection",
     "ShapedRewards",
     "aggregate",
     "clip_ratio",
     "compute_advantages",
+    "correction_weights",
     "get_preset",
     "k1",
     "k2",
@@ -80,6 +93,7 @@ __all__ = [
     "kl_in_reward",
     "kl_estimator",
     "masked_whiten",
+    "mismatch_metrics",
     "normaliser_count",
     "policy_loss",
     "register_loss",

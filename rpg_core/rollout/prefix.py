@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from .base import DEFAULT_SEED, GroupGenerator, SamplingParams, autocast, left_pad
+from .base import DEFAULT_SEED, GroupGenerator, SamplingParams, autocast, kv_cache, kv_cache_arg, left_pad
 
 __all__ = ["PrefixSharingGenerator", "sample_next"]
 
@@ -37,7 +37,7 @@ class PrefixSharingGenerator(GroupGenerator):
             head = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
                          use_cache=True, logits_to_keep=1)  # fmt: skip
         rows = torch.arange(len(chunk), device=device).repeat_interleave(params.n)
-        cache = head.cache
+        cache = kv_cache(head)
         cache.batch_select_indices(rows)
         logits = head.logits[rows, -1].float()
         attn = attn[rows]
@@ -59,8 +59,8 @@ class PrefixSharingGenerator(GroupGenerator):
                 cache.batch_select_indices(idx)
             attn = torch.cat([attn, attn.new_ones(len(alive), 1)], dim=1)
             with autocast(device, self.autocast):
-                nxt = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos[:, None], cache=cache,
-                            use_cache=True)  # fmt: skip
+                nxt = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos[:, None],
+                            use_cache=True, **kv_cache_arg(cache))  # fmt: skip
             logits = nxt.logits[:, -1].float()
             pos = pos + 1
         return results

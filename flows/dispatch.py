@@ -449,9 +449,12 @@ class PoolDispatcher(Dispatcher):
                 elif state.is_completed():
                     t.state, t.seconds = RunState.FINISHED, run.total_run_time.total_seconds()
                 elif state.is_crashed() and t.attempts <= self.retries:
+                    self._lost(t, run.name, state.message)
                     t.message = f"flow run {run.name} crashed ({state.message or 'no message'}): submitted again"
                     self.start(t, anywhere=True)
                 elif state.is_failed() or state.is_crashed():
+                    if state.is_crashed():
+                        self._lost(t, run.name, state.message)
                     t.state, t.message = RunState.FAILED, str(state.message or state.name)[:300]
                 elif state.is_cancelled() or state.is_cancelling():
                     t.state = RunState.CANCELLED
@@ -460,6 +463,17 @@ class PoolDispatcher(Dispatcher):
         if any(t.state is not RunState.QUEUED for t in tickets):
             _fill_from_mlflow(tickets, self.parent)
         return before != [(t.state, t.run_id) for t in tickets]
+
+    def _lost(self, ticket: Ticket, flow_run: str, why: str | None) -> None:
+        """A crashed flow run (its worker or machine lost: no heartbeat, flows/deploy.py) leaves its MLflow run
+        RUNNING: end it now as lost (FAILED, ``rpg.exit=lost``, the reason), as ``rpg runs gc`` would in 5 minutes. A
+        later attempt on the machine holding its checkpoint re-attaches to it and clears the mark."""
+        from rpg_core.tracking import mark_lost
+
+        row = _mlflow_rows(self.parent, [ticket]).get(ticket.run_key)
+        if row is not None and row.get("status") == "RUNNING":  # else it crashed before its MLflow run began
+            mark_lost(row["run_id"], f"flow run {flow_run} crashed: {why or 'no message'}",
+                      tracking_uri=self.parent.tracking_uri)  # fmt: skip
 
     def adopt(self, ticket: Ticket, handle: str) -> bool:
         """A flow run of ``train`` that a killed coordinator left on the pool keeps going (a sub-flow outlives its

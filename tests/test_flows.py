@@ -517,3 +517,66 @@ def test_sweep_rejects_bad_input_before_compute(prefect_server, tmp_path, monkey
     with pytest.raises(SweepError, match="sweep file 'sweeps/nope.yaml' does not exist"):
         sweep(sweep_file="sweeps/nope.yaml", workdir=str(tmp_path))
     assert not (tmp_path / "smoke").exists()  # nothing started
+
+
+@pytest.mark.integration
+def test_a_flow_run_whose_heartbeats_stop_is_crashed(prefect_server):
+    """A worker lost mid-run leaves its flow runs RUNNING with nothing to end them. The automation flows.deploy makes
+    marks a run of the pool's deployments Crashed once its heartbeats stop (here after 15 s rather than 90), which the
+    sweep's dispatcher resubmits. A run of another deployment (beating at Prefect's slower default) is not judged.
+    Made twice, or by four workers at once, there is one automation; a new set of deployments replaces it."""
+    import contextvars
+
+    from prefect.client.orchestration import get_client
+    from prefect.events import emit_event
+    from prefect.events.worker import EventsWorker
+    from prefect.states import Running
+
+    from flows.deploy import crash_automation_name, ensure_crash_detection
+
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("heartbeat-test")
+        watched, other = (str(client.create_deployment(flow_id=flow_id, name=n)) for n in ("watched", "other"))
+        runs = {n: client.create_flow_run_from_deployment(d) for n, d in (("watched", watched), ("other", other))}
+        for r in runs.values():
+            client.set_flow_run_state(r.id, Running(), force=True)
+    pool = "heartbeat-pool"
+    errors: list[str] = []
+
+    def make() -> None:
+        try:
+            ensure_crash_detection(pool, [watched], silent_after_s=15)
+        except Exception as e:  # noqa: BLE001 - the test reports every failure
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(make,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    with get_client(sync_client=True) as client:
+        (automation,) = client.read_automations_by_name(crash_automation_name(pool))
+    assert ensure_crash_detection(pool, [watched], silent_after_s=15) == str(automation.id)  # kept as it is
+    try:
+        beat = time.monotonic()
+        for n, d in (("watched", watched), ("other", other)):  # each run beats once, then its machine is lost
+            emit_event(event="prefect.flow-run.heartbeat", resource={"prefect.resource.id": f"prefect.flow-run.{runs[n].id}"},
+                       related=[{"prefect.resource.id": f"prefect.deployment.{d}", "prefect.resource.role": "deployment"}])  # fmt: skip
+        EventsWorker.drain_all()
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 90
+            while not (state := client.read_flow_run(runs["watched"].id).state).is_crashed():
+                assert time.monotonic() < deadline, f"still {state.name} {time.monotonic() - beat:.0f} s after its beat"
+                time.sleep(1)
+            crashed_after = time.monotonic() - beat
+            assert crashed_after >= 15, crashed_after  # not before its silence was long enough
+            assert state.message == "no heartbeat for 15 s: its worker or machine was lost"
+            assert client.read_flow_run(runs["other"].id).state.is_running()
+        print(f"crashed {crashed_after:.0f} s after its last heartbeat (15 s allowed)")
+    finally:
+        replaced = ensure_crash_detection(pool, [watched, other], silent_after_s=20)  # a new set: replaced
+        with get_client(sync_client=True) as client:
+            assert [str(a.id) for a in client.read_automations_by_name(crash_automation_name(pool))] == [replaced]
+            client.delete_automation(replaced)
+    assert replaced != str(automation.id)

@@ -8,6 +8,7 @@ running. The servers listen on 127.0.0.1 here; `--auth` is what `--host 0.0.0.0`
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shlex
@@ -48,9 +49,24 @@ HOSTS = ("a", "b")  # two machines, played by two worker processes here, each fr
 def _copy_project(dst: Path) -> Path:
     """A checkout of this project at another path (what a second machine has): the code, without the virtualenv,
     the run folders or git."""
-    shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(".venv", ".rpg", ".git", "runs", "__pycache__", "*.egg-info",
+    shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(".venv*", ".rpg", ".git", "runs", "__pycache__", "*.egg-info",
                                                              ".pytest_cache", "mlruns"))  # fmt: skip
     return dst
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the process group ``pgid`` is still running (zombies aside)."""
+    import psutil
+
+    return any(p.info["status"] != psutil.STATUS_ZOMBIE for p in psutil.process_iter(["status"])
+               if _pgid(p.pid) == pgid)  # fmt: skip
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 def _most_at_once(intervals: list[tuple[int, int]]) -> int:
@@ -301,20 +317,70 @@ def test_team_sweep_fills_both_hosts_and_a_cancelled_sweep_resumes(reachable_tmp
             with get_client(sync_client=True) as client:
                 subs = [f for f in client.read_flow_runs() if f.name.startswith(name)]
                 assert len(subs) == 3 and all(f.work_queue_name == "gpu" for f in subs)
+
+            # -- 4. machine a's GPU worker killed mid-run: its runs go silent, are Crashed, and run again on b ------
+            # (flows.deploy: heartbeats every 30 s, Crashed after 90 s without one; the sweep resubmits a crashed run)
+            lost_over = ["train.steps=24", "train.eval_every=24", "train.checkpoint_every=4"]
+            params = {"sweep_file": "sweeps/smoke.yaml", "seeds": [2], "overrides": lost_over, "retries": 1}
+            fourth = run_deployment("sweep/sweep", parameters=params, timeout=0)
+            (p4,) = _wait_for(lambda: [p for p in sweep_parents() if p.data.params.get("overrides") == " ".join(lost_over)],
+                              120, "the fourth sweep's parent run")  # fmt: skip
+            victim = "a"
+            on_victim = lambda: [c for c in children(p4.info.run_id) if c.data.tags.get("rpg.host") == victim  # noqa: E731
+                                 and c.info.status == "RUNNING" and c.data.metrics]  # fmt: skip
+            _wait_for(on_victim, 300, f"a run training on {victim}")
+            import psutil
+
+            (gpu_worker,) = [p for p in psutil.process_iter(["cmdline"]) if f"{victim}-gpu" in (p.info["cmdline"] or [])]
+            tree = [gpu_worker, *gpu_worker.children(recursive=True)]  # its flow runs and their `rpg train`
+            os.kill(workers[victim].pid, signal.SIGKILL)  # worker.sh first (no trap runs): its control worker lives on
+            for proc in tree:
+                proc.kill()
+            killed_at = time.monotonic()
+            with get_client(sync_client=True) as client:
+                _wait_for(lambda: client.read_flow_run(fourth.id).state.is_final(), 600, "the fourth sweep to end")
+                final = client.read_flow_run(fourth.id).state
+                assert final.is_completed(), f"{final.name}: {final.message}"
+                trains = [f for f in client.read_flow_runs() if f.parent_task_run_id and f.name.endswith("-s2")
+                          and f.name.startswith("smoke/")]  # fmt: skip
+                crashed = [f for f in trains if f.state.is_crashed()]
+                assert 1 <= len(crashed) <= 2, [(f.name, f.state.name) for f in trains]
+                assert all(f.state.message == "no heartbeat for 90 s: its worker or machine was lost" for f in crashed)
+                print(f"killed {victim}'s GPU worker: {len(crashed)} run(s) Crashed, the sweep completed "
+                      f"{time.monotonic() - killed_at:.0f} s later")
+                assert sum(f.state.is_completed() for f in trains) == 4
+                _wait_for(lambda: client.read_global_concurrency_limit_by_name(f"rpg-gpu-{victim}").active_slots == 0, 120,
+                          f"the slots {victim}'s lost runs held to lapse")  # fmt: skip
+                assert client.read_global_concurrency_limit_by_name("rpg-gpu-b").active_slots == 0
+            assert not training_processes(str(copies[victim]))
+            kids = children(p4.info.run_id)
+            finished = [c for c in kids if c.info.status == "FINISHED"]
+            assert sorted(c.data.tags["config_key"] for c in finished) == sorted({c.data.tags["config_key"] for c in kids})
+            assert len(finished) == 4  # every configuration once
+            lost = [c for c in kids if c.info.status != "FINISHED"]  # the killed attempts, ended by the dispatcher
+            # (a run killed before its MLflow run began has none to end)
+            assert 1 <= len(lost) <= len(crashed), [(c.data.tags["rpg.host"], c.info.status) for c in kids]
+            for c in lost:
+                assert c.info.status == "FAILED" and c.data.tags["rpg.exit"] == "lost" and c.data.tags["rpg.host"] == victim
+                assert "crashed: no heartbeat for 90 s" in c.data.tags["rpg.lost_reason"]
+            again = {c.data.tags["config_key"] for c in lost}  # ran again on the machine that was left
+            assert {c.data.tags["rpg.host"] for c in finished if c.data.tags["config_key"] in again} == {"b"}
     finally:
         for w in workers.values():
-            os.killpg(w.pid, signal.SIGTERM)
-        for w in workers.values():
-            try:
-                w.wait(timeout=30)
-            except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):  # a killed machine's group may be gone already
+                os.killpg(w.pid, signal.SIGTERM)
+        for w in workers.values():  # the whole group: a killed worker.sh leaves its control worker orphaned in it
+            deadline = time.monotonic() + 30
+            while _group_alive(w.pid) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(w.pid, signal.SIGKILL)
-                w.wait()
+            w.wait()
         down = subprocess.run([*cmd, "down"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert down.returncode == 0 and down.stdout.strip() == "stopped: dashboard, optuna, mlflow, prefect, postgres", down.stderr
     assert not any(listening(port) for port in (pp, mp, op, dp, pgp))
     deadline = time.monotonic() + 10
     while alive(postmaster) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not alive(postmaster) and not any(alive(w.pid) for w in workers.values())
+    assert not alive(postmaster) and not any(alive(w.pid) or _group_alive(w.pid) for w in workers.values())
     assert not training_processes(str(base))

@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 # what dashboards.report.find_browser looks for on PATH (besides $BROWSER_PATH)
 BROWSERS = chromium chromium-browser google-chrome google-chrome-stable chrome
 
-.PHONY: install install-vllm browser demo test test-fast test-all bench bench-trainer bench-eval bench-fleet bench-tuning bench-report up down clean
+.PHONY: install install-vllm browser demo test test-fast test-all test-vllm bench bench-trainer bench-eval bench-fleet bench-tuning bench-report up down clean
 
 install: $(STAMP)
 
@@ -66,6 +66,12 @@ test-fast: install       ## the inner loop: unit tests + in-process tiny-model r
 
 test-all: install browser ## everything, slow tests included
 	$(BIN)/python -m pytest -q
+
+test-vllm: install-vllm  ## the vLLM engine's tests in .venv-vllm (skipped in .venv): sync, seeds, training and eval with vLLM
+	@# vLLM must import here: the tests skip without it, and a skip must not pass for a test
+	LD_PRELOAD=$(CURDIR)/$(VLLM_VENV)/lib/libiomp5.so $(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
+	LD_PRELOAD=$(CURDIR)/$(VLLM_VENV)/lib/libiomp5.so $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+	    tests/test_vllm.py tests/test_vllm_eval.py tests/test_rollout.py tests/test_correction.py
 
 bench: install           ## policy loss vs PPO clip, and the cost of an MLflow log call
 	$(BIN)/python benchmarks/bench_policy_loss.py

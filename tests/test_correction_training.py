@@ -26,7 +26,7 @@ import yaml
 
 from rpg_core import models
 from rpg_core.config import RunConfig, RunConfigError, load_run_config
-from rpg_core.objectives import CorrectionConfig, compute_advantages
+from rpg_core.objectives import compute_advantages
 from rpg_core.rollout import SamplingParams, batched_logprobs, build_batch, token_logprobs
 from rpg_core.update import UpdateBatch, update
 

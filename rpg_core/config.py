@@ -27,7 +27,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rpg_core.benchmarks import check_benchmark
 from rpg_core.data import ArithmeticLevel, PromptTemplate
-from rpg_core.objectives import PRESETS, AdvantageEstimator, Clip, Form, ObjectiveConfig, ReferenceMode, get_preset
+from rpg_core.objectives import (
+    PRESETS,
+    AdvantageEstimator,
+    Clip,
+    CorrectionConfig,
+    Form,
+    ObjectiveConfig,
+    ReferenceMode,
+    RolloutCorrection,
+    get_preset,
+)
 from rpg_core.rewards import AnswerRule
 from rpg_core.tracking import AXIS_TAGS
 
@@ -138,12 +148,25 @@ class RolloutConfig(_Section):
     vllm_check_tokens: int = Field(
         32, ge=1, description="generator vllm: sampled tokens whose log-probs are compared after each weight sync"
     )
+    # The sampler-trainer mismatch correction (objectives/correction.py): an engine with its own weights only (the
+    # built-in engines sample from the trainer's weights: the weight would be 1). Left out of the dump (and key)
+    # while it is the default, so every config without it keeps its key.
+    correction: CorrectionConfig = Field(
+        CorrectionConfig(), description="generator vllm: importance weights on the policy-gradient term for the "
+        "engine/trainer log-prob mismatch (mode none | tis | mis; docs/vllm.md)"
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _vllm_fields_need_vllm(self) -> RolloutConfig:
         if self.generator is not GeneratorKind.VLLM:
             for name in sorted(self.model_fields_set & set(_VLLM_FIELDS)):
                 raise ValueError(f"rollout.{name} applies to rollout.generator: vllm only (it is {self.generator})")
+            if self.correction.mode is not RolloutCorrection.NONE:
+                raise ValueError(
+                    f"rollout.correction.mode={self.correction.mode} applies to rollout.generator: vllm only (it is "
+                    f"{self.generator}, which samples from the trainer's own weights: the correction would be a "
+                    "weight of 1); allowed here: none"
+                )
         return self
 
     @model_serializer(mode="wrap")
@@ -152,6 +175,8 @@ class RolloutConfig(_Section):
         if self.generator is not GeneratorKind.VLLM:  # the other engines' configs (and keys) stay as they were
             for name in _VLLM_FIELDS:
                 d.pop(name, None)
+        if self.correction == CorrectionConfig():  # the default: configs (and keys) without it stay as they were
+            d.pop("correction", None)
         return d
 
 
@@ -374,6 +399,12 @@ class RunConfig(_Section):
         """The fields that change what a run computes, as JSON-ready data (``key()`` hashes them less the seed)."""
         d = self.model_dump(mode="json")
         d["objective"] = self.objective.canonical().model_dump(mode="json")
+        if "correction" in d["rollout"]:  # only the fields that act (a mode none with its cap set is the default)
+            correction = self.rollout.correction.canonical()
+            if correction == CorrectionConfig():
+                d["rollout"].pop("correction")
+            else:
+                d["rollout"]["correction"] = correction.model_dump(mode="json")
         for section, fields in _BOOKKEEPING.items():
             if fields is None:
                 d.pop(section, None)
@@ -605,6 +636,9 @@ def field_errors(e: ValidationError, name: Callable[[tuple[Any, ...]], str]) -> 
     return out
 
 
+_CORRECTION_ERROR = "invalid rollout correction config: "  # objectives.config._format_correction_error's prefix
+
+
 def _format(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
@@ -618,6 +652,11 @@ def _format(e: ValidationError) -> str:
             continue
         if loc == ("objective",) and msg.startswith("invalid objective config: "):  # ObjectiveConfig's own message
             lines += [f"objective.{part}" for part in msg.removeprefix("invalid objective config: ").split("; ")]
+            continue
+        if loc == ("rollout", "correction") and msg.startswith(_CORRECTION_ERROR):  # CorrectionConfig's own message
+            # one part per error, each starting with its field's name (an unknown field's own message has a "; ")
+            parts = re.split(r"; (?=\w+(?::| must) )", msg.removeprefix(_CORRECTION_ERROR))
+            lines += [f"rollout.correction.{part}" for part in parts]
             continue
         if where == "config" or msg.startswith(where):
             lines.append(msg)

@@ -37,6 +37,9 @@ class Reduce(StrEnum):
 class Family(StrEnum):
     TRAINING = "training"  # Trainer.train_step, one value per step
     LOSS = "loss"  # policy_loss's metrics and the update's, under actor/
+    # an engine with its own weights (rollout.generator: vllm, docs/vllm.md): its weight sync and the sampler-trainer
+    # mismatch, one value per step of Trainer.train_step
+    ROLLOUT = "rollout"
     EVALUATION = "evaluation"  # the held-out evaluation and the benchmarks (rpg_core.evaluation), under eval/ and best/
     SWEEP = "sweep"  # a sweep's parent run (flows)
     NIGHTLY = "nightly"  # the nightly evaluation's run (flows)
@@ -105,6 +108,15 @@ SCHEMA: tuple[Metric, ...] = (
     _m(L, "actor/grad_norm", doc="mean over the step's optimizer steps, before clipping"),
     _m(L, "actor/entropy", doc="token entropy of pi_theta in the first epoch"),
     _m(L, "actor/updates", doc="optimizer steps this training step (epochs x mini_batches)"),
+    # -- rollout: an engine with its own weights (vLLM); objectives/correction.py's mismatch, pi_trainer/pi_sampler ----
+    _m(Family.ROLLOUT, "rollout/sync_logp_abs_diff", Reduce.MAX,
+       doc="mean |engine - trainer| log-prob of a few sampled tokens after the weight sync (rollout.vllm_sync_tolerance)"),
+    _m(Family.ROLLOUT, "rollout/mismatch_abs_logp_diff", doc="mean |log pi_trainer - log pi_sampler| of the step's tokens"),
+    _m(Family.ROLLOUT, "rollout/mismatch_kl_k3", doc="k3 estimate of KL(pi_sampler || pi_trainer) over the step's tokens"),
+    _m(Family.ROLLOUT, "rollout/mismatch_share_outside", doc="share of tokens with pi_trainer/pi_sampler outside [0.5, 2]"),
+    _m(Family.ROLLOUT, "rollout/correction_share",
+       doc="rollout.correction: share of the step's tokens whose weight was truncated (tis) or masked (mis)"),
+    _m(Family.ROLLOUT, "time/sync", Reduce.MAX, doc="seconds of the weight sync and its check"),
     # -- evaluation: held-out problems (trainer.heldout_eval) and benchmarks (rpg_core.evaluation) ------------------
     _m(E, "eval/acc_strict", doc="held-out accuracy, the paper's rule; its Best is eval/best_acc_strict"),
     _m(E, "eval/acc_lenient"),

@@ -37,7 +37,17 @@ from rpg_core.config import Device, Precision, RunConfig, Schedule
 from rpg_core.models import load_model, load_tokenizer
 from rpg_core.prompts import PromptStream, load_problems
 from rpg_core.tracking import CHECKPOINT_TAG, STOPPED_TAG, stop_tags
-from rpg_core.objectives import Overlong, ReferenceMode, compute_advantages, kl_in_reward, shape_rewards
+from rpg_core.objectives import (
+    CorrectionConfig,
+    Overlong,
+    ReferenceMode,
+    RolloutCorrection,
+    compute_advantages,
+    correction_weights,
+    kl_in_reward,
+    mismatch_metrics,
+    shape_rewards,
+)
 from rpg_core.rollout import (
     Generator,
     Rollout,
@@ -51,7 +61,8 @@ from rpg_core.rollout import (
 )
 from rpg_core.update import NonFiniteError, UpdateBatch, update
 
-__all__ = ["NonFiniteError", "SyncMismatchError", "Trainer", "TrainResult", "device_label", "heldout_eval"]
+__all__ = ["NonFiniteError", "SyncMismatchError", "Trainer", "TrainResult", "corrected_advantages", "device_label",
+           "heldout_eval"]  # fmt: skip
 
 EvalHook = Callable[["Trainer", int], dict[str, float]]
 
@@ -237,8 +248,11 @@ class Trainer:
         t1 = time.perf_counter()
         several = cfg.algorithm.epochs * cfg.algorithm.mini_batches > 1
         old_logp = self._logprobs(self.policy, batch) if several or kl_in_reward(cfg.objective) else None
-        # pi_old for the sampler-trainer mismatch metrics of an engine with its own weights (never passed to the update)
+        # pi_old for the sampler-trainer mismatch (metrics, rollout.correction) of an engine with its own weights;
+        # with a single optimizer step it is not passed to the update (which takes its own detached log-prob)
         sampling_logp = self._logprobs(self.policy, batch) if self.synced is not None and old_logp is None else old_logp
+        engine_logp = ro.engine_logp_tensor(mask.shape[1])
+        engine_logp = engine_logp.to(mask.device) if engine_logp is not None else None
         ref_logp = self._logprobs(self.ref_model, batch) if self.ref_model is not None else None
         overlong = Overlong(cfg.rollout.max_new_tokens, cfg.overlong_buffer, cfg.reward.overlong_factor)
         reward = shape_rewards(
@@ -246,11 +260,15 @@ class Trainer:
             overlong=overlong if cfg.reward.overlong_shaping else None, old_logp=old_logp, ref_logp=ref_logp,
         )  # fmt: skip
         adv = compute_advantages(cfg.algorithm.advantage, reward.advantage_input, batch.group_ids.to(mask.device), mask)
+        pg_adv = adv  # the update's advantage: A, or A times the rollout correction's weights (per token)
+        if engine_logp is not None:
+            pg_adv, corrected = corrected_advantages(cfg.rollout.correction, adv, sampling_logp, engine_logp, mask)
+            m.update(corrected)
         t_logprob = time.perf_counter() - t1
 
         t2 = time.perf_counter()
         upd = update(
-            self.model, self.opt, cfg, UpdateBatch(batch, mask, adv, old_logp if several else None, ref_logp),
+            self.model, self.opt, cfg, UpdateBatch(batch, mask, pg_adv, old_logp if several else None, ref_logp),
             step=self.step, backend=self.acc, world=self.world, autocast=self.autocast,
             all_reduce_sum=lambda t: self._allreduce(t, "sum"),
         )  # fmt: skip
@@ -261,7 +279,7 @@ class Trainer:
         t3 = time.perf_counter()
         self.generator.load_weights(self.policy)
         if self.synced is not None:
-            m.update(self._check_sync(ro, mask, sampling_logp))
+            m.update(self._check_sync(ro, mask, sampling_logp, engine_logp))
             m["time/sync"] = time.perf_counter() - t3
 
         lens = torch.tensor([len(x) for x in ro.responses], dtype=torch.float32)
@@ -275,11 +293,11 @@ class Trainer:
         self._last_samples = _samples_table(self.step, ro, reward.sequence, cfg.train.log_samples)
         return m
 
-    def _check_sync(self, ro: Rollout, mask: Tensor, trainer_old: Tensor) -> dict[str, float]:
+    def _check_sync(self, ro: Rollout, mask: Tensor, trainer_old: Tensor, engine: Tensor) -> dict[str, float]:
         """An engine with its own weights, after the step's weight sync: the mean |engine - trainer| log-prob of a
         few of this step's tokens (``rollout.vllm_check_tokens``), both with the new weights (SyncMismatchError
-        above ``rollout.vllm_sync_tolerance``); and the sampler-trainer mismatch of the step's samples (engine
-        log-probs at sampling time vs the trainer's log-probs before the update, ``trainer_old``)."""
+        above ``rollout.vllm_sync_tolerance``); and the sampler-trainer mismatch of the step's samples (``engine``:
+        the engine's log-probs at sampling time, vs the trainer's before the update, ``trainer_old``)."""
         r = self.cfg.rollout
         diff = self.synced.check(self.policy, [ro.prompts[g].ids for g in ro.group_ids], ro.responses,
                                  r.vllm_check_tokens)  # fmt: skip
@@ -289,8 +307,9 @@ class Trainer:
                 f"{r.vllm_check_tokens} sampled tokens) from the trainer's, above rollout.vllm_sync_tolerance="
                 f"{r.vllm_sync_tolerance}: it no longer samples the trained policy (docs/vllm.md)"
             )
-        sampler = ro.engine_logp_tensor(mask.shape[1]).to(mask.device)
-        return {"rollout/sync_logp_abs_diff": diff, **_mismatch_metrics(trainer_old, sampler, mask)}
+        mm = mismatch_metrics(trainer_old, engine, mask)
+        return {"rollout/sync_logp_abs_diff": diff, "rollout/mismatch_abs_logp_diff": mm.mean_abs_logp_diff,
+                "rollout/mismatch_kl_k3": mm.kl_k3, "rollout/mismatch_share_outside": mm.share_outside}  # fmt: skip
 
     def _logprobs(self, model: torch.nn.Module, batch: RolloutBatch) -> Tensor:
         return batched_logprobs(model, batch, self.cfg.algorithm.micro_batch_size, autocast=self.autocast)
@@ -568,19 +587,18 @@ def _sample_metrics(cfg: RunConfig, ro: Rollout, reward: Tensor, lens: Tensor, a
     }
 
 
-def _mismatch_metrics(trainer_logp: Tensor, sampler_logp: Tensor, mask: Tensor) -> dict[str, float]:
-    """The sampler-trainer mismatch over the valid tokens: mean |log pi_trainer - log pi_sampler|, the k3 estimate of
-    KL(pi_sampler || pi_trainer) and the share of tokens whose ratio pi_trainer/pi_sampler is outside [0.5, 2]."""
-    valid = mask.bool()
-    n = int(valid.sum())
-    if n == 0:
-        return {"rollout/mismatch_abs_logp_diff": 0.0, "rollout/mismatch_kl_k3": 0.0, "rollout/mismatch_share_outside": 0.0}
-    log_rho = (trainer_logp.float() - sampler_logp.float())[valid].clamp(-20.0, 20.0)
-    return {
-        "rollout/mismatch_abs_logp_diff": float(log_rho.abs().mean()),
-        "rollout/mismatch_kl_k3": float((log_rho.exp() - 1 - log_rho).mean()),
-        "rollout/mismatch_share_outside": float(((log_rho < math.log(0.5)) | (log_rho > math.log(2.0))).float().mean()),
-    }
+def corrected_advantages(
+    cfg: CorrectionConfig, adv: Tensor, trainer_old: Tensor, engine_logp: Tensor, mask: Tensor
+) -> tuple[Tensor, dict[str, float]]:
+    """The update's per-token advantage under ``rollout.correction`` and its metric: ``adv`` [B, T] itself with mode
+    none (no metric), else ``adv * weights`` with ``objectives.correction_weights`` of the trainer's pi_old
+    (``trainer_old``) and the engine's log-probs, and ``rollout/correction_share`` (the share of the valid tokens
+    whose weight was truncated or masked). The weights reach the policy-gradient term only: ``policy_loss`` takes A
+    there alone (objectives/correction.py); the KL term of the loss is never weighted."""
+    if cfg.mode is RolloutCorrection.NONE:
+        return adv, {}
+    cw = correction_weights(cfg, trainer_old, engine_logp, mask)
+    return adv * cw.weights, {"rollout/correction_share": cw.share_corrected}
 
 
 def _samples_table(step: int, ro: Rollout, reward: Tensor, n: int) -> list[dict]:

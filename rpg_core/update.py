@@ -43,7 +43,8 @@ class Backend(Protocol):
 @dataclass
 class UpdateBatch:
     """One process's share of a step's rollout, ready for the loss: rows, response mask, advantages A [B] or
-    [B, T], log pi_old (None: a single optimizer step, where pi_old is the update's own detached log-prob, w = 1
+    [B, T] (with ``rollout.correction``, A times the correction's weights per token: ``trainer.corrected_advantages``;
+    ``policy_loss`` takes A in the policy-gradient term only), log pi_old (None: a single optimizer step, where pi_old is the update's own detached log-prob, w = 1
     exactly, spec §5) and log pi_ref (None: iterative reference, pi_ref = pi_old)."""
 
     batch: RolloutBatch

@@ -250,6 +250,24 @@ def test_training_with_vllm_equals_the_prefix_sampler_on_the_same_tokens(tmp_pat
             assert math.isclose(mv[k], mp[k], rel_tol=1e-6, abs_tol=1e-7), (k, mv[k], mp[k])
 
 
+@needs_vllm
+def test_training_with_vllm_and_tis(tmp_path, monkeypatch):
+    """rollout.correction.mode=tis with vLLM: two steps run, each logs the share of truncated tokens (0 in fp32, where
+    the engine's log-probs match the trainer's to ~1e-6: every weight ~1, none above the cap 2) and finite losses.
+    The weighting itself is checked exactly in tests/test_correction_training.py (main venv)."""
+    from rpg_core import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "load_model", lambda name, **k: vllm_tiny_model(k.get("seed", 0)))
+    _coin_rewards(monkeypatch)
+    cfg = tiny_cfg(tmp_path, "rollout.generator=vllm", "rollout.vllm_kv_cache_gib=0.25", "rollout.correction.mode=tis")
+    res = trainer_mod.Trainer(cfg).fit()
+    assert res.step == 2 and len(res.history) == 2
+    for m in res.history:
+        assert m["rollout/correction_share"] == 0.0 and m["rollout/mismatch_abs_logp_diff"] < 1e-4
+        assert all(math.isfinite(m[k]) for k in ("actor/loss", "actor/grad_norm"))
+    assert res.history[0]["actor/grad_norm"] > 0
+
+
 def _coin_rewards(monkeypatch):
     """Rewards a random model can earn: +1 or -1 by a checksum of the text (the same text always scores the same),
     so groups are mixed and advantages nonzero."""

@@ -277,9 +277,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def eval_engine(engine: str, kv_cache_gib: float | None):
+def eval_engine(engine: str, kv_cache_gib: float | None, settings=None):
     """``rpg eval --engine`` / ``--vllm-kv-cache-gib`` as the engine's settings (a ``RolloutConfig``: its generator and,
-    for vllm, its KV cache), checked without torch. Errors are one line naming the flag and what it allows."""
+    for vllm, its KV cache), checked without torch against the evaluation's ``settings`` (an ``EvalConfig``) when
+    given. Errors are one line naming the flag and what it allows."""
     import math
 
     from rpg_core.config import GeneratorKind, RolloutConfig
@@ -288,6 +289,9 @@ def eval_engine(engine: str, kv_cache_gib: float | None):
         kind = GeneratorKind(engine)
     except ValueError:
         raise ValueError(f"--engine {engine!r}: allowed: {', '.join(k.value for k in GeneratorKind)}") from None
+    if kind is GeneratorKind.VLLM and settings is not None and settings.temperature == 0 and settings.k > 1:
+        raise ValueError(f"--engine vllm with --temperature 0 takes --k 1 (got --k {settings.k}): vLLM refuses several "
+                         "greedy samples of a prompt (they would all be the same)")  # fmt: skip
     if kv_cache_gib is None:
         return RolloutConfig(generator=kind)
     if kind is not GeneratorKind.VLLM:
@@ -316,7 +320,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         settings = EvalConfig(**{k: v for k, v in fields.items() if v is not None})
         settings.check(section=None)  # errors name the flags
-        engine = eval_engine(args.engine, args.vllm_kv_cache_gib)
+        engine = eval_engine(args.engine, args.vllm_kv_cache_gib, settings)
         if not args.no_mlflow:  # a store nothing can log to: said before the model loads
             from rpg_core.tracking import check_tracking_uri, default_tracking_uri
 

@@ -592,6 +592,9 @@ def run_eval(
     engine = engine if engine is not None else RolloutConfig()
     preflight(engine)
     settings.check("evaluation")
+    if engine.generator is GeneratorKind.VLLM and settings.temperature == 0 and settings.k > 1:
+        raise ValueError(f"engine vllm with temperature 0 takes k=1 (got k={settings.k}): vLLM refuses several "
+                         "greedy samples of a prompt (they would all be the same)")  # fmt: skip
     if not settings.benchmarks:
         raise ValueError(f"benchmarks: none given; allowed: {_known()} or a .jsonl/.parquet file")
     prec = Precision(precision)

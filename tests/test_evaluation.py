@@ -226,6 +226,7 @@ def test_rpg_eval_names_the_flag_and_the_allowed_values(capsys):
         (["--engine", "hf", "--vllm-kv-cache-gib", "1"], "rpg eval: --vllm-kv-cache-gib applies to --engine vllm only (it is hf)"),
         (["--engine", "vllm", "--vllm-kv-cache-gib", "0"], "rpg eval: --vllm-kv-cache-gib 0.0: allowed: a number of GiB > 0"),
         (["--engine", "vllm", "--vllm-kv-cache-gib", "nan"], "rpg eval: --vllm-kv-cache-gib nan: allowed: a number of GiB > 0"),
+        (["--engine", "vllm", "--temperature", "0", "--k", "4"], "rpg eval: --engine vllm with --temperature 0 takes --k 1 (got --k 4)"),
     ],
 )  # fmt: skip
 def test_rpg_eval_engine_flags_are_refused_in_one_line(capsys, argv, says):

@@ -346,7 +346,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"rpg eval: {_as_eval_flag(str(e))}", file=sys.stderr)
         return 2
     print(f"\n{run.target.describe()}: k={settings.k}, T={settings.temperature}, "
-          f"max_new_tokens={run.result.settings['max_new_tokens']}, rules {run.result.settings['rules']}")  # fmt: skip
+          f"max_new_tokens={run.result.settings['max_new_tokens']}, rules {run.result.settings['rules']}, "
+          f"engine {run.result.settings['engine']}")  # fmt: skip
     print(run.result.table())
     if run.run_id:
         where = "its training run" if run.into_training_run else "a new run"

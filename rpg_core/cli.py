@@ -277,6 +277,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_engine(engine: str, kv_cache_gib: float | None, settings=None):
+    """``rpg eval --engine`` / ``--vllm-kv-cache-gib`` as the engine's settings (a ``RolloutConfig``: its generator and,
+    for vllm, its KV cache), checked without torch against the evaluation's ``settings`` (an ``EvalConfig``) when
+    given. Errors are one line naming the flag and what it allows."""
+    import math
+
+    from rpg_core.config import GeneratorKind, RolloutConfig
+
+    try:
+        kind = GeneratorKind(engine)
+    except ValueError:
+        raise ValueError(f"--engine {engine!r}: allowed: {', '.join(k.value for k in GeneratorKind)}") from None
+    if kind is GeneratorKind.VLLM and settings is not None and settings.temperature == 0 and settings.k > 1:
+        raise ValueError(f"--engine vllm with --temperature 0 takes --k 1 (got --k {settings.k}): vLLM refuses several "
+                         "greedy samples of a prompt (they would all be the same)")  # fmt: skip
+    if kv_cache_gib is None:
+        return RolloutConfig(generator=kind)
+    if kind is not GeneratorKind.VLLM:
+        raise ValueError(f"--vllm-kv-cache-gib applies to --engine vllm only (it is {kind.value})")
+    if not (math.isfinite(kv_cache_gib) and kv_cache_gib > 0):
+        raise ValueError(f"--vllm-kv-cache-gib {kv_cache_gib}: allowed: a number of GiB > 0, e.g. 1")
+    return RolloutConfig(generator=kind, vllm_kv_cache_gib=kv_cache_gib)
+
+
+def _as_eval_flag(missing: str) -> str:
+    """``VLLMMissing``'s line (written for ``rollout.generator: vllm`` and ``rpg train``) said of ``--engine vllm``."""
+    return missing.replace("rollout.generator: vllm", "--engine vllm").replace("train with", "evaluate with")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -291,6 +320,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         settings = EvalConfig(**{k: v for k, v in fields.items() if v is not None})
         settings.check(section=None)  # errors name the flags
+        engine = eval_engine(args.engine, args.vllm_kv_cache_gib, settings)
         if not args.no_mlflow:  # a store nothing can log to: said before the model loads
             from rpg_core.tracking import check_tracking_uri, default_tracking_uri
 
@@ -303,16 +333,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 2
     from rpg_core.evaluation import as_dict, run_eval
     from rpg_core.models import ModelNotFoundError
+    from rpg_core.rollout import VLLMMissing
 
     try:
         run = run_eval(args.model, settings, precision=args.precision, device=args.device,
                        tracking=not args.no_mlflow, tracking_uri=args.tracking_uri, experiment=args.experiment,
-                       new_run=args.new_run)  # fmt: skip
+                       new_run=args.new_run, engine=engine)  # fmt: skip
     except (ValueError, ModelNotFoundError, FileNotFoundError) as e:
         print(f"rpg eval: {e}", file=sys.stderr)
         return 2
+    except VLLMMissing as e:  # run_eval's preflight, before the benchmarks and the model load
+        print(f"rpg eval: {_as_eval_flag(str(e))}", file=sys.stderr)
+        return 2
     print(f"\n{run.target.describe()}: k={settings.k}, T={settings.temperature}, "
-          f"max_new_tokens={run.result.settings['max_new_tokens']}, rules {run.result.settings['rules']}")  # fmt: skip
+          f"max_new_tokens={run.result.settings['max_new_tokens']}, rules {run.result.settings['rules']}, "
+          f"engine {run.result.settings['engine']}")  # fmt: skip
     print(run.result.table())
     if run.run_id:
         where = "its training run" if run.into_training_run else "a new run"
@@ -478,6 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-samples", type=int, help="responses per problem kept in MLflow (default 4)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--engine", default="prefix", help="the sampling engine: prefix (built-in, default) | hf | vllm "
+                   "(vllm: needs .venv-vllm, make install-vllm; docs/vllm.md)")  # fmt: skip
+    p.add_argument("--vllm-kv-cache-gib", type=float, help="--engine vllm: the engine's KV cache in GiB (default 1, "
+                   "rollout.vllm_kv_cache_gib's; host memory on CPU)")  # fmt: skip
     p.add_argument("--experiment", default="rpg-eval", help="MLflow experiment of new evaluation runs")
     p.add_argument("--new-run", action="store_true", help="never log into the checkpoint's training run")
     p.add_argument("--no-mlflow", action="store_true", help="do not record the evaluation")

@@ -49,8 +49,8 @@ from rpg_core import metrics as metrics_mod
 from rpg_core import rewards as rewards_mod
 from rpg_core.benchmarks import BENCHMARKS, Benchmark, BenchmarkName, check_benchmark
 from rpg_core.benchmarks import known_benchmarks as _known
-from rpg_core.config import EvalConfig, GeneratorKind, RunConfig
-from rpg_core.rollout import Generator, SamplingParams, make_generator, mix_seed
+from rpg_core.config import EvalConfig, GeneratorKind, RolloutConfig, RunConfig
+from rpg_core.rollout import Generator, SamplingParams, make_generator, mix_seed, preflight
 
 __all__ = [
     "BENCHMARKS",
@@ -579,14 +579,22 @@ def run_eval(
     experiment: str = EVAL_EXPERIMENT,
     new_run: bool = False,
     progress: bool = True,
+    engine: RolloutConfig | None = None,
 ) -> EvalRun:
     """Resolve ``spec`` (see resolve_target), load the benchmarks (before the model, so bad data fails first),
     evaluate, and record it in MLflow: into the training run's own run at the checkpoint's step when ``spec`` is
-    a checkpoint of a finished run (unless ``new_run``), else into a new run of ``experiment``."""
+    a checkpoint of a finished run (unless ``new_run``), else into a new run of ``experiment``. ``engine``: the
+    sampling engine's settings (``generator``; for vllm its KV cache), default the prefix engine; what the engine
+    cannot run here (vLLM not installed: ``rollout.VLLMMissing``) is refused first, before anything loads."""
     from rpg_core.config import Precision
     from rpg_core.models import load_tokenizer
 
+    engine = engine if engine is not None else RolloutConfig()
+    preflight(engine)
     settings.check("evaluation")
+    if engine.generator is GeneratorKind.VLLM and settings.temperature == 0 and settings.k > 1:
+        raise ValueError(f"engine vllm with temperature 0 takes k=1 (got k={settings.k}): vLLM refuses several "
+                         "greedy samples of a prompt (they would all be the same)")  # fmt: skip
     if not settings.benchmarks:
         raise ValueError(f"benchmarks: none given; allowed: {_known()} or a .jsonl/.parquet file")
     prec = Precision(precision)
@@ -597,9 +605,13 @@ def run_eval(
     tok = load_tokenizer(target.base)
     model = load_target(target, device=dev, seed=settings.seed)
     autocast = torch.bfloat16 if prec is Precision.BF16 else None
-    result = evaluate(model, tok, loaded, settings, max_new_tokens=max_new, autocast=autocast, progress=progress,
-                      model_label=target.describe())  # fmt: skip
-    result.settings.update(precision=prec.value, device=dev)
+    gen = make_generator(engine.generator, model, tok, batch_size=settings.batch_size, autocast=autocast,
+                         rollout=engine)  # fmt: skip
+    result = evaluate(model, tok, loaded, settings, max_new_tokens=max_new, autocast=autocast, generator=gen,
+                      progress=progress, model_label=target.describe())  # fmt: skip
+    result.settings.update(precision=prec.value, device=dev, engine=engine.generator.value)
+    if engine.generator is GeneratorKind.VLLM:
+        result.settings["vllm_kv_cache_gib"] = engine.vllm_kv_cache_gib
     if not tracking:
         return EvalRun(result, target, None, False)
     try:

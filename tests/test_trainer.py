@@ -18,6 +18,7 @@ import torch
 import yaml
 
 import scoring_task
+import tiny_run
 from rpg_core.config import load_run_config
 from rpg_core.objectives import policy_loss
 from rpg_core.rollout import HFGenerator, SamplingParams, build_batch, token_logprobs
@@ -27,20 +28,7 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = [
-    "model.name=tiny",
-    "data.level=add1",
-    "data.n_train=64",
-    "data.n_eval=4",
-    "rollout.prompts_per_step=2",
-    "rollout.n=4",
-    "rollout.max_new_tokens=8",
-    "algorithm.micro_batch_size=4",
-    "optim.lr=1e-3",
-    "optim.warmup_steps=0",
-    "train.log_samples=2",
-    "reward.dynamic_sampling=false",  # a random model gets every answer wrong: no group would be kept
-]
+TINY = [*tiny_run.TINY, "train.log_samples=2"]
 
 
 def tiny_cfg(tmp_path: Path, *extra: str, steps: int = 2):

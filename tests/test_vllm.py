@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import tiny_run
 from rpg_core.config import GeneratorKind, RolloutConfig, load_run_config
 from rpg_core.rollout import SamplingParams, build_batch, make_generator, preflight, token_logprobs
 from rpg_core.rollout import vllm as vllm_mod
@@ -31,21 +32,7 @@ needs_vllm = pytest.mark.skipif(
     "`.venv-vllm/bin/python -m pytest -q tests/test_vllm.py`",
 )
 
-TINY = [
-    "model.name=tiny",
-    "data.level=add1",
-    "data.n_train=64",
-    "data.n_eval=4",
-    "rollout.prompts_per_step=2",
-    "rollout.n=4",
-    "rollout.max_new_tokens=8",
-    "algorithm.micro_batch_size=4",
-    "optim.lr=1e-3",
-    "optim.warmup_steps=0",
-    "train.log_samples=0",
-    "reward.dynamic_sampling=false",
-    "tracking.enabled=false",
-]
+TINY = [*tiny_run.TINY, "train.log_samples=0", "tracking.enabled=false"]
 
 
 def tiny_cfg(tmp_path: Path, *extra: str, steps: int = 2):

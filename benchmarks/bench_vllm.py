@@ -99,7 +99,8 @@ def main() -> None:
                 "vLLM colocated in-process (CPU); best of repeats; weight sync + log-prob check",
         "note": NOTE,
         "machine": {"cpus": threads, "python": platform.python_version(), "torch": torch.__version__,
-                    "vllm": vllm.__version__, "LD_PRELOAD": os.environ.get("LD_PRELOAD", "")},
+                    "vllm": vllm.__version__,  # the preloaded library's name only: no machine path in the results
+                    "LD_PRELOAD": " ".join(Path(p).name for p in os.environ.get("LD_PRELOAD", "").split())},
         "settings": {"prompts": args.prompts, "n": args.n, "new_tokens": args.new_tokens, "repeats": args.repeats},
         "results": results,
     }  # fmt: skip

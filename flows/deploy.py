@@ -67,7 +67,8 @@ def crash_automation_name(pool: str) -> str:
 def ensure_crash_detection(pool: str, deployment_ids: list[str], silent_after_s: float = SILENT_AFTER_S) -> str:
     """Make the automation that marks a flow run of ``deployment_ids`` Crashed after ``silent_after_s`` without a
     heartbeat (idempotent: kept when it already watches these deployments, else replaced; returns its id). Workers
-    starting together may both create it: every one then keeps the same one (the smallest id) and deletes the rest."""
+    starting together may both create it: each then deletes every one but the smallest id it sees, so the smallest
+    of all survives alone."""
     from datetime import timedelta
 
     import httpx

@@ -547,7 +547,7 @@ def test_a_flow_run_whose_heartbeats_stop_is_crashed(prefect_server):
     made = _all_at_once([lambda: ensure_crash_detection(pool, [watched], silent_after_s=15)] * 4)
     with get_client(sync_client=True) as client:
         (automation,) = client.read_automations_by_name(crash_automation_name(pool))
-    assert made == [str(automation.id)] * 4  # every worker keeps the same one
+    assert str(automation.id) in made  # the smallest id survives (its maker kept it); the others were deleted
     assert ensure_crash_detection(pool, [watched], silent_after_s=15) == str(automation.id)  # kept as it is
     try:
         beat = time.monotonic()

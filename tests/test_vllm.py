@@ -17,6 +17,7 @@ import math
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,39 @@ def test_sync_follows_every_weight(engine, tokenizer):
     assert gen.check(model, ps, rs, 64) < 1e-4
 
 
+@needs_vllm
+def test_sync_feeds_the_engine_one_tensor_at_a_time(engine, monkeypatch):
+    """load_weights hands vLLM the state dict lazily (rollout.vllm.full_weights, where FSDP2's shards are gathered):
+    of its 27 tensors, at most a fused layer's parts are alive at once (q/k/v weights and biases: 6), never all."""
+    model, gen = engine
+    real, seen = vllm_mod.full_weights, []
+
+    def counted(m):
+        refs, most = [], 0
+        for name, t in real(m):
+            refs.append(weakref.ref(t))
+            most = max(most, sum(r() is not None for r in refs))
+            yield name, t
+        seen.append((len(refs), most))
+
+    monkeypatch.setattr(vllm_mod, "full_weights", counted)
+    gen.load_weights(model)
+    assert len(seen) == 1 and seen[0][0] == 27 and 1 < seen[0][1] <= 6, seen
+
+
+@needs_vllm
+def test_fsdp1_is_refused_before_the_model_loads():
+    """FSDP1's flat parameters cannot be gathered tensor by tensor: refused in one line naming the allowed version;
+    FSDP2 and DDP pass, and the built-in engines do not care."""
+    vllm = RolloutConfig(generator=GeneratorKind.VLLM)
+    with pytest.raises(ValueError, match=r"needs FSDP2 \(this run's accelerate config has fsdp_version: 1\); allowed: "
+                                         r"fsdp_version: 2"):  # fmt: skip
+        preflight(vllm, world=8, fsdp=1)
+    preflight(vllm, world=8, fsdp=2)
+    preflight(vllm, world=8)
+    preflight(RolloutConfig(), world=8, fsdp=1)
+
+
 # -- the trainer ------------------------------------------------------------------------------------------------------
 
 
@@ -303,15 +337,16 @@ def vllm_model_dir(tmp_path_factory, tokenizer):
     return path
 
 
-def _launch(tmp_path: Path, accelerate_config: Path, cfg) -> list[dict]:
-    """``cfg`` trained by 2 processes under ``accelerate launch`` (tests/vllm_dist_worker.py); each one's report."""
-    cfg_path, out = tmp_path / "run.yaml", tmp_path / "out"
-    cfg_path.write_text(cfg.to_yaml())
+def _launch(tmp_path: Path, *args: str) -> list[dict]:
+    """2 processes under ``accelerate launch`` (infra/accelerate/cpu_2proc.yaml: gloo) running tests/vllm_dist_worker.py
+    ``args``; each one's report."""
+    out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     r = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
-         "--main_process_port", "0", str(ROOT / "tests" / "vllm_dist_worker.py"), str(cfg_path), str(out)],
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(ROOT / "infra/accelerate/cpu_2proc.yaml"), "--main_process_port", "0",
+         str(ROOT / "tests" / "vllm_dist_worker.py"), *args, str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
@@ -326,15 +361,15 @@ def _dist_cfg(tmp_path: Path, model_dir: Path, *extra: str):
 
 
 def _assert_engines_follow_the_replicas(ranks: list[dict]) -> None:
-    """After training, every process's engine gives its trainer's log-probs of the fixed probe (fp32: < 1e-4), all
-    engines agree (< 1e-5), and they moved with training (> 1e-3 from the engine's probe before it)."""
+    """Before and after training, every process's engine gives its model's log-probs of the fixed probe (fp32:
+    < 1e-4); after it, all engines agree (< 1e-5) and they moved with training (> 1e-3 from the probe before)."""
     def flat(p, side):
         return torch.tensor([x for row in p[side] for x in row])
 
     for r in ranks:
         after, before = r["probe_after"], r["probe_before"]
-        assert float((flat(after, "engine") - flat(after, "trainer")).abs().max()) < 1e-4
-        assert float((flat(before, "engine") - flat(before, "trainer")).abs().max()) < 1e-4
+        assert float((flat(after, "engine") - flat(after, "model")).abs().max()) < 1e-4
+        assert float((flat(before, "engine") - flat(before, "model")).abs().max()) < 1e-4
         assert float((flat(after, "engine") - flat(before, "engine")).abs().max()) > 1e-3
     a, b = (flat(r["probe_after"], "engine") for r in ranks)
     assert float((a - b).abs().max()) < 1e-5
@@ -349,7 +384,8 @@ def test_ddp_each_process_drives_its_own_engine(tmp_path, vllm_model_dir):
     torch's threads matching, samples its own 2 of the step's 4 prompts, checks each of its syncs (< 1e-4 in fp32);
     the logged check is the max over both; the replicas stay identical and both engines follow them."""
     cfg = _dist_cfg(tmp_path, vllm_model_dir, "data.n_eval=2", "train.eval_every=2")
-    ranks = _launch(tmp_path, ROOT / "infra/accelerate/cpu_2proc.yaml", cfg)
+    (tmp_path / "run.yaml").write_text(cfg.to_yaml())
+    ranks = _launch(tmp_path, "trainer", str(tmp_path / "run.yaml"))
     a, b = ranks
     assert (a["rank"], b["rank"], a["world"]) == (0, 1, 2)
     for r in ranks:  # LOCAL_RANK r of 2 gets its half of the cores; OMP_NUM_THREADS=1: one of them
@@ -366,4 +402,25 @@ def test_ddp_each_process_drives_its_own_engine(tmp_path, vllm_model_dir):
         assert ma["actor/grad_norm"] > 0 and ma["adv/abs_mean"] > 0
     assert "eval/acc_strict" in a["history"][-1] and "eval/acc_strict" not in b["history"][-1]
     assert a["checksum"] == b["checksum"] and not any(a["sharded"])
+    for r in ranks:  # the build's sync and one a step, 27 tensors each, at most a fused layer's parts at once
+        assert [g[0] for g in r["gathered"]] == [27, 27, 27] and 1 < max(g[1] for g in r["gathered"]) <= 6
+    _assert_engines_follow_the_replicas(ranks)
+
+
+@needs_vllm
+@pytest.mark.system
+@pytest.mark.subprocess
+def test_fsdp2_sync_gathers_tensor_by_tensor(tmp_path):
+    """2 processes (gloo) with the tiny model sharded by FSDP2's fully_shard (tests/vllm_dist_worker.py fsdp2: every
+    parameter a DTensor), each with its engine, 2 optimizer steps each followed by a sync: each sync (the build's,
+    then one a step) gives each engine the 27 state-dict tensors gathered one at a time, at most a fused layer's parts
+    whole at once (q/k/v weights and biases: 6); each check < 1e-4 in fp32; the shards make one model, which both
+    engines follow."""
+    ranks = _launch(tmp_path, "fsdp2")
+    for r in ranks:
+        assert r["sharded"] and all(r["sharded"])
+        assert [g[0] for g in r["gathered"]] == [27, 27, 27]
+        assert 1 < max(g[1] for g in r["gathered"]) <= 6
+        assert len(r["checks"]) == 2 and max(r["checks"]) < 1e-4
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
     _assert_engines_follow_the_replicas(ranks)

@@ -76,6 +76,7 @@ def make_generator(
     return ENGINES[GeneratorKind(kind)](model, tokenizer, batch_size=batch_size, autocast=autocast, rollout=rollout)
 
 
-def preflight(settings: RolloutConfig, *, world: int = 1) -> None:
-    """Refuse, before any model loads, what the run's engine cannot do here (vLLM not installed: ``VLLMMissing``)."""
-    ENGINES[settings.generator].preflight(settings, world=world)
+def preflight(settings: RolloutConfig, *, world: int = 1, fsdp: int | None = None) -> None:
+    """Refuse, before any model loads, what the run's engine cannot do here (vLLM not installed: ``VLLMMissing``).
+    ``world``: the number of processes; ``fsdp``: the FSDP version the model will be sharded with (None: none)."""
+    ENGINES[settings.generator].preflight(settings, world=world, fsdp=fsdp)

@@ -79,7 +79,7 @@ class GroupGenerator:
         self.model, self.tok, self.batch_size, self.autocast = model, tokenizer, batch_size, autocast
 
     @staticmethod
-    def preflight(settings: RolloutConfig, *, world: int = 1) -> None:
+    def preflight(settings: RolloutConfig, *, world: int = 1, fsdp: int | None = None) -> None:
         """What an engine refuses before the model loads (nothing for the built-in ones)."""
 
     def load_weights(self, model: torch.nn.Module) -> None:

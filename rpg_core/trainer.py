@@ -231,6 +231,8 @@ class Trainer:
         # models that have it) is a function of (seed, step, rank) too, so resumes are exact.
         torch.manual_seed(mix_seed(cfg.train.seed, self.step, self.rank, 1))
         ro = self._rollout()
+        if self.synced is not None:  # its memory to the log-prob passes and the update; load_weights wakes it
+            self.synced.sleep()
         t_rollout = time.perf_counter() - t0
         st = ro.stats
         m: dict[str, float] = {

@@ -125,6 +125,18 @@ def test_max_model_len_is_validated_before_anything_loads(tmp_path):
 
 
 @pytest.mark.unit
+def test_vllm_sleep_is_a_typed_vllm_field(tmp_path):
+    """rollout.vllm_sleep: a boolean, for generator vllm only, bookkeeping (where the engine's memory is between
+    rollouts never changes what it samples)."""
+    with pytest.raises(RunConfigError, match=r"rollout\.vllm_sleep: Input should be a valid boolean"):
+        tiny_cfg(tmp_path, "rollout.generator=vllm", "rollout.vllm_sleep=maybe")
+    with pytest.raises(RunConfigError, match=r"rollout.vllm_sleep applies to rollout.generator: vllm only"):
+        tiny_cfg(tmp_path, "rollout.vllm_sleep=false")
+    off = tiny_cfg(tmp_path, "rollout.generator=vllm", "rollout.vllm_sleep=false")
+    assert off.rollout.vllm_sleep is False and off.key() == tiny_cfg(tmp_path, "rollout.generator=vllm").key()
+
+
+@pytest.mark.unit
 def test_max_model_len_resolution():
     """The setting wins; else the caller's budget capped at the model's context; else vLLM's default (None)."""
     assert vllm_mod.max_model_len(512, 1032, 2048) == 512
@@ -147,6 +159,17 @@ def engine(tokenizer):
     settings = RolloutConfig(generator=GeneratorKind.VLLM, vllm_kv_cache_gib=0.25, vllm_max_model_len=512)
     gen = make_generator(GeneratorKind.VLLM, model, tokenizer, batch_size=16, rollout=settings, max_len=1032)
     return model, gen
+
+
+@needs_vllm
+def test_sleep_mode_is_off_on_cpu(engine):
+    """rollout.vllm_sleep (default true) acts on CUDA only: on CPU the engine is built without sleep mode (vLLM's CPU
+    backend refuses it) and sleep() does not put it to sleep (nothing for the next call to wake)."""
+    _, gen = engine
+    assert RolloutConfig(generator=GeneratorKind.VLLM).vllm_sleep is True and gen.settings.vllm_sleep is True
+    assert gen.sleeps is False and gen.llm.llm_engine.model_config.enable_sleep_mode is False
+    gen.sleep()
+    assert gen._asleep is False
 
 
 @needs_vllm
@@ -317,18 +340,37 @@ def test_training_with_vllm_equals_the_prefix_sampler_on_the_same_tokens(tmp_pat
 
 @needs_vllm
 def test_training_with_vllm_and_tis(tmp_path, monkeypatch):
-    """rollout.correction.mode=tis with vLLM (and its engine's max_model_len, the run's sequence budget): two steps run, each logs the share of truncated tokens (0 in fp32, where
+    """rollout.correction.mode=tis with vLLM: two steps run, each logs the share of truncated tokens (0 in fp32, where
     the engine's log-probs match the trainer's to ~1e-6: every weight ~1, none above the cap 2) and finite losses.
-    The weighting itself is checked exactly in tests/test_correction_training.py (main venv)."""
+    The weighting itself is checked exactly in tests/test_correction_training.py (main venv). On the way: the
+    engine's max_model_len is the run's sequence budget, and each step puts the engine to sleep after the rollout,
+    before the update, and the sync follows the update (sleep is a no-op on CPU: what is tested is the call order)."""
     from rpg_core import trainer as trainer_mod
+    from rpg_core.rollout import VLLMGenerator
 
     monkeypatch.setattr(trainer_mod, "load_model", lambda name, **k: vllm_tiny_model(k.get("seed", 0)))
     _coin_rewards(monkeypatch)
+    events = []
+
+    def logged(owner, name):
+        real = getattr(owner, name)
+
+        def call(*a, **k):
+            events.append(name)
+            return real(*a, **k)
+
+        monkeypatch.setattr(owner, name, call)
+
+    for name in ("generate_logprobs", "sleep", "load_weights", "check"):
+        logged(VLLMGenerator, name)
+    logged(trainer_mod, "update")
     cfg = tiny_cfg(tmp_path, "rollout.generator=vllm", "rollout.vllm_kv_cache_gib=0.25", "rollout.correction.mode=tis")
     tr = trainer_mod.Trainer(cfg)
     # rollout.vllm_max_model_len unset: the run's sequence budget, 1024 + 8 tokens (the model's context is 2048)
     assert tr.generator.llm.llm_engine.model_config.max_model_len == cfg.sequence_budget == 1032
+    assert events == ["load_weights"]  # the build's
     res = tr.fit()
+    assert events[1:] == ["generate_logprobs", "sleep", "update", "load_weights", "check"] * 2
     assert res.step == 2 and len(res.history) == 2
     for m in res.history:
         assert m["rollout/correction_share"] == 0.0 and m["rollout/mismatch_abs_logp_diff"] < 1e-4

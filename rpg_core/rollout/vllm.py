@@ -18,6 +18,11 @@ What it does, and why:
   lazily, tensor by tensor, gathering sharded ones (FSDP2's DTensors) as it goes (``full_weights``), and resets the
   prefix cache (else prompt keys/values of the old weights are reused).
   ``check`` then compares the engine's log-probs of a few sampled tokens with the trainer's own.
+- On CUDA (``rollout.vllm_sleep``, default on) the engine is built with vLLM's sleep mode; the trainer calls
+  ``sleep`` after each rollout (level 1: weights to host memory, KV cache freed) and the next ``load_weights`` or
+  sampling call wakes it. On CPU there is no sleep mode: ``sleep`` does nothing.
+- ``max_model_len``: ``rollout.vllm_max_model_len``, or the caller's sequence budget (the trainer's:
+  ``RunConfig.sequence_budget``) capped at the model's context, so the KV cache is not sized for a whole 8k context.
 - Under ``accelerate launch`` (DDP) every process drives its own engine: it samples its share of the prompts and
   syncs from its own (identical) replica. vLLM joins the trainer's process group as an external data-parallel
   replica (``distributed_executor_backend="external_launcher"``); on CPU each process's threads are bound to its
@@ -178,6 +183,13 @@ class VLLMGenerator:
         self._dir = tempfile.TemporaryDirectory(prefix="rpg-vllm-")
         save_hf_config(model, self._dir.name)
         from vllm import LLM
+        from vllm.platforms import current_platform
+
+        # Sleep mode on CUDA only: vLLM offers it for CUDA/ROCm/XPU (vllm 0.32.0 platforms/interface.py
+        # is_sleep_mode_available); on CPU ModelConfig refuses enable_sleep_mode ("Sleep mode is not supported on
+        # current platform", config/model.py) and the CPU worker's sleep/wake_up only log a warning (cpu_worker.py).
+        self.sleeps = self.settings.vllm_sleep and device.type == "cuda" and current_platform.is_sleep_mode_available()
+        self._asleep = False
 
         self.llm = LLM(
             model=self._dir.name,
@@ -197,6 +209,7 @@ class VLLMGenerator:
             # no weights file: built with dummy weights, then given the model's as after every step (gathered
             # tensor by tensor under FSDP: the whole model never sits on one process, on disk or in memory)
             load_format="dummy",
+            enable_sleep_mode=self.sleeps,
         )
         self.load_weights(model)
         self._seed, self._calls = DEFAULT_SEED, 0
@@ -214,10 +227,23 @@ class VLLMGenerator:
         only when each of its fused layers gets all its parts in the same call; a split one (q_proj in one call,
         k/v_proj in the next) is silently left with uninitialised parts (vllm 0.32.0, reload/layerwise.py; measured:
         |Δ log p| ~1 afterwards)."""
+        self._wake()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_weights(model)})
         self.llm.reset_prefix_cache()
 
     # -- what the trainer uses beyond it -----------------------------------------------------------------------
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory until the next sync or sampling call: vLLM's level 1 (weights offloaded to
+        host memory, KV cache dropped). A no-op unless built with sleep mode (``rollout.vllm_sleep`` on CUDA)."""
+        if self.sleeps and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
 
     def generate_logprobs(self, prompts: Sequence[Sequence[int]], params: SamplingParams, *,
                           batch_size: int | None = None) -> tuple[list[list[list[int]]], list[list[list[float]]]]:  # fmt: skip
@@ -226,6 +252,7 @@ class VLLMGenerator:
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._wake()
         if params.seed is not None:  # a seed restarts the stream; None continues it (a later round of a step)
             self._seed, self._calls = params.seed, 0
         call = mix_seed(self._seed, self._calls)
@@ -254,6 +281,7 @@ class VLLMGenerator:
         from vllm import SamplingParams as VLLMSamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._wake()
         sp = VLLMSamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
         reqs = [TokensPrompt(prompt_token_ids=list(p) + list(r)) for p, r in zip(prompts, responses, strict=True)]
         outs = self.llm.generate(reqs, sp, use_tqdm=False)

@@ -169,6 +169,7 @@ def main() -> int:
     }  # fmt: skip
 
     # -- training steps ------------------------------------------------------------------------------------------
+    gpu_mem = measure_gpu_memory() if CUDA else {}
     t = time.perf_counter()
     tr = Trainer(cfg, resume=False)
     report["build_seconds"] = round(time.perf_counter() - t, 2)  # model load + vLLM engine build
@@ -183,6 +184,8 @@ def main() -> int:
             "perf/gen_tokens_per_s", "rollout/sync_logp_abs_diff", "rollout/mismatch_abs_logp_diff",
             "rollout/mismatch_kl_k3", "rollout/mismatch_share_outside", "acc/sampled", "loss")  # fmt: skip
     steps = [{"step": int(m.get("step", i + 1)), **{k: m[k] for k in keys if k in m}} for i, m in enumerate(tr.history)]
+    for s in steps:  # the GPU memory the update ran in (step s's update ran at trainer step s - 1), when measured
+        s.update(gpu_mem.get(s["step"] - 1, {}))
     for s in steps:  # the step's trained tokens (prompt + response, no padding) and its FLOPs at 6 * params per token
         if "time/update" in s:
             s["tokens"] = round(s["perf/tokens_per_s"] * s["time/step"])
@@ -202,6 +205,11 @@ def main() -> int:
     elif not report["sync"]["ok"]:
         report["failures"].append(f"sync: {len(diffs)} of {len(timed)} updates checked, max |Δ log p| "
                                   f"{report['sync']['max_logp_abs_diff']} (tolerance {tol})")  # fmt: skip
+    report["sleep"] = {"enabled": bool(getattr(tr.generator, "sleeps", False)),
+                       "freed_gib": [s.get("sleep_freed_gib") for s in timed]}  # fmt: skip
+    if report["sleep"]["enabled"] and not all((f or 0) > 0 for f in report["sleep"]["freed_gib"]):
+        report["failures"].append(f"sleep: the engine's sleep freed {report['sleep']['freed_gib']} GiB per step "
+                                  "(rollout.vllm_sleep on CUDA: level 1 must free its KV cache and weights)")  # fmt: skip
     warm = timed[1:] or timed  # the first step pays the kernels' warm-up
     mfu = {"peak_bf16_dense_tflops": peak, "peak_source": peak_source, "steps_used": [s["step"] for s in warm],
            "formula": "6 * params * tokens / seconds / peak (tokens: the step's prompt + response tokens)"}
@@ -258,6 +266,43 @@ def main() -> int:
     return 0 if report["ok"] else 1
 
 
+def measure_gpu_memory() -> dict[int, dict[str, float]]:
+    """Per trainer step (filled as the run goes), the device's memory around the update, in GiB: used (every
+    process's, so the sleeping engine's too: cudaMemGetInfo) when the update starts, its peak within the update
+    (start + what torch's allocator reserved beyond its reserve at the start), and what the engine's sleep before it
+    freed. Wraps rpg_core.trainer.update and VLLMGenerator.sleep (measurement only)."""
+    import rpg_core.trainer as trainer_mod
+    from rpg_core.rollout import VLLMGenerator
+
+    out: dict[int, dict[str, float]] = {}
+    freed: list[float] = []
+    gib = 2**30
+
+    def used() -> float:
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        return (total - free) / gib
+
+    real_update, real_sleep = trainer_mod.update, VLLMGenerator.sleep
+
+    def update(*a, **k):
+        start, reserved = used(), torch.cuda.memory_reserved() / gib
+        torch.cuda.reset_peak_memory_stats()
+        res = real_update(*a, **k)
+        peak = start + max(0.0, torch.cuda.max_memory_reserved() / gib - reserved)
+        out[k["step"]] = {"gpu_update_start_gib": start, "gpu_update_peak_gib": peak,
+                          **({"sleep_freed_gib": freed.pop()} if freed else {})}  # fmt: skip
+        return res
+
+    def sleep(self):
+        before = used()
+        real_sleep(self)
+        freed.append(before - used())
+
+    trainer_mod.update, VLLMGenerator.sleep = update, sleep
+    return out
+
+
 def fmt(x, spec: str = ".3g") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -272,7 +317,10 @@ def emit(report: dict) -> None:
             continue
         rows.append((f"step {s['step']}", f"{fmt(s.get('time/step'), '.2f')} s", " ".join(
             f"{k.split('/')[-1]} {fmt(s.get(k), '.2f')} s" for k in ("time/rollout", "time/logprob", "time/update",
-                                                                    "time/sync")) + f", {s.get('tokens', '-')} tokens"))  # fmt: skip
+                                                                    "time/sync")) + f", {s.get('tokens', '-')} tokens"
+            + (f"; GPU in the update {s['gpu_update_start_gib']:.1f} GiB at its start, {s['gpu_update_peak_gib']:.1f} "
+               f"at its peak (engine asleep: {fmt(s.get('sleep_freed_gib'), '.1f')} GiB freed)"
+               if "gpu_update_start_gib" in s else "")))  # fmt: skip
     sync = report.get("sync")
     if sync:
         rows.append(("sync |Δ log p| (max)", fmt(sync["max_logp_abs_diff"]),

@@ -148,6 +148,16 @@ class RolloutConfig(_Section):
     vllm_check_tokens: int = Field(
         32, ge=1, description="generator vllm: sampled tokens whose log-probs are compared after each weight sync"
     )
+    vllm_sleep: bool = Field(
+        True, description="generator vllm on a CUDA GPU: the engine sleeps (vLLM's level 1: weights to host memory, "
+        "KV cache freed) from the end of the rollout to the weight sync, leaving the GPU to the log-prob passes and "
+        "the update; no effect on CPU (vLLM's CPU backend has no sleep mode)"
+    )  # fmt: skip
+    vllm_max_model_len: int | None = Field(
+        None, ge=1, description="generator vllm: the engine's longest sequence, prompt + response (vLLM's "
+        "max_model_len: it reserves KV for one such request); null: the run's sequence budget (RunConfig."
+        "sequence_budget), or the model's context if smaller"
+    )  # fmt: skip
     # The sampler-trainer mismatch correction (objectives/correction.py): an engine with its own weights only (the
     # built-in engines sample from the trainer's weights: the weight would be 1). Left out of the dump (and key)
     # while it is the default, so every config without it keeps its key.
@@ -180,7 +190,7 @@ class RolloutConfig(_Section):
         return d
 
 
-_VLLM_FIELDS = ("vllm_kv_cache_gib", "vllm_sync_tolerance", "vllm_check_tokens")
+_VLLM_FIELDS = ("vllm_kv_cache_gib", "vllm_sync_tolerance", "vllm_check_tokens", "vllm_max_model_len", "vllm_sleep")
 
 
 class RewardConfig(_Section):
@@ -291,7 +301,9 @@ _BOOKKEEPING = {
     "train": {"output_dir", "checkpoint_every", "keep_checkpoints", "log_samples", "max_minutes", "device", "deterministic"},
     "tracking": None,  # the whole section
     "evaluation": {"batch_size", "log_samples"},
-    "rollout": {"batch_size"},
+    # vllm_max_model_len, vllm_sleep: how long a sequence the engine may hold (too short is refused) and where its
+    # memory is between rollouts, never what it samples
+    "rollout": {"batch_size", "vllm_max_model_len", "vllm_sleep"},
     "preset": None,
 }
 
@@ -329,6 +341,14 @@ class RunConfig(_Section):
             )
         if self.reward.dynamic_sampling and self.rollout.n < 2:
             raise ValueError("reward.dynamic_sampling needs rollout.n >= 2 (it keeps groups with mixed accuracy)")
+        cap = self.rollout.vllm_max_model_len
+        if cap is not None and cap < self.sequence_budget:
+            raise ValueError(
+                f"rollout.vllm_max_model_len={cap} is below the longest sequence this run asks of its engine, "
+                f"{self.sequence_budget} tokens (data.max_prompt_tokens + rollout.max_new_tokens; with benchmarks "
+                f"evaluated during training, the larger of that and the evaluation's prompt + response budgets); "
+                f"allowed: >= {self.sequence_budget}, or null for exactly that"
+            )
         buf = self.reward.overlong_buffer
         if self.reward.overlong_shaping and buf is not None and buf > self.rollout.max_new_tokens:
             raise ValueError(
@@ -337,6 +357,18 @@ class RunConfig(_Section):
         return self
 
     # -- derived ---------------------------------------------------------------------------------------------
+
+    @property
+    def sequence_budget(self) -> int:
+        """The longest prompt + response this run asks of its sampling engine: the training prompts, left-truncated
+        to data.max_prompt_tokens, + rollout.max_new_tokens; with benchmarks evaluated during training
+        (train.eval_every) also evaluation.max_prompt_tokens + its response budget (evaluation.max_new_tokens, by
+        default rollout.max_new_tokens): the trainer's engine samples those too."""
+        budget = self.data.max_prompt_tokens + self.rollout.max_new_tokens
+        if self.evaluation.benchmarks and self.train.eval_every:
+            ev = self.evaluation
+            budget = max(budget, ev.max_prompt_tokens + (ev.max_new_tokens or self.rollout.max_new_tokens))
+        return budget
 
     @property
     def overlong_buffer(self) -> int:

@@ -606,7 +606,7 @@ def run_eval(
     model = load_target(target, device=dev, seed=settings.seed)
     autocast = torch.bfloat16 if prec is Precision.BF16 else None
     gen = make_generator(engine.generator, model, tok, batch_size=settings.batch_size, autocast=autocast,
-                         rollout=engine)  # fmt: skip
+                         rollout=engine, max_len=settings.max_prompt_tokens + max_new)  # fmt: skip
     result = evaluate(model, tok, loaded, settings, max_new_tokens=max_new, autocast=autocast, generator=gen,
                       progress=progress, model_label=target.describe())  # fmt: skip
     result.settings.update(precision=prec.value, device=dev, engine=engine.generator.value)

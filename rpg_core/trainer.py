@@ -88,6 +88,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, eval_hook: EvalHook | None = None, resume: bool = True,
                  problems: tuple[list, list] | None = None):  # fmt: skip
         from accelerate import Accelerator
+        from accelerate.utils import DistributedType
 
         self.cfg = cfg
         self.key = cfg.key()  # the configuration (shared by its seeds)
@@ -115,7 +116,9 @@ class Trainer:
         self.benchmarks = [
             evaluation.load_benchmark(b, data_dir=ev.data_dir, limit=ev.limit) for b in ev.benchmarks
         ]
-        preflight(cfg.rollout, world=self.world)  # the engine's refusals (vLLM not installed) before any model loads
+        fsdp = self.acc.state.fsdp_plugin.fsdp_version if self.acc.distributed_type is DistributedType.FSDP else None
+        # the engine's refusals (vLLM not installed, vLLM under FSDP1) before any model loads
+        preflight(cfg.rollout, world=self.world, fsdp=fsdp)
         self.tok = load_tokenizer(cfg.model.name)
         _seed_everything(cfg.train.seed)
         model = load_model(cfg.model.name, dtype=torch.float32, device="cpu", seed=cfg.train.seed)
@@ -137,7 +140,7 @@ class Trainer:
             self.ref_model.to(self.acc.device)
         self.generator: Generator = make_generator(
             cfg.rollout.generator, self.policy, self.tok, batch_size=cfg.rollout.batch_size, autocast=self.autocast,
-            rollout=cfg.rollout,
+            rollout=cfg.rollout, max_len=cfg.sequence_budget,
         )
         # an engine with its own weights (vLLM): its log-probs come with the samples, each sync is checked
         self.synced = self.generator if isinstance(self.generator, SyncedGenerator) else None
@@ -228,6 +231,8 @@ class Trainer:
         # models that have it) is a function of (seed, step, rank) too, so resumes are exact.
         torch.manual_seed(mix_seed(cfg.train.seed, self.step, self.rank, 1))
         ro = self._rollout()
+        if self.synced is not None:  # its memory to the log-prob passes and the update; load_weights wakes it
+            self.synced.sleep()
         t_rollout = time.perf_counter() - t0
         st = ro.stats
         m: dict[str, float] = {

@@ -268,6 +268,9 @@ class ReplayEngine:
     def check(self, model, prompts, responses, tokens=None):
         return 0.0
 
+    def sleep(self):
+        pass
+
 
 def _coin_rewards(monkeypatch):
     """+1 or -1 by a checksum of the text, so a random model's groups are mixed (as tests/test_vllm.py)."""

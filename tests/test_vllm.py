@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import math
+import os
+import subprocess
+import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
 import tiny_run
-from rpg_core.config import GeneratorKind, RolloutConfig, load_run_config
+from rpg_core.config import GeneratorKind, RolloutConfig, RunConfigError, load_run_config
 from rpg_core.rollout import SamplingParams, build_batch, make_generator, preflight, token_logprobs
 from rpg_core.rollout import vllm as vllm_mod
 
@@ -33,6 +38,7 @@ needs_vllm = pytest.mark.skipif(
 )
 
 TINY = [*tiny_run.TINY, "train.log_samples=0", "tracking.enabled=false"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_cfg(tmp_path: Path, *extra: str, steps: int = 2):
@@ -96,6 +102,50 @@ def test_vllm_fields_stay_out_of_other_engines_configs():
         RolloutConfig(vllm_sync_tolerance=0.1)
 
 
+@pytest.mark.unit
+def test_max_model_len_is_validated_before_anything_loads(tmp_path):
+    """rollout.vllm_max_model_len: a positive integer, not below the run's sequence budget (the longest prompt +
+    response it asks of its engine), for generator vllm only; bookkeeping (it never changes what is sampled)."""
+    for bad in ("0", "-5", "1.5", "abc"):
+        with pytest.raises(RunConfigError, match=r"rollout\.vllm_max_model_len: "):
+            tiny_cfg(tmp_path, "rollout.generator=vllm", f"rollout.vllm_max_model_len={bad}")
+    base = tiny_cfg(tmp_path, "rollout.generator=vllm")
+    assert base.sequence_budget == 1024 + 8  # data.max_prompt_tokens (default) + rollout.max_new_tokens (TINY)
+    with pytest.raises(RunConfigError, match=r"rollout\.vllm_max_model_len=1031 is below the longest sequence this "
+                                             r"run asks of its engine, 1032 tokens .*allowed: >= 1032, or null"):  # fmt: skip
+        tiny_cfg(tmp_path, "rollout.generator=vllm", "rollout.vllm_max_model_len=1031")
+    assert tiny_cfg(tmp_path, "rollout.generator=vllm", "rollout.vllm_max_model_len=1032").key() == base.key()
+    bench = tmp_path / "toy.jsonl"
+    bench.write_text(json.dumps({"id": "t0", "problem": "What is 1 + 1?", "answer": "2"}) + "\n")
+    evaluated = [f"evaluation.benchmarks=[{bench}]", "evaluation.max_new_tokens=100"]
+    assert tiny_cfg(tmp_path, "rollout.generator=vllm", *evaluated).sequence_budget == 1032  # eval_every=0: not run
+    assert tiny_cfg(tmp_path, "rollout.generator=vllm", *evaluated, "train.eval_every=1").sequence_budget == 2048 + 100
+    with pytest.raises(RunConfigError, match=r"rollout.vllm_max_model_len applies to rollout.generator: vllm only"):
+        tiny_cfg(tmp_path, "rollout.vllm_max_model_len=4096")
+
+
+@pytest.mark.unit
+def test_vllm_sleep_is_a_typed_vllm_field(tmp_path):
+    """rollout.vllm_sleep: a boolean, for generator vllm only, bookkeeping (where the engine's memory is between
+    rollouts never changes what it samples)."""
+    with pytest.raises(RunConfigError, match=r"rollout\.vllm_sleep: Input should be a valid boolean"):
+        tiny_cfg(tmp_path, "rollout.generator=vllm", "rollout.vllm_sleep=maybe")
+    with pytest.raises(RunConfigError, match=r"rollout.vllm_sleep applies to rollout.generator: vllm only"):
+        tiny_cfg(tmp_path, "rollout.vllm_sleep=false")
+    off = tiny_cfg(tmp_path, "rollout.generator=vllm", "rollout.vllm_sleep=false")
+    assert off.rollout.vllm_sleep is False and off.key() == tiny_cfg(tmp_path, "rollout.generator=vllm").key()
+
+
+@pytest.mark.unit
+def test_max_model_len_resolution():
+    """The setting wins; else the caller's budget capped at the model's context; else vLLM's default (None)."""
+    assert vllm_mod.max_model_len(512, 1032, 2048) == 512
+    assert vllm_mod.max_model_len(None, 1032, 2048) == 1032
+    assert vllm_mod.max_model_len(None, 9000, 2048) == 2048
+    assert vllm_mod.max_model_len(None, 1032, None) == 1032
+    assert vllm_mod.max_model_len(None, None, 2048) is None
+
+
 # -- the engine (.venv-vllm) ------------------------------------------------------------------------------------------
 
 
@@ -106,9 +156,27 @@ def engine(tokenizer):
         pytest.skip("vLLM is not installed")
     torch.set_num_threads(2)
     model = vllm_tiny_model(0)
-    settings = RolloutConfig(generator=GeneratorKind.VLLM, vllm_kv_cache_gib=0.25)
-    gen = make_generator(GeneratorKind.VLLM, model, tokenizer, batch_size=16, rollout=settings)
+    settings = RolloutConfig(generator=GeneratorKind.VLLM, vllm_kv_cache_gib=0.25, vllm_max_model_len=512)
+    gen = make_generator(GeneratorKind.VLLM, model, tokenizer, batch_size=16, rollout=settings, max_len=1032)
     return model, gen
+
+
+@needs_vllm
+def test_sleep_mode_is_off_on_cpu(engine):
+    """rollout.vllm_sleep (default true) acts on CUDA only: on CPU the engine is built without sleep mode (vLLM's CPU
+    backend refuses it) and sleep() does not put it to sleep (nothing for the next call to wake)."""
+    _, gen = engine
+    assert RolloutConfig(generator=GeneratorKind.VLLM).vllm_sleep is True and gen.settings.vllm_sleep is True
+    assert gen.sleeps is False and gen.llm.llm_engine.model_config.enable_sleep_mode is False
+    gen.sleep()
+    assert gen._asleep is False
+
+
+@needs_vllm
+def test_engine_is_built_with_max_model_len(engine):
+    """rollout.vllm_max_model_len, when set, is the engine's max_model_len (not the caller's budget, 1032, nor the
+    model's context, 2048); the trainer's default is checked in test_training_with_vllm_and_tis."""
+    assert engine[1].llm.llm_engine.model_config.max_model_len == 512
 
 
 def _prompts(tokenizer):
@@ -191,6 +259,39 @@ def test_sync_follows_every_weight(engine, tokenizer):
     assert gen.check(model, ps, rs, 64) < 1e-4
 
 
+@needs_vllm
+def test_sync_feeds_the_engine_one_tensor_at_a_time(engine, monkeypatch):
+    """load_weights hands vLLM the state dict lazily (rollout.vllm.full_weights, where FSDP2's shards are gathered):
+    of its 27 tensors, at most a fused layer's parts are alive at once (q/k/v weights and biases: 6), never all."""
+    model, gen = engine
+    real, seen = vllm_mod.full_weights, []
+
+    def counted(m):
+        refs, most = [], 0
+        for name, t in real(m):
+            refs.append(weakref.ref(t))
+            most = max(most, sum(r() is not None for r in refs))
+            yield name, t
+        seen.append((len(refs), most))
+
+    monkeypatch.setattr(vllm_mod, "full_weights", counted)
+    gen.load_weights(model)
+    assert len(seen) == 1 and seen[0][0] == 27 and 1 < seen[0][1] <= 6, seen
+
+
+@needs_vllm
+def test_fsdp1_is_refused_before_the_model_loads():
+    """FSDP1's flat parameters cannot be gathered tensor by tensor: refused in one line naming the allowed version;
+    FSDP2 and DDP pass, and the built-in engines do not care."""
+    vllm = RolloutConfig(generator=GeneratorKind.VLLM)
+    with pytest.raises(ValueError, match=r"needs FSDP2 \(this run's accelerate config has fsdp_version: 1\); allowed: "
+                                         r"fsdp_version: 2"):  # fmt: skip
+        preflight(vllm, world=8, fsdp=1)
+    preflight(vllm, world=8, fsdp=2)
+    preflight(vllm, world=8)
+    preflight(RolloutConfig(), world=8, fsdp=1)
+
+
 # -- the trainer ------------------------------------------------------------------------------------------------------
 
 
@@ -241,13 +342,35 @@ def test_training_with_vllm_equals_the_prefix_sampler_on_the_same_tokens(tmp_pat
 def test_training_with_vllm_and_tis(tmp_path, monkeypatch):
     """rollout.correction.mode=tis with vLLM: two steps run, each logs the share of truncated tokens (0 in fp32, where
     the engine's log-probs match the trainer's to ~1e-6: every weight ~1, none above the cap 2) and finite losses.
-    The weighting itself is checked exactly in tests/test_correction_training.py (main venv)."""
+    The weighting itself is checked exactly in tests/test_correction_training.py (main venv). On the way: the
+    engine's max_model_len is the run's sequence budget, and each step puts the engine to sleep after the rollout,
+    before the update, and the sync follows the update (sleep is a no-op on CPU: what is tested is the call order)."""
     from rpg_core import trainer as trainer_mod
+    from rpg_core.rollout import VLLMGenerator
 
     monkeypatch.setattr(trainer_mod, "load_model", lambda name, **k: vllm_tiny_model(k.get("seed", 0)))
     _coin_rewards(monkeypatch)
+    events = []
+
+    def logged(owner, name):
+        real = getattr(owner, name)
+
+        def call(*a, **k):
+            events.append(name)
+            return real(*a, **k)
+
+        monkeypatch.setattr(owner, name, call)
+
+    for name in ("generate_logprobs", "sleep", "load_weights", "check"):
+        logged(VLLMGenerator, name)
+    logged(trainer_mod, "update")
     cfg = tiny_cfg(tmp_path, "rollout.generator=vllm", "rollout.vllm_kv_cache_gib=0.25", "rollout.correction.mode=tis")
-    res = trainer_mod.Trainer(cfg).fit()
+    tr = trainer_mod.Trainer(cfg)
+    # rollout.vllm_max_model_len unset: the run's sequence budget, 1024 + 8 tokens (the model's context is 2048)
+    assert tr.generator.llm.llm_engine.model_config.max_model_len == cfg.sequence_budget == 1032
+    assert events == ["load_weights"]  # the build's
+    res = tr.fit()
+    assert events[1:] == ["generate_logprobs", "sleep", "update", "load_weights", "check"] * 2
     assert res.step == 2 and len(res.history) == 2
     for m in res.history:
         assert m["rollout/correction_share"] == 0.0 and m["rollout/mismatch_abs_logp_diff"] < 1e-4
@@ -255,19 +378,21 @@ def test_training_with_vllm_and_tis(tmp_path, monkeypatch):
     assert res.history[0]["actor/grad_norm"] > 0
 
 
-def _coin_rewards(monkeypatch):
+def coin_scores(rule, texts, answers, **kw):
     """Rewards a random model can earn: +1 or -1 by a checksum of the text (the same text always scores the same),
-    so groups are mixed and advantages nonzero."""
+    so groups are mixed and advantages nonzero (``rewards.score_responses``'s signature)."""
     import zlib
 
     from rpg_core import rewards
+
+    return [rewards.Score(1.0 if zlib.crc32(t.encode()) % 2 else -1.0, bool(zlib.crc32(t.encode()) % 2), "0")
+            for t in texts]  # fmt: skip
+
+
+def _coin_rewards(monkeypatch):
     from rpg_core import trainer as trainer_mod
 
-    def score(rule, texts, answers, **kw):
-        return [rewards.Score(1.0 if zlib.crc32(t.encode()) % 2 else -1.0, bool(zlib.crc32(t.encode()) % 2), "0")
-                for t in texts]  # fmt: skip
-
-    monkeypatch.setattr(trainer_mod.rewards_mod, "score_responses", score)
+    monkeypatch.setattr(trainer_mod.rewards_mod, "score_responses", coin_scores)
 
 
 @needs_vllm
@@ -281,3 +406,105 @@ def test_a_stale_engine_stops_the_run(tmp_path, monkeypatch):
     cfg = tiny_cfg(tmp_path, "rollout.generator=vllm", "rollout.vllm_kv_cache_gib=0.25", "optim.lr=1e-2", steps=2)
     with pytest.raises(trainer_mod.SyncMismatchError, match=r"step 1: .* above rollout.vllm_sync_tolerance=0.02"):
         trainer_mod.Trainer(cfg).fit()
+
+
+# -- several processes (accelerate launch, gloo on CPU) -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vllm_model_dir(tmp_path_factory, tokenizer):
+    """``vllm_tiny_model(0)`` as a Hugging Face folder (config, weights, the SmolLM2 tokenizer): what a process started
+    by ``accelerate launch`` loads as ``model.name``."""
+    path = tmp_path_factory.mktemp("vllm-model") / "model"
+    vllm_tiny_model(0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _launch(tmp_path: Path, *args: str) -> list[dict]:
+    """2 processes under ``accelerate launch`` (infra/accelerate/cpu_2proc.yaml: gloo) running tests/vllm_dist_worker.py
+    ``args``; each one's report."""
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    r = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(ROOT / "infra/accelerate/cpu_2proc.yaml"), "--main_process_port", "0",
+         str(ROOT / "tests" / "vllm_dist_worker.py"), *args, str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def _dist_cfg(tmp_path: Path, model_dir: Path, *extra: str):
+    tiny = [o for o in TINY if not o.startswith("model.name=")]
+    return load_run_config(preset="rpg_reinforce_urkl", overrides=[
+        *tiny, f"model.name={model_dir}", "rollout.generator=vllm", "rollout.vllm_kv_cache_gib=0.1",
+        "rollout.prompts_per_step=4", "train.steps=2", f"train.output_dir={tmp_path / 'runs'}", *extra])  # fmt: skip
+
+
+def _assert_engines_follow_the_replicas(ranks: list[dict]) -> None:
+    """Before and after training, every process's engine gives its model's log-probs of the fixed probe (fp32:
+    < 1e-4); after it, all engines agree (< 1e-5) and they moved with training (> 1e-3 from the probe before)."""
+    def flat(p, side):
+        return torch.tensor([x for row in p[side] for x in row])
+
+    for r in ranks:
+        after, before = r["probe_after"], r["probe_before"]
+        assert float((flat(after, "engine") - flat(after, "model")).abs().max()) < 1e-4
+        assert float((flat(before, "engine") - flat(before, "model")).abs().max()) < 1e-4
+        assert float((flat(after, "engine") - flat(before, "engine")).abs().max()) > 1e-3
+    a, b = (flat(r["probe_after"], "engine") for r in ranks)
+    assert float((a - b).abs().max()) < 1e-5
+
+
+@needs_vllm
+@pytest.mark.system
+@pytest.mark.subprocess
+def test_ddp_each_process_drives_its_own_engine(tmp_path, vllm_model_dir):
+    """2 processes (infra/accelerate/cpu_2proc.yaml, gloo), 2 steps with vLLM and a held-out evaluation at step 2
+    (main process only: no collective hides in the engine's generate): each process is bound to its own cores with
+    torch's threads matching, samples its own 2 of the step's 4 prompts, checks each of its syncs (< 1e-4 in fp32);
+    the logged check is the max over both; the replicas stay identical and both engines follow them."""
+    cfg = _dist_cfg(tmp_path, vllm_model_dir, "data.n_eval=2", "train.eval_every=2")
+    (tmp_path / "run.yaml").write_text(cfg.to_yaml())
+    ranks = _launch(tmp_path, "trainer", str(tmp_path / "run.yaml"))
+    a, b = ranks
+    assert (a["rank"], b["rank"], a["world"]) == (0, 1, 2)
+    for r in ranks:  # LOCAL_RANK r of 2 gets its half of the cores; OMP_NUM_THREADS=1: one of them
+        assert r["threads"] == len(r["affinity"]) == 1
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert not set(a["affinity"]) & set(b["affinity"])
+    step_prompts = [[tuple(p) for p in a["prompts"][s] + b["prompts"][s]] for s in range(2)]
+    assert [len(a["prompts"][s]) for s in range(2)] == [len(b["prompts"][s]) for s in range(2)] == [2, 2]
+    assert all(len(set(ps)) == 4 for ps in step_prompts)  # data-parallel: 4 different prompts a step
+    assert len(a["checks"]) == len(b["checks"]) == 2 and max(a["checks"] + b["checks"]) < 1e-4
+    for s, (ma, mb) in enumerate(zip(a["history"], b["history"], strict=True)):
+        assert ma["rollout/sync_logp_abs_diff"] == max(a["checks"][s], b["checks"][s])  # Reduce.MAX over processes
+        assert {k: v for k, v in ma.items() if not k.startswith("eval/")} == mb
+        assert ma["actor/grad_norm"] > 0 and ma["adv/abs_mean"] > 0
+    assert "eval/acc_strict" in a["history"][-1] and "eval/acc_strict" not in b["history"][-1]
+    assert a["checksum"] == b["checksum"] and not any(a["sharded"])
+    for r in ranks:  # the build's sync and one a step, 27 tensors each, at most a fused layer's parts at once
+        assert [g[0] for g in r["gathered"]] == [27, 27, 27] and 1 < max(g[1] for g in r["gathered"]) <= 6
+    _assert_engines_follow_the_replicas(ranks)
+
+
+@needs_vllm
+@pytest.mark.system
+@pytest.mark.subprocess
+def test_fsdp2_sync_gathers_tensor_by_tensor(tmp_path):
+    """2 processes (gloo) with the tiny model sharded by FSDP2's fully_shard (tests/vllm_dist_worker.py fsdp2: every
+    parameter a DTensor), each with its engine, 2 optimizer steps each followed by a sync: each sync (the build's,
+    then one a step) gives each engine the 27 state-dict tensors gathered one at a time, at most a fused layer's parts
+    whole at once (q/k/v weights and biases: 6); each check < 1e-4 in fp32; the shards make one model, which both
+    engines follow."""
+    ranks = _launch(tmp_path, "fsdp2")
+    for r in ranks:
+        assert r["sharded"] and all(r["sharded"])
+        assert [g[0] for g in r["gathered"]] == [27, 27, 27]
+        assert 1 < max(g[1] for g in r["gathered"]) <= 6
+        assert len(r["checks"]) == 2 and max(r["checks"]) < 1e-4
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    _assert_engines_follow_the_replicas(ranks)

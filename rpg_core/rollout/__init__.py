@@ -68,14 +68,19 @@ def make_generator(
     batch_size: int = 64,
     autocast: torch.dtype | None = None,
     rollout: RolloutConfig | None = None,
+    max_len: int | None = None,
 ) -> Generator:
     """The engine ``kind`` sampling from ``model``: ``batch_size`` sequences per chunk, forward passes under
     ``autocast`` (a dtype, or None for none); ``rollout``: the run's settings, for an engine that has its own
-    (vLLM's KV cache). The trainer passes ``rollout.generator`` / ``rollout.batch_size``; ``rpg eval`` the prefix
-    engine and ``evaluation.batch_size``."""
-    return ENGINES[GeneratorKind(kind)](model, tokenizer, batch_size=batch_size, autocast=autocast, rollout=rollout)
+    (vLLM's KV cache); ``max_len``: the longest prompt + response the caller will ask for (None: unknown), for an
+    engine that reserves memory by it (vLLM). The trainer passes ``rollout.generator`` / ``rollout.batch_size`` and
+    ``RunConfig.sequence_budget``; ``rpg eval`` its engine, ``evaluation.batch_size`` and its prompt + response
+    budgets."""
+    return ENGINES[GeneratorKind(kind)](model, tokenizer, batch_size=batch_size, autocast=autocast, rollout=rollout,
+                                        max_len=max_len)  # fmt: skip
 
 
-def preflight(settings: RolloutConfig, *, world: int = 1) -> None:
-    """Refuse, before any model loads, what the run's engine cannot do here (vLLM not installed: ``VLLMMissing``)."""
-    ENGINES[settings.generator].preflight(settings, world=world)
+def preflight(settings: RolloutConfig, *, world: int = 1, fsdp: int | None = None) -> None:
+    """Refuse, before any model loads, what the run's engine cannot do here (vLLM not installed: ``VLLMMissing``).
+    ``world``: the number of processes; ``fsdp``: the FSDP version the model will be sharded with (None: none)."""
+    ENGINES[settings.generator].preflight(settings, world=world, fsdp=fsdp)

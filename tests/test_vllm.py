@@ -260,22 +260,24 @@ def test_sync_follows_every_weight(engine, tokenizer):
     assert gen.check(model, ps, rs, 64) < 1e-4
 
 
+def counted_weights(weights, record):
+    """``weights``' (name, tensor) pairs passed on one by one; at the end ``record(how many, the most of them alive at
+    once)`` (weak references: vLLM holding a tensor keeps it alive). Also used by tests/vllm_dist_worker.py."""
+    refs, most = [], 0
+    for name, t in weights:
+        refs.append(weakref.ref(t))
+        most = max(most, sum(r() is not None for r in refs))
+        yield name, t
+    record(len(refs), most)
+
+
 @needs_vllm
 def test_sync_feeds_the_engine_one_tensor_at_a_time(engine, monkeypatch):
     """load_weights hands vLLM the state dict lazily (rollout.vllm.full_weights, where FSDP2's shards are gathered):
     of its 27 tensors, at most a fused layer's parts are alive at once (q/k/v weights and biases: 6), never all."""
     model, gen = engine
     real, seen = vllm_mod.full_weights, []
-
-    def counted(m):
-        refs, most = [], 0
-        for name, t in real(m):
-            refs.append(weakref.ref(t))
-            most = max(most, sum(r() is not None for r in refs))
-            yield name, t
-        seen.append((len(refs), most))
-
-    monkeypatch.setattr(vllm_mod, "full_weights", counted)
+    monkeypatch.setattr(vllm_mod, "full_weights", lambda m: counted_weights(real(m), lambda *c: seen.append(c)))
     gen.load_weights(model)
     assert len(seen) == 1 and seen[0][0] == 27 and 1 < seen[0][1] <= 6, seen
 

@@ -20,12 +20,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-import weakref
 from pathlib import Path
 
 import torch
 
-from test_vllm import coin_scores, vllm_tiny_model
+from test_vllm import coin_scores, counted_weights, vllm_tiny_model
 
 
 def spy(seen: dict[str, list]) -> None:
@@ -46,12 +45,7 @@ def spy(seen: dict[str, list]) -> None:
         return seen["checks"][-1]
 
     def spy_gather(model):
-        refs, most = [], 0
-        for name, t in gather(model):
-            refs.append(weakref.ref(t))
-            most = max(most, sum(r() is not None for r in refs))
-            yield name, t
-        seen["gathered"].append([len(refs), most])
+        return counted_weights(gather(model), lambda *c: seen["gathered"].append(list(c)))
 
     VLLMGenerator.generate_logprobs, VLLMGenerator.check, vllm_mod.full_weights = spy_sample, spy_check, spy_gather
 

@@ -308,11 +308,21 @@ class Trainer:
         diff = self.synced.check(self.policy, [ro.prompts[g].ids for g in ro.group_ids], ro.responses,
                                  r.vllm_check_tokens)  # fmt: skip
         tol = sync_tolerance(r.vllm_sync_tolerance, self.cfg.model.precision)
-        if not diff <= tol:  # NaN included
+        # Under DDP every process checks its own engine; they share their results first, so that one broken engine
+        # stops every process at the same point with the same message, rather than one raising and the others
+        # waiting in the next collective until the launcher kills them. (A NaN stays NaN in its own slot.)
+        each = torch.zeros(self.world, dtype=torch.float64)
+        each[self.rank] = diff
+        each = (self._allreduce(each, "sum") if self.world > 1 else each).tolist()
+        bad = {rank: d for rank, d in enumerate(each) if not d <= tol}  # NaN included
+        if bad:
             default = "" if r.vllm_sync_tolerance is not None else f" (the {self.cfg.model.precision} default)"
+            where = ("" if self.world == 1 else
+                     f" of process {', '.join(map(str, bad))} (of {self.world})")  # fmt: skip
+            shown = ", ".join(f"{d:.3g}" for d in bad.values())
             raise SyncMismatchError(
-                f"step {self.step + 1}: after the weight sync the vLLM engine's log-probs are {diff:.3g} (mean |Δ| over "
-                f"{r.vllm_check_tokens} sampled tokens) from the trainer's, above rollout.vllm_sync_tolerance="
+                f"step {self.step + 1}: after the weight sync the vLLM engine's log-probs{where} are {shown} (mean |Δ| "
+                f"over {r.vllm_check_tokens} sampled tokens) from the trainer's, above rollout.vllm_sync_tolerance="
                 f"{tol}{default}: it no longer samples the trained policy (docs/vllm.md)"
             )
         mm = mismatch_metrics(trainer_old, engine, mask)

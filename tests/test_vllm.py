@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import weakref
@@ -126,15 +127,18 @@ def test_max_model_len_is_validated_before_anything_loads(tmp_path):
 
 
 @pytest.mark.unit
-def test_vllm_sleep_is_a_typed_vllm_field(tmp_path):
-    """rollout.vllm_sleep: a boolean, for generator vllm only, bookkeeping (where the engine's memory is between
-    rollouts never changes what it samples)."""
-    with pytest.raises(RunConfigError, match=r"rollout\.vllm_sleep: Input should be a valid boolean"):
-        tiny_cfg(tmp_path, "rollout.generator=vllm", "rollout.vllm_sleep=maybe")
-    with pytest.raises(RunConfigError, match=r"rollout.vllm_sleep applies to rollout.generator: vllm only"):
-        tiny_cfg(tmp_path, "rollout.vllm_sleep=false")
-    off = tiny_cfg(tmp_path, "rollout.generator=vllm", "rollout.vllm_sleep=false")
-    assert off.rollout.vllm_sleep is False and off.key() == tiny_cfg(tmp_path, "rollout.generator=vllm").key()
+@pytest.mark.parametrize("field, default", [("vllm_sleep", True), ("vllm_compile", False)])
+def test_vllm_sleep_and_compile_are_typed_vllm_fields(tmp_path, field, default):
+    """rollout.vllm_sleep and rollout.vllm_compile: booleans, for generator vllm only, bookkeeping (where the
+    engine's memory is between rollouts, and whether its forward pass is compiled, never change what it samples)."""
+    with pytest.raises(RunConfigError, match=rf"rollout\.{field}: Input should be a valid boolean"):
+        tiny_cfg(tmp_path, "rollout.generator=vllm", f"rollout.{field}=maybe")
+    with pytest.raises(RunConfigError, match=rf"rollout.{field} applies to rollout.generator: vllm only"):
+        tiny_cfg(tmp_path, f"rollout.{field}={str(not default).lower()}")
+    flipped = tiny_cfg(tmp_path, "rollout.generator=vllm", f"rollout.{field}={str(not default).lower()}")
+    plain = tiny_cfg(tmp_path, "rollout.generator=vllm")
+    assert getattr(plain.rollout, field) is default and getattr(flipped.rollout, field) is (not default)
+    assert flipped.key() == plain.key()
 
 
 @pytest.mark.unit
@@ -258,6 +262,47 @@ def test_sync_follows_every_weight(engine, tokenizer):
     low = {k: (v, synced[k]) for k, v in visible.items() if not v > max(20 * synced[k], 2e-5)}
     assert not low, low  # each perturbation shows before the sync, 20x above what is left after it
     assert gen.check(model, ps, rs, 64) < 1e-4
+
+
+@needs_vllm
+def test_a_compiled_engine_follows_the_sync(tokenizer):
+    """rollout.vllm_compile: the engine runs torch.compile'd graphs (enforce_eager off), which must read the weights
+    the sync writes in place, not constants frozen at compile time: after every weight is perturbed the engine is off
+    (> 1e-2), after the sync it agrees with the model to 1e-4 in fp32, as the eager engine does; and it samples the
+    eager engine's tokens under the same seed."""
+    model = vllm_tiny_model(0)
+    settings = RolloutConfig(generator=GeneratorKind.VLLM, vllm_kv_cache_gib=0.25, vllm_max_model_len=256,
+                             vllm_compile=True)  # fmt: skip
+    gen = make_generator(GeneratorKind.VLLM, model, tokenizer, batch_size=16, rollout=settings)
+    assert gen.llm.llm_engine.model_config.enforce_eager is False
+    prompts = _prompts(tokenizer)
+    samples = gen.generate(prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=10, seed=3))
+    ps, rs = [p for p, g in zip(prompts, samples) for _ in g], [r for g in samples for r in g]
+    assert gen.check(model, ps, rs, 64) < 1e-4
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for q in model.parameters():
+            q.add_(torch.randn(q.shape, generator=g) * max(0.5 * float(q.std()), 0.2))
+    assert gen.check(model, ps, rs, 64) > 1e-2
+    gen.load_weights(model)
+    assert gen.check(model, ps, rs, 64) < 1e-4
+
+
+def test_config_folder_is_named_by_its_content(tmp_path, monkeypatch):
+    """The engine's config folder (rollout.vllm.config_folder) is one path per model config, in the project's cache:
+    two models with the same config (other weights) share it, so vLLM's compile cache, keyed by that path among
+    other things, serves the second run; another config gets another folder. Written once, no staging left over."""
+    monkeypatch.setenv("RPG_CACHE", str(tmp_path))
+    a, b = vllm_mod.config_folder(vllm_tiny_model(0)), vllm_mod.config_folder(vllm_tiny_model(1))
+    assert a == b and a.parent == tmp_path / "vllm-configs" and len(a.name) == 16
+    written = (a / "config.json").stat().st_mtime_ns
+    assert json.loads((a / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    other = vllm_tiny_model(0)
+    other.config.max_position_embeddings = 4096
+    c = vllm_mod.config_folder(other)
+    assert c != a and json.loads((c / "config.json").read_text())["max_position_embeddings"] == 4096
+    assert vllm_mod.config_folder(vllm_tiny_model(0)) == a and (a / "config.json").stat().st_mtime_ns == written
+    assert sorted(p.name for p in (tmp_path / "vllm-configs").iterdir()) == sorted([a.name, c.name])
 
 
 def counted_weights(weights, record):
@@ -528,6 +573,24 @@ def test_ddp_each_process_drives_its_own_engine(tmp_path, vllm_model_dir):
     for r in ranks:  # the build's sync and one a step, 27 tensors each, at most a fused layer's parts at once
         assert [g[0] for g in r["gathered"]] == [27, 27, 27] and 1 < max(g[1] for g in r["gathered"]) <= 6
     _assert_engines_follow_the_replicas(ranks)
+
+
+@needs_vllm
+@pytest.mark.system
+@pytest.mark.subprocess
+def test_ddp_processes_stop_together_when_one_engine_loses_its_sync(tmp_path, vllm_model_dir):
+    """2 processes; process 1's engine silently keeps its first weights. Both processes share their post-sync checks
+    before judging, so both raise SyncMismatchError at step 1 with the same message naming process 1 (fp32
+    tolerance 0.02, lr 1e-2 moves the tiny model's log-probs by more), rather than process 1 raising alone while
+    process 0 waits in the next collective until the launcher kills it (or, after the launcher's timeout, forever)."""
+    cfg = _dist_cfg(tmp_path, vllm_model_dir, "optim.lr=1e-2")
+    (tmp_path / "run.yaml").write_text(cfg.to_yaml())
+    a, b = _launch(tmp_path, "lost_sync", str(tmp_path / "run.yaml"))
+    assert a["error"] is not None and a["error"] == b["error"], (a, b)
+    assert a["step"] == b["step"] == 0  # the first step's check: nothing was trained on the stale engine's samples
+    assert re.match(r"step 1: after the weight sync the vLLM engine's log-probs of process 1 \(of 2\) are [0-9.e-]+ "
+                    r"\(mean \|Δ\| over \d+ sampled tokens\) from the trainer's, above "
+                    r"rollout.vllm_sync_tolerance=0.02 \(the fp32 default\)", a["error"]), a["error"]
 
 
 @needs_vllm

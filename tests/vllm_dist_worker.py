@@ -2,12 +2,15 @@
 
     accelerate launch --config_file infra/accelerate/cpu_2proc.yaml tests/vllm_dist_worker.py trainer RUN.yaml OUT
     accelerate launch --config_file infra/accelerate/cpu_2proc.yaml tests/vllm_dist_worker.py fsdp2 OUT
+    accelerate launch --config_file infra/accelerate/cpu_2proc.yaml tests/vllm_dist_worker.py lost_sync RUN.yaml OUT
 
 ``trainer``: trains ``RUN.yaml`` (rollout.generator: vllm) with the trainer, as ``rpg train`` does (DDP), rewards
 from ``coin_scores`` (a random model earns none otherwise). ``fsdp2``: the tiny model sharded with FSDP2's
 ``fully_shard`` (per decoder layer, then the root, as accelerate's FSDP2 plugin wraps it; accelerate itself cannot:
 the trainer's ``Accelerator(cpu=True)`` is MULTI_CPU, where accelerate ignores ``distributed_type: FSDP``), a
 ``VLLMGenerator`` on it and 2 optimizer steps of the log-likelihood of its own samples, each followed by a sync.
+``lost_sync``: ``trainer``, but process 1's engine silently keeps its first weights (every later sync lost); each
+process reports the step and the message of the SyncMismatchError it raised.
 
 Each process writes what it saw to ``OUT/rank<r>.json``: the cores it is bound to and torch's thread count, the
 prompts its engine sampled, each post-sync check, for each weight sync how many whole tensors ``full_weights`` gave
@@ -84,6 +87,28 @@ def run_trainer(cfg_path: str, seen: dict) -> dict:
             "probe_after": probe(tr.generator, tr.policy, tr.tok), **weights_report(tr.policy)}  # fmt: skip
 
 
+def run_lost_sync(cfg_path: str) -> dict:
+    from rpg_core import trainer as trainer_mod
+    from rpg_core.config import load_run_config
+    from rpg_core.rollout import VLLMGenerator
+
+    trainer_mod.rewards_mod.score_responses = coin_scores
+    load, calls = VLLMGenerator.load_weights, []
+
+    def lossy(self, model):  # process 1: the build's sync goes in, every later one is lost
+        calls.append(1)
+        if int(os.environ["RANK"]) != 1 or len(calls) == 1:
+            load(self, model)
+
+    VLLMGenerator.load_weights = lossy
+    tr = trainer_mod.Trainer(load_run_config(cfg_path), resume=False)
+    try:
+        tr.fit()
+    except trainer_mod.SyncMismatchError as e:
+        return {"rank": tr.rank, "world": tr.world, "step": tr.step, "error": str(e)}
+    return {"rank": tr.rank, "world": tr.world, "step": tr.step, "error": None}
+
+
 def run_fsdp2(seen: dict) -> dict:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
@@ -124,7 +149,8 @@ def run_fsdp2(seen: dict) -> dict:
 def main(mode: str, *args: str) -> None:
     seen: dict[str, list] = {}
     spy(seen)
-    out = run_trainer(args[0], seen) if mode == "trainer" else run_fsdp2(seen)
+    out = {"trainer": lambda: run_trainer(args[0], seen), "lost_sync": lambda: run_lost_sync(args[0]),
+           "fsdp2": lambda: run_fsdp2(seen)}[mode]()
     Path(args[-1], f"rank{out['rank']}.json").write_text(json.dumps({**out, **seen}))
 
 

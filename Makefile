@@ -44,11 +44,18 @@ browser:                 ## a Chromium for the browser tests and the report's PN
 demo: install            ## the main job: a real RL run on the embedded default model (README)
 	$(BIN)/rpg train --config configs/demo_add2_urkl.yaml
 
+# The tests in one process each (no server, no subprocess, no 135M model): unit tests and in-process tiny-model runs.
+FAST = not slow and not system and not server and not subprocess and not embedded
+
+# make test: every test but the slow ones, in two passes. The in-process ones share the cores (xdist, one worker a
+# core); then the ones that start servers, processes or the embedded model, one at a time, since each already uses
+# the machine's cores and several hold timeouts. RPG_REQUIRE_VLLM: vLLM is installed, its tests must run, not skip.
 test: install browser    ## the default test run (slow tests excluded)
-	RPG_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q -m "not slow"  # vLLM is installed: its tests must run, not skip
+	RPG_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q -n auto -m "$(FAST)" --durations=5
+	RPG_REQUIRE_VLLM=1 $(BIN)/python -m pytest -q -m "not slow and (system or server or subprocess or embedded)" --durations=25
 
 test-fast: install       ## the inner loop: unit tests + in-process tiny-model runs (no server, subprocess, 135M model)
-	$(BIN)/python -m pytest -q -n auto -m "not slow and not system and not server and not subprocess and not embedded"
+	$(BIN)/python -m pytest -q -n auto -m "$(FAST)"
 
 test-all: install browser ## everything, slow tests included
 	$(BIN)/python -m pytest -q

@@ -1,15 +1,18 @@
 """Rollout throughput on CPU: vLLM inside a training run vs standalone vLLM (eager and compiled) vs the prefix
 sampler vs HF generate, in fp32 and bf16, at 64 and 512 new tokens. Also the time of one weight sync (plus its
-log-prob check) and the process's peak memory. The embedded default is SmolLM2-135M, 4 prompts x 4 samples,
-temperature 1, best of 2 repeats. The issue's goal is rollouts inside a training run at >= 0.9x standalone vLLM's
-tokens/s: the table's "x standalone" columns.
+log-prob check) and the process's peak memory. The embedded default is SmolLM2-135M, --prompts x --n samples
+(default 4 x 4), temperature 1, best of --repeats timed calls. The issue's goal is rollouts inside a training run
+at >= 0.9x standalone vLLM's tokens/s, each in-run engine against the standalone one run the same way (PAIRS: eager
+with eager, compiled with compiled): the table's "x standalone" columns and the results' "goal".
 
 Engines (--engines, a comma list; all of them by default):
     prefix                    the built-in group sampler: make_generator(GeneratorKind.PREFIX, ...)
     hf                        transformers generate: make_generator(GeneratorKind.HF, ...)
     vllm                      the in-run engine, built as the trainer builds it: make_generator(GeneratorKind.VLLM,
                               ...), so in-process, enforce_eager, a seed per request, log-probs returned
-    vllm_standalone_eager     a plain vllm.LLM on the same saved HF folder (save_hf_folder) with the same dtype, KV
+    vllm_compiled             the same with rollout.vllm_compile=true (torch.compile; vLLM's compile cache is warm
+                              from the second build of the same model config on: rollout.vllm.config_folder)
+    vllm_standalone_eager     a plain vllm.LLM on the model saved to a folder (save_pretrained) with the same dtype, KV
     vllm_standalone_compiled  cache, max_num_seqs, threads and in-process layout (rollout.vllm.cpu_env);
                               enforce_eager=True for the first, False (torch.compile) for the second
 
@@ -28,19 +31,20 @@ process-wide, and ru_maxrss, the peak RSS in MiB after each entry, is then that 
 and the tokenizer, about 0.6 GiB). Results are merged into --out, keyed engine/dtype/new_tokens and sync/dtype, so
 the matrix can be run in parts. The markdown table printed at the end covers every entry in the file.
 
-The full matrix, run in parts, one after another (never two at once: they would share the cores):
+The matrix in benchmarks/results/vllm.json was run in three parts, one after another on a quiet 2-core machine
+(never two at once: they would share the cores), the batch at the README demo's size (8 prompts x 8 samples) for
+64 new tokens and a smaller one for 512 (4 x 4, one timed call), so that the part takes minutes, not hours:
 
     export LD_PRELOAD=$PWD/.venv/lib/libiomp5.so       # vLLM's CPU OpenMP (intel-openmp, installed with it)
-    .venv/bin/python benchmarks/bench_vllm.py --engines prefix,hf                 # ~20 min
-    .venv/bin/python benchmarks/bench_vllm.py --engines vllm                      # ~8 min, weight syncs included
-    .venv/bin/python benchmarks/bench_vllm.py --engines vllm_standalone_eager     # ~7 min
-    .venv/bin/python benchmarks/bench_vllm.py --engines vllm_standalone_compiled  # ~12 min, ~2-3 min compile a dtype
+    .venv/bin/python benchmarks/bench_vllm.py --prompts 8 --n 8 --new-tokens 64 --repeats 2    # 8 min 47 s
+    .venv/bin/python benchmarks/bench_vllm.py --prompts 4 --n 4 --new-tokens 512 --repeats 1   # 11 min 19 s
+    .venv/bin/python benchmarks/bench_vllm.py --engines vllm_compiled ...                      # each size again
 
-Those times are estimates for 2 cores, within a factor of 1.5 or so. They come from the decode-step times of tiny
-smoke runs on a busy machine and from the last quiet measurement (the prefix sampler: ~0.11 s a step at 16 rows).
-Each (engine, dtype) makes about 1,150 decode steps (2 repeats of 64 + 512). fp32 takes about 0.11-0.17 s a step.
-bf16 autocast steps of prefix and hf were up to ~3x slower than fp32 in the (noisy) smoke runs. Each part takes both
-dtypes and both lengths by default; add --dtypes fp32 or --dtypes bf16 to split a part further.
+(--engines takes a comma list of a part of the engines; --dtypes fp32 or bf16 one dtype.) Each compiled build
+compiles for 65-90 s unless vLLM's compile cache has the same model config, dtype and path: the standalone LLMs'
+folders are temporary, so they always compile; the in-run engine's is rollout.vllm.config_folder, so its second
+build of a config is a cache hit.
+
 The smoke test, which writes nothing under benchmarks/results:
 
     .venv/bin/python benchmarks/bench_vllm.py --prompts 1 --n 2 --new-tokens 8 --repeats 1 --out /tmp/vllm.json
@@ -68,7 +72,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 OUT = ROOT / "benchmarks" / "results" / "vllm.json"
-ENGINES = ("prefix", "hf", "vllm", "vllm_standalone_eager", "vllm_standalone_compiled")
+ENGINES = ("prefix", "hf", "vllm", "vllm_compiled", "vllm_standalone_eager", "vllm_standalone_compiled")
+# the goal's pairs: each in-run engine against the standalone LLM run the same way (eager, compiled)
+PAIRS = {"vllm": "vllm_standalone_eager", "vllm_compiled": "vllm_standalone_compiled"}
 DTYPES = ("fp32", "bf16")
 GOAL = 0.9  # in-run vLLM / standalone vLLM tokens/s
 WHAT = ("rollout tokens/s on CPU, temperature 1, every row exactly new_tokens long, best of repeats: the in-run "
@@ -94,11 +100,12 @@ class StandaloneLLM:
     def __init__(self, model, dtype: str, *, eager: bool, batch_size: int, kv_cache_gib: float):
         import torch
 
-        from rpg_core.rollout.vllm import cpu_env, save_hf_folder
+        from rpg_core.rollout.vllm import cpu_env, cpu_share
 
-        os.environ.update(cpu_env(torch.get_num_threads()))  # the in-run engine's cores and in-process layout
+        # the in-run engine's cores and in-process layout
+        os.environ.update(cpu_env(cpu_share()[: max(1, torch.get_num_threads())]))
         self._dir = tempfile.TemporaryDirectory(prefix="bench-vllm-")
-        save_hf_folder(model, self._dir.name)
+        model.save_pretrained(self._dir.name)  # weights and config: a plain vLLM loads them from disk
         from vllm import LLM
 
         self.llm = LLM(model=self._dir.name, dtype=dtype, skip_tokenizer_init=True, seed=0, max_num_seqs=batch_size,
@@ -123,8 +130,9 @@ def build(engine: str, model, tok, *, batch_size: int, autocast):
 
     if engine in ("prefix", "hf"):
         return make_generator(GeneratorKind(engine), model, tok, batch_size=batch_size, autocast=autocast)
-    rollout = RolloutConfig(generator=GeneratorKind.VLLM)  # the trainer's defaults (KV cache: 1 GiB)
-    if engine == "vllm":
+    # the trainer's defaults (KV cache: 1 GiB), compiled or not
+    rollout = RolloutConfig(generator=GeneratorKind.VLLM, vllm_compile=engine == "vllm_compiled")
+    if engine in PAIRS:
         # vLLM also stops at the EOS of the config.json the engine saves: make it the unused id while it is built
         saved, model.config.eos_token_id = model.config.eos_token_id, tok.eos_token_id
         try:
@@ -245,16 +253,13 @@ def order(key: str) -> tuple:
 
 
 def goal(results: dict) -> dict:
-    """In-run vLLM / standalone vLLM tokens/s per dtype and length, where both were measured."""
+    """Each in-run engine's tokens/s over its standalone pair's (PAIRS), per dtype and length, where both ran."""
     out = {}
-    for key in sorted((k for k in results if k.startswith("vllm/")), key=order):
-        entry, rest = results[key], key.partition("/")[2]
-        ratios = {}
-        for other in ("vllm_standalone_eager", "vllm_standalone_compiled"):
-            if (ref := results.get(f"{other}/{rest}")) is not None:
-                ratios[f"x_{other.removeprefix('vllm_')}"] = round(entry["tokens_per_s"] / ref["tokens_per_s"], 3)
-        if ratios:
-            out[rest] = {**ratios, **{f"meets_{GOAL}{k[1:]}": r >= GOAL for k, r in ratios.items()}}
+    for key in sorted((k for k in results if k.split("/")[0] in PAIRS), key=order):
+        engine, rest = key.split("/")[0], key.partition("/")[2]
+        if (ref := results.get(f"{PAIRS[engine]}/{rest}")) is not None:
+            ratio = round(results[key]["tokens_per_s"] / ref["tokens_per_s"], 3)
+            out[key] = {"vs": PAIRS[engine], "ratio": ratio, f"meets_{GOAL}": ratio >= GOAL}
     return out
 
 

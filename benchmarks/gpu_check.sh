@@ -7,7 +7,8 @@
 #      fastapi <0.137 (so the project's dependencies less prefect, which needs a newer fastapi, and less its CPU torch
 #      pin: this venv runs the trainer, not the flows; the CPU venv takes both: infra/vllm_requirements.py);
 #   2. a few training steps (GPU_CHECK_STEPS, default 3) of the README demo, configs/demo_add2_urkl.yaml, with
-#      rollout.generator=vllm and model.precision=bf16 (bf16 autocast; vLLM then runs in bf16), no eval, no MLflow;
+#      rollout.generator=vllm, rollout.vllm_compile=true (CUDA graphs) and model.precision=bf16 (bf16 autocast; vLLM
+#      then runs in bf16), no eval, no MLflow;
 #   3. from them: the post-sync check (rollout/sync_logp_abs_diff, every step, against rollout.vllm_sync_tolerance),
 #      the sampler-trainer mismatch, the training step's MFU (6 * params * tokens / time / peak), and rollout
 #      tokens/s of the run's vLLM engine vs the built-in prefix sampler on the same weights (EOS ignored: every row
@@ -153,6 +154,9 @@ def main() -> int:
                  f"train.output_dir={work}/runs", "tracking.enabled=false", "train.log_samples=0"]  # fmt: skip
     if CUDA:
         overrides += ["model.precision=bf16"]  # bf16 autocast (fp32 master weights); the vLLM engine runs in bf16
+        # vLLM as it runs on a GPU by default: torch.compile and CUDA graphs (eager, a small model's decode steps
+        # are launch-bound); the compile is part of the build time reported
+        overrides += ["rollout.vllm_compile=true"]
     else:  # the dry run: the demo's pipeline at a size 2 cores finish in a minute or two (fp32: CPU autocast is slow)
         overrides += ["train.device=cpu", "rollout.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=16",
                       "reward.dynamic_sampling=false", "algorithm.micro_batch_size=4"]  # fmt: skip
